@@ -1,0 +1,1672 @@
+#!/usr/bin/env python3
+"""horos_backup_export: one verified ZIP per CT/MR study of a Horos library.
+
+launchd runs this file every 10 minutes (com.horos.backup.plist). Each run is one
+cycle: it picks the next few studies Horos holds that are not backed up yet, writes
+each one as a ZIP in a monthly folder under BACKUP_ROOT, verifies it, and records it
+in BACKUP_ROOT/export_state.sqlite. A person can run the same file by hand; the
+README documents every flag, file and format.
+
+Python 3.8+ standard library only: the file is copied to /Volumes/PACS/Backup/ and
+run by macOS's /usr/bin/python3.
+
+Sections, in the order data flows:
+  constants - data types - planner (pure) - Horos reader - archive writer -
+  state store - cycle - CLI
+"""
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import sqlite3
+import sys
+import time
+import unicodedata
+import urllib.parse
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+# =====================================================================================
+# Constants. Each configurable one is also a command-line flag; the constant is the
+# default (see build_parser and the README).
+# =====================================================================================
+
+TOOL_VERSION = "1.0.0"
+
+PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
+SENTINEL = os.path.join(PACS_ROOT, ".pacs_sentinel")            # follows --pacs-root
+HOROS_DATA_DIR = os.path.join(PACS_ROOT, "Database", "Horos Data")  # --horos-data
+BACKUP_ROOT = os.path.join(PACS_ROOT, "Backup")                 # --backup-root
+BATCH_SIZE = 15                                                 # --batch-size
+INCOMING_MAX_FILES = 25_000                                     # --incoming-max-files
+ORDER_BY = "study_date"                                         # --order-by
+MODS = ("CT", "MR")                                             # --modalities CT,MR
+USE_DB_COPY = False                                             # --use-db-copy
+MAX_NAME_NOEXT = 128
+COMPRESSION = "stored"                                          # --compression
+COMPRESS_LEVEL = 6                                              # --compress-level
+BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
+LOG_MAX_BYTES = 100 * 1024 * 1024
+LOG_BACKUP_COUNT = 10
+
+ORDER_CHOICES = ("study_date", "date_added")
+COMPRESSION_CHOICES = ("stored", "deflate")
+VERIFY_ATTEMPTS = 3          # write + testzip() attempts before a study counts as failed
+DB_FOLDER_SIZE = 10000       # Horos preference DefaultFolderSizeForDB
+COREDATA_EPOCH_OFFSET = 978307200  # 2001-01-01T00:00:00Z in Unix seconds
+COPY_CHUNK_BYTES = 1024 * 1024
+
+# Names on disk. Users and their scripts rely on these (README, "Files").
+SENTINEL_NAME = ".pacs_sentinel"
+HOROS_DATABASE_FILE = "Database.sql"
+HOROS_FILES_DIR = "DATABASE.noindex"
+HOROS_INCOMING_DIR = "INCOMING.noindex"
+STATE_FILE = "export_state.sqlite"
+ISSUES_FILE = "issues.csv"
+LOG_DIR = "logs"
+LOG_FILE = "horos_backup.log"
+TMP_DIR = ".tmp"
+LOCK_FILE = ".run.lock"
+DB_COPY_DIR = "dbcopy"
+DB_COPY_FILE = "Database_copy.sql"
+PART_SUFFIX = ".part"
+MONTH_DONE_FILE = ".month_done"
+UNKNOWN = "UNKNOWN"
+UNKNOWN_DATE_FOLDER = "UNKNOWN_DATE"
+MANIFEST_NAME = "horos-backup-manifest.json"
+MANIFEST_FORMAT = "horos-backup-manifest"
+MANIFEST_FORMAT_VERSION = 1
+ISSUES_HEADER = ("timestamp", "kind", "study_uid", "detail", "extra")
+
+EXIT_OK = 0
+EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
+EXIT_USAGE = 2        # argparse's own code for a bad command line
+
+# ZIP can store no timestamp before 1980 or after 2107 (MS-DOS date fields).
+ZIP_MIN_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+ZIP_MAX_DATE_TIME = (2107, 12, 31, 23, 59, 58)
+MAX_MEMBER_PART = 80         # characters of one folder or file name inside a ZIP
+
+log = logging.getLogger("horos_backup_export")
+
+
+class CannotRun(Exception):
+    """The cycle or command cannot run: printed as one line, exit EXIT_FAILED."""
+
+
+# =====================================================================================
+# Data types
+# =====================================================================================
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run depends on, resolved from flags and constants."""
+    pacs_root: str
+    sentinel: str
+    horos_data: str
+    backup_root: str
+    batch_size: int = BATCH_SIZE
+    incoming_max_files: int = INCOMING_MAX_FILES
+    order_by: str = ORDER_BY
+    modalities: Tuple[str, ...] = MODS
+    use_db_copy: bool = USE_DB_COPY
+    compression: str = COMPRESSION
+    compress_level: int = COMPRESS_LEVEL
+    busy_timeout: float = BUSY_TIMEOUT_SECONDS
+    verbose: bool = False
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.horos_data, HOROS_DATABASE_FILE)
+
+    @property
+    def horos_files_dir(self) -> str:
+        return os.path.join(self.horos_data, HOROS_FILES_DIR)
+
+    @property
+    def incoming_dir(self) -> str:
+        return os.path.join(self.horos_data, HOROS_INCOMING_DIR)
+
+    @property
+    def tmp_dir(self) -> str:
+        return os.path.join(self.backup_root, TMP_DIR)
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.tmp_dir, LOCK_FILE)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.backup_root, STATE_FILE)
+
+    @property
+    def issues_path(self) -> str:
+        return os.path.join(self.backup_root, ISSUES_FILE)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.backup_root, LOG_DIR, LOG_FILE)
+
+
+@dataclass(frozen=True)
+class HorosStudy:
+    """One StudyInstanceUID as the candidate scan sees it (one or more ZSTUDY rows)."""
+    uid: str
+    pks: Tuple[int, ...]
+    study_date: Optional[float]      # Core Data seconds, None when unknown
+    date_added: Optional[float]
+    last_added: Optional[float]      # newest dateAdded of the study and its series
+    modalities: Tuple[str, ...]      # tokens of ZSTUDY.ZMODALITY and of every series
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What the ZIP's name and manifest say about a study."""
+    uid: str
+    pks: Tuple[int, ...]
+    patient_name: str
+    patient_id: str
+    birth_date: Optional[dt.date]
+    study_datetime: Optional[dt.datetime]
+    accession_number: str
+    description: str
+    modalities: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    pk: int
+    uid: str
+    number: Optional[int]
+    modality: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    series_pk: int
+    path_number: object
+    path_string: object
+    instance_number: object
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a study: where it is, and its name inside the ZIP."""
+    member: str
+    path: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study the cycle will write: its files and where its ZIP goes."""
+    info: StudyInfo
+    series: Tuple[SeriesInfo, ...]
+    files: Tuple[SourceFile, ...]
+    zip_relpath: str
+    fingerprint: str
+
+
+@dataclass
+class WrittenZip:
+    """What write_verified_zip put on disk."""
+    path: str
+    zip_bytes: int
+    file_count: int
+    source_bytes: int
+    missing: List[str]
+
+
+@dataclass
+class CycleSummary:
+    studies: int = 0
+    files: int = 0
+    source_bytes: int = 0
+    zip_bytes: int = 0
+    skipped: str = ""
+
+
+# =====================================================================================
+# Planner: pure functions from values to values (dates, names, paths, selection)
+# =====================================================================================
+
+def as_text(value) -> str:
+    """A column value as text: Core Data stores text, but damaged stores hold anything."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def coredata_seconds(value) -> Optional[float]:
+    """Core Data seconds from a REAL, an INTEGER or a numeric TEXT; None otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        try:
+            seconds = float(as_text(value).strip())
+        except ValueError:
+            return None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return seconds
+
+
+def coredata_to_local(value) -> Optional[dt.datetime]:
+    """Core Data seconds -> naive local datetime, None when unknown or absurd.
+
+    Horos builds these values from DICOM tags in the Mac's local time zone, so local
+    time (not UTC) gives back the date the scanner wrote.
+    """
+    seconds = coredata_seconds(value)
+    if seconds is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(seconds + COREDATA_EPOCH_OFFSET)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def coredata_to_local_date(value) -> Optional[dt.date]:
+    moment = coredata_to_local(value)
+    return moment.date() if moment else None
+
+
+def format_date(day: Optional[dt.date]) -> str:
+    return "%04d-%02d-%02d" % (day.year, day.month, day.day) if day else UNKNOWN
+
+
+def month_folder(study_datetime: Optional[dt.datetime]) -> str:
+    if study_datetime is None:
+        return UNKNOWN_DATE_FOLDER
+    return "%04d_%02d" % (study_datetime.year, study_datetime.month)
+
+
+def modality_tokens(text) -> Tuple[str, ...]:
+    """`CT\\PT` -> ('CT', 'PT'): trimmed, upper-case, whole tokens, in order, no repeats."""
+    tokens = []
+    for raw in as_text(text).split("\\"):
+        token = raw.strip().upper()
+        if token and token not in tokens:
+            tokens.append(token)
+    return tuple(tokens)
+
+
+def is_eligible(modalities: Iterable[str], wanted: Sequence[str]) -> bool:
+    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT."""
+    wanted_set = {m.strip().upper() for m in wanted}
+    return any(token in wanted_set for token in modalities)
+
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def sanitize_part(text) -> str:
+    """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
+
+    Accents are dropped first (NFKD, combining marks removed: JOÃO -> JOAO); `_` and
+    `.` are stripped from both ends, so `..` and hidden names cannot appear.
+    """
+    decomposed = unicodedata.normalize("NFKD", as_text(text))
+    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    cleaned = _NAME_UNSAFE.sub("_", plain).strip("_.")
+    return cleaned or UNKNOWN
+
+
+def zip_base_name(info: StudyInfo, max_len: int = MAX_NAME_NOEXT) -> str:
+    """`{patient}_{birth}_{studydate}_{uid}` without `.zip`, at most max_len long.
+
+    Only the part before the UID is cut, the patient name first so the two dates stay:
+    the UID is what makes the name unique. A UID that alone exceeds max_len (no valid
+    DICOM UID does) is cut and given a hash suffix, so two such studies still differ.
+    """
+    uid_part = sanitize_part(info.uid)
+    if len(uid_part) >= max_len:
+        digest = hashlib.sha1(info.uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return uid_part[:max_len - 17] + "_" + digest
+    study_day = info.study_datetime.date() if info.study_datetime else None
+    patient = sanitize_part(info.patient_name)
+    dates = format_date(info.birth_date) + "_" + format_date(study_day)
+    room = max_len - len(uid_part) - 1          # for `{patient}_{dates}`
+    if len(patient) + 1 + len(dates) > room:
+        patient_room = room - len(dates) - 1
+        if patient_room >= 1:
+            patient = patient[:patient_room].rstrip("_")
+        else:
+            return ((patient + "_" + dates)[:room].rstrip("_") + "_" + uid_part).lstrip("_")
+    return patient + "_" + dates + "_" + uid_part
+
+
+def zip_relpath(info: StudyInfo) -> str:
+    """Path of a study's ZIP relative to the backup root: `YYYY_MM/<name>.zip`."""
+    return month_folder(info.study_datetime) + "/" + zip_base_name(info) + ".zip"
+
+
+def _c_int_div(number: int, divisor: int) -> int:
+    # Horos computes the folder in C, where integer division truncates toward zero.
+    quotient = abs(number) // divisor
+    return quotient if number >= 0 else -quotient
+
+
+def _leading_int(text: str) -> int:
+    # NSString intValue: optional spaces and sign, then digits; 0 when there are none.
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def resolve_image_path(files_dir: str, path_number, path_string,
+                       folder_size: int = DB_FOLDER_SIZE) -> Optional[str]:
+    """Where a ZIMAGE row's file is, by the rules of Horos's DicomImage.m.
+
+    1. ZPATHNUMBER N:            files_dir/<(N // F + 1) * F>/<N>.dcm
+    2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
+    3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
+    """
+    number = _as_int(path_number)
+    if number is not None:
+        folder = (_c_int_div(number, folder_size) + 1) * folder_size
+        return os.path.join(files_dir, str(folder), "%d.dcm" % number)
+    text = as_text(path_string)
+    if not text:
+        return None
+    if text.startswith("/"):
+        return text
+    stem = os.path.splitext(text)[0]
+    folder = (_c_int_div(_leading_int(stem), folder_size) + 1) * folder_size
+    return os.path.join(files_dir, str(folder), text)
+
+
+def _as_int(value) -> Optional[int]:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(as_text(value)) if not isinstance(value, float) else value
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    return int(number)
+
+
+def _unique_name(name: str, taken: set) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    stem, ext = os.path.splitext(name)
+    counter = 2
+    while "%s_%d%s" % (stem, counter, ext) in taken:
+        counter += 1
+    unique = "%s_%d%s" % (stem, counter, ext)
+    taken.add(unique)
+    return unique
+
+
+def series_folder_name(series: SeriesInfo) -> str:
+    number = "%04d" % series.number if series.number is not None and series.number >= 0 \
+        else UNKNOWN
+    name = "%s_%s_%s" % (number, sanitize_part(series.modality),
+                         sanitize_part(series.description))
+    return name[:MAX_MEMBER_PART].rstrip("_.")
+
+
+def _member_file_name(path: str) -> str:
+    name = sanitize_part(os.path.basename(path))
+    if len(name) <= MAX_MEMBER_PART:
+        return name
+    stem, ext = os.path.splitext(name)
+    return stem[:MAX_MEMBER_PART - len(ext)] + ext
+
+
+def _series_sort_key(series: SeriesInfo):
+    return (series.number is None, series.number or 0, series.uid, series.pk)
+
+
+def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
+                     files_dir: str, folder_size: int = DB_FOLDER_SIZE
+                     ) -> Tuple[Tuple[SeriesInfo, ...], Tuple[SourceFile, ...]]:
+    """Every file of every series, each once (multi-frame rows share a file).
+
+    Members go in one folder per series (`0002_CT_Abdomen_3mm/10001.dcm`), in series
+    number then instance number order; names are unique within the ZIP.
+    """
+    ordered_series = tuple(sorted(series, key=_series_sort_key))
+    by_series: Dict[int, List[ImageRow]] = {s.pk: [] for s in ordered_series}
+    for image in images:
+        if image.series_pk in by_series:
+            by_series[image.series_pk].append(image)
+    folders: set = set()
+    members: set = set()
+    seen_paths: set = set()
+    files: List[SourceFile] = []
+    for s in ordered_series:
+        folder = _unique_name(series_folder_name(s), folders)
+        rows = sorted(by_series[s.pk], key=lambda im: (_as_int(im.instance_number) or 0,
+                                                       as_text(im.path_string),
+                                                       _as_int(im.path_number) or 0))
+        for image in rows:
+            path = resolve_image_path(files_dir, image.path_number, image.path_string,
+                                      folder_size)
+            if path is None or path in seen_paths:
+                continue
+            seen_paths.add(path)
+            member = _unique_name(folder + "/" + _member_file_name(path), members)
+            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
+    return ordered_series, tuple(files)
+
+
+def study_fingerprint(rows: Sequence[Tuple]) -> str:
+    """A cheap digest of the counts Horos maintains for a study's rows.
+
+    rows: (pk, study images, study modality, series count, series images,
+    newest series pk) per ZSTUDY row. It changes when Horos adds or removes series
+    or images, or re-summarises the study; reading it costs no scan of ZIMAGE.
+    """
+    text = "|".join(":".join(as_text(v) for v in row) for row in sorted(rows, key=repr))
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def select_batch(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                 wanted: Sequence[str], order_by: str, batch_size: int) -> List[HorosStudy]:
+    """The next studies to export: eligible, not exported, oldest first.
+
+    Ordered by study date (or date added), ties by StudyInstanceUID, unknown dates last.
+    """
+    def order_key(study: HorosStudy):
+        when = study.study_date if order_by == "study_date" else study.date_added
+        return (when is None, when or 0.0, study.uid)
+
+    pending = [s for s in studies
+               if s.uid not in exported and is_eligible(s.modalities, wanted)]
+    pending.sort(key=order_key)
+    return pending[:batch_size]
+
+
+def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                       wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """{month folder: (eligible, exported)} over the studies Horos holds."""
+    months: Dict[str, List[int]] = {}
+    for study in studies:
+        if not is_eligible(study.modalities, wanted):
+            continue
+        counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
+        counts[0] += 1
+        if study.uid in exported:
+            counts[1] += 1
+    return {month: (counts[0], counts[1]) for month, counts in months.items()}
+
+
+def month_is_over(month: str, today: dt.date) -> bool:
+    if month == UNKNOWN_DATE_FOLDER:
+        return False
+    year, number = (int(p) for p in month.split("_"))
+    return (year, number) < (today.year, today.month)
+
+
+# =====================================================================================
+# Horos reader: Database.sql, read-only, in one short read transaction
+# =====================================================================================
+#
+# Horos keeps Database.sql in rollback-journal mode: while any reader holds a read
+# transaction, Horos cannot commit. Every read here happens in one transaction that
+# selects the batch and its file list and nothing else; files are zipped after the
+# connection is closed.
+
+REQUIRED_COLUMNS = {
+    "ZSTUDY": ("Z_PK", "ZSTUDYINSTANCEUID", "ZNAME", "ZPATIENTID", "ZDATEOFBIRTH", "ZDATE",
+               "ZDATEADDED", "ZMODALITY", "ZACCESSIONNUMBER", "ZSTUDYNAME",
+               "ZNUMBEROFIMAGES"),
+    "ZSERIES": ("Z_PK", "ZSTUDY", "ZMODALITY", "ZSERIESINSTANCEUID", "ZSERIESDESCRIPTION",
+                "ZID", "ZDATEADDED", "ZNUMBEROFIMAGES"),
+    "ZIMAGE": ("Z_PK", "ZSERIES", "ZPATHNUMBER", "ZPATHSTRING"),
+}
+
+CANDIDATES_SQL = """
+SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
+       st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH,
+       agg.series_count, agg.series_images, agg.series_modalities,
+       agg.series_last_added, agg.series_max_pk
+FROM ZSTUDY AS st
+LEFT JOIN (
+    SELECT ZSTUDY AS study_pk,
+           COUNT(*) AS series_count,
+           TOTAL(ZNUMBEROFIMAGES) AS series_images,
+           GROUP_CONCAT(ZMODALITY, '\\') AS series_modalities,
+           MAX(ZDATEADDED) AS series_last_added,
+           MAX(Z_PK) AS series_max_pk
+    FROM ZSERIES
+    GROUP BY ZSTUDY
+) AS agg ON agg.study_pk = st.Z_PK
+"""
+
+STUDY_INFO_SQL = """
+SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
+       ZACCESSIONNUMBER, ZSTUDYNAME, ZMODALITY
+FROM ZSTUDY
+WHERE Z_PK = ?
+"""
+
+# {series_uid} and {instance_number} are filled from OPTIONAL_COLUMN_SQL only: column
+# names some Horos/OsiriX versions lack, never values.
+STUDY_SERIES_SQL = """
+SELECT Z_PK, {series_uid}, ZID, ZMODALITY, ZSERIESDESCRIPTION
+FROM ZSERIES
+WHERE ZSTUDY = ?
+"""
+
+STUDY_IMAGES_SQL = """
+SELECT im.Z_PK, im.ZSERIES, im.ZPATHNUMBER, im.ZPATHSTRING, {instance_number}
+FROM ZIMAGE AS im
+JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
+WHERE se.ZSTUDY = ?
+"""
+
+OPTIONAL_COLUMN_SQL = {
+    # placeholder: (table, column, expression when present, expression when absent)
+    "series_uid": ("ZSERIES", "ZSERIESDICOMUID",
+                   "COALESCE(ZSERIESDICOMUID, ZSERIESINSTANCEUID)", "ZSERIESINSTANCEUID"),
+    "instance_number": ("ZIMAGE", "ZINSTANCENUMBER", "im.ZINSTANCENUMBER", "NULL"),
+}
+
+
+def horos_uri(db_path: str) -> str:
+    return "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db_path))
+
+
+def describe_sqlite_error(error: sqlite3.Error, db_path: str, busy_timeout: float) -> str:
+    """One line saying why Database.sql could not be read, and what to do."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return ("Horos database %s stayed locked for more than %g s; try again later"
+                % (db_path, busy_timeout))
+    journal = db_path + "-journal"
+    if "readonly" in text and os.path.exists(journal) and os.path.getsize(journal) > 0:
+        return ("Horos database %s has a hot journal (Horos crashed or is mid-write); "
+                "it cannot be read until Horos opens it again; try again later" % db_path)
+    if "not a database" in text or "malformed" in text or "encrypted" in text:
+        return "Horos database %s is not a readable SQLite database (%s)" % (db_path, text)
+    return "cannot read Horos database %s: %s" % (db_path, text)
+
+
+def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection:
+    """Database.sql opened read-only (never written, never a journal created)."""
+    if not os.path.isfile(db_path):
+        raise CannotRun("no Horos database at %s (check --horos-data)" % db_path)
+    try:
+        conn = sqlite3.connect(horos_uri(db_path), uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+    # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
+    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    return conn
+
+
+def read_table_columns(conn: sqlite3.Connection) -> Dict[str, set]:
+    """{table: {column}} for the Horos tables, checked against REQUIRED_COLUMNS."""
+    columns = {}
+    for table, required in REQUIRED_COLUMNS.items():
+        present = {row[1].upper() for row in conn.execute("PRAGMA table_info(%s)" % table)}
+        if not present:
+            raise CannotRun("Horos database has no table %s: is this a Horos Database.sql?"
+                            % table)
+        missing = [c for c in required if c not in present]
+        if missing:
+            raise CannotRun("Horos database table %s has no column %s (unsupported Horos "
+                            "version?)" % (table, ", ".join(missing)))
+        columns[table] = present
+    return columns
+
+
+def optional_sql(sql: str, columns: Dict[str, set]) -> str:
+    fragments = {placeholder: present if column in columns[table] else absent
+                 for placeholder, (table, column, present, absent)
+                 in OPTIONAL_COLUMN_SQL.items()}
+    return sql.format(**fragments)
+
+
+@contextlib.contextmanager
+def horos_read_transaction(db_path: str, busy_timeout: float):
+    """One short read transaction on Database.sql; the connection is closed after."""
+    conn = open_horos_readonly(db_path, busy_timeout)
+    try:
+        columns = read_table_columns(conn)
+        conn.execute("BEGIN")
+        yield conn, columns
+    except sqlite3.Error as error:
+        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
+    """CANDIDATES_SQL rows -> one HorosStudy per StudyInstanceUID.
+
+    Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
+    they are one backup. The row with the lowest Z_PK gives the dates.
+    """
+    by_uid: Dict[str, List[Sequence]] = {}
+    for row in rows:
+        uid = as_text(row[1]).strip() or "HOROS-PK-%d" % row[0]
+        by_uid.setdefault(uid, []).append(row)
+    studies = []
+    for uid, group in by_uid.items():
+        group.sort(key=lambda r: r[0])
+        tokens: List[str] = []
+        added: List[float] = []
+        for row in group:
+            for token in modality_tokens(row[4]) + modality_tokens(row[11]):
+                if token not in tokens:
+                    tokens.append(token)
+            added.extend(s for s in (coredata_seconds(row[3]), coredata_seconds(row[12]))
+                         if s is not None)
+        first = group[0]
+        study_date = next((coredata_seconds(r[2]) for r in group
+                           if coredata_seconds(r[2]) is not None), None)
+        fingerprint = study_fingerprint([
+            (r[0], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[13])
+            for r in group])
+        studies.append(HorosStudy(
+            uid=uid, pks=tuple(r[0] for r in group), study_date=study_date,
+            date_added=coredata_seconds(first[3]), last_added=max(added) if added else None,
+            modalities=tuple(tokens), fingerprint=fingerprint))
+    return studies
+
+
+def read_candidates(conn: sqlite3.Connection) -> List[HorosStudy]:
+    return group_candidates(conn.execute(CANDIDATES_SQL))
+
+
+def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
+                    files_dir: str) -> StudyPlan:
+    """Metadata, series and files of one study (all its ZSTUDY rows)."""
+    info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
+    info_rows = [r for r in info_rows if r is not None]
+    series: List[SeriesInfo] = []
+    images: List[ImageRow] = []
+    series_sql = optional_sql(STUDY_SERIES_SQL, columns)
+    images_sql = optional_sql(STUDY_IMAGES_SQL, columns)
+    for pk in study.pks:
+        for row in conn.execute(series_sql, (pk,)):
+            series.append(SeriesInfo(pk=row[0], uid=as_text(row[1]), number=_as_int(row[2]),
+                                     modality=as_text(row[3]).strip(),
+                                     description=as_text(row[4])))
+        for row in conn.execute(images_sql, (pk,)):
+            images.append(ImageRow(series_pk=row[1], path_number=row[2], path_string=row[3],
+                                   instance_number=row[4]))
+    first = info_rows[0] if info_rows else (study.pks[0], study.uid) + (None,) * 7
+    info = StudyInfo(
+        uid=study.uid, pks=study.pks, patient_name=as_text(first[2]),
+        patient_id=as_text(first[3]), birth_date=coredata_to_local_date(first[4]),
+        study_datetime=coredata_to_local(study.study_date),
+        accession_number=as_text(first[6]), description=as_text(first[7]),
+        modalities=study.modalities)
+    ordered_series, files = plan_study_files(series, images, files_dir)
+    return StudyPlan(info=info, series=ordered_series, files=files,
+                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint)
+
+
+BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
+
+
+def database_stamp(db_path: str) -> Dict[str, int]:
+    """What changes whenever Horos commits: size, mtime and SQLite's file change counter.
+
+    Read with plain file I/O before any connection to the file is open in this process:
+    closing another descriptor on an open SQLite file drops SQLite's POSIX locks.
+    """
+    st = os.stat(db_path)
+    with open(db_path, "rb") as db_file:
+        header = db_file.read(100)
+    counter = int.from_bytes(header[24:28], "big") if len(header) >= 28 else -1
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "change_counter": counter}
+
+
+def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
+    """A snapshot of Database.sql, taken again whenever the source changed since."""
+    if not os.path.isfile(db_path):
+        raise CannotRun("no Horos database at %s (check --horos-data)" % db_path)
+    os.makedirs(copy_dir, exist_ok=True)
+    copy_path = os.path.join(copy_dir, DB_COPY_FILE)
+    stamp_path = copy_path + ".stamp.json"
+    stamp = database_stamp(db_path)
+    try:
+        with open(stamp_path, encoding="utf-8") as stamp_file:
+            if json.load(stamp_file) == stamp and os.path.isfile(copy_path):
+                log.debug("database copy %s is current", copy_path)
+                return copy_path
+    except (OSError, ValueError):
+        pass  # no stamp or an unreadable one: take a fresh copy below
+    partial = copy_path + PART_SUFFIX
+    if os.path.exists(partial):
+        os.remove(partial)
+    source = open_horos_readonly(db_path, busy_timeout)
+    target = sqlite3.connect(partial)
+    started = time.monotonic()
+    try:
+        # Copied in steps: Horos can commit between steps (the copy then restarts).
+        source.backup(target, pages=BACKUP_PAGES_PER_STEP, sleep=0.01)
+    except sqlite3.Error as error:
+        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+    finally:
+        target.close()
+        source.close()
+    with open(partial, "rb+") as copied:
+        durable_sync(copied.fileno())
+    os.replace(partial, copy_path)
+    write_small_file(stamp_path, json.dumps(stamp))
+    log.info("database copy refreshed in %.2f s: %s", time.monotonic() - started, copy_path)
+    return copy_path
+
+
+# =====================================================================================
+# Archive writer: the ZIP, fsync, verify, rename
+# =====================================================================================
+#
+# Crash-safety order for one study: write `<name>.zip.part`, fsync it, read it back
+# (testzip + manifest), rename it to `<name>.zip`, fsync the folder, and only then
+# record it in the state. A ZIP is visible under its final name only once verified.
+
+class FileChanged(Exception):
+    """A source file vanished, shrank or grew while it was being zipped."""
+
+
+class ZipVerifyFailed(Exception):
+    """A written ZIP failed verification VERIFY_ATTEMPTS times."""
+
+
+def durable_sync(fd: int) -> None:
+    """fsync that reaches the disk: on macOS plain fsync stops in the drive's cache."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError as error:  # some file systems (SMB, FAT) refuse F_FULLFSYNC
+            log.debug("F_FULLFSYNC refused (%s); using fsync", error)
+    os.fsync(fd)
+
+
+def sync_directory(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        durable_sync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_small_file(path: str, text: str) -> None:
+    """Write a small file whole or not at all (temp file, fsync, rename)."""
+    partial = path + PART_SUFFIX
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        durable_sync(handle.fileno())
+    os.replace(partial, path)
+
+
+def zip_date_time(mtime: float) -> Tuple[int, int, int, int, int, int]:
+    """A file's mtime as a ZIP timestamp, clamped to what the format can hold."""
+    try:
+        stamp = tuple(time.localtime(mtime)[:6])
+    except (OverflowError, OSError, ValueError):
+        return ZIP_MIN_DATE_TIME
+    return min(max(stamp, ZIP_MIN_DATE_TIME), ZIP_MAX_DATE_TIME)
+
+
+def zip_compression(name: str) -> int:
+    return zipfile.ZIP_DEFLATED if name == "deflate" else zipfile.ZIP_STORED
+
+
+def open_source(path: str):
+    """A study file opened for one sequential read that should not evict Horos's cache."""
+    handle = open(path, "rb", buffering=0)
+    nocache = getattr(fcntl, "F_NOCACHE", None)
+    if nocache is not None:
+        with contextlib.suppress(OSError):  # advisory only; reading works without it
+            fcntl.fcntl(handle.fileno(), nocache, 1)
+    return handle
+
+
+class SourceUnreadable(Exception):
+    """A source file exists but cannot be read (permissions, I/O error)."""
+
+
+def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
+                level: int, buffer: memoryview, throttle) -> zipfile.ZipInfo:
+    """Stream one file into the archive; FileChanged if it moved meanwhile.
+
+    Errors reading the source become FileChanged/SourceUnreadable (a problem of this
+    study); errors writing the archive propagate as OSError (a problem of the backup
+    volume, such as ENOSPC).
+    """
+    try:
+        src = open_source(source.path)
+    except FileNotFoundError:
+        raise FileChanged("%s vanished before it could be read" % source.path) from None
+    except OSError as error:
+        raise SourceUnreadable("cannot open %s: %s" % (source.path, error)) from None
+    with src:
+        st = os.fstat(src.fileno())
+        info = zipfile.ZipInfo(source.member, zip_date_time(st.st_mtime))
+        info.compress_type = compression
+        # zipfile reads the level from this attribute (3.8-3.12 name; 3.13 keeps it).
+        info._compresslevel = level if compression == zipfile.ZIP_DEFLATED else None
+        info.external_attr = 0o100644 << 16
+        info.file_size = st.st_size      # lets zipfile switch to ZIP64 for files >= 4 GiB
+        copied = 0
+        with archive.open(info, "w") as dst:
+            while True:
+                try:
+                    count = src.readinto(buffer)
+                except OSError as error:
+                    raise SourceUnreadable("cannot read %s: %s" % (source.path, error)) \
+                        from None
+                if not count:
+                    break
+                dst.write(buffer[:count])
+                copied += count
+                throttle(count)
+        if copied != st.st_size:
+            raise FileChanged("%s changed size while being read (%d bytes expected, %d read)"
+                              % (source.path, st.st_size, copied))
+    return archive.getinfo(source.member)
+
+
+def manifest_for(plan: StudyPlan, members: Sequence[Tuple[SourceFile, zipfile.ZipInfo]],
+                 missing: Sequence[str], exported_at: str) -> dict:
+    """The manifest stored as MANIFEST_NAME at the root of every ZIP (README: Manifest)."""
+    info = plan.info
+    counts: Dict[str, int] = {}
+    for source, _ in members:
+        counts[source.series_uid] = counts.get(source.series_uid, 0) + 1
+    folders = {}
+    for source in plan.files:
+        folders.setdefault(source.series_uid, source.member.split("/")[0])
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "tool": "horos_backup_export",
+        "tool_version": TOOL_VERSION,
+        "exported_at": exported_at,
+        "fingerprint": plan.fingerprint,
+        "study": {
+            "study_uid": info.uid,
+            "patient_name": info.patient_name,
+            "patient_id": info.patient_id,
+            "birth_date": info.birth_date.isoformat() if info.birth_date else None,
+            "study_date": info.study_datetime.date().isoformat()
+            if info.study_datetime else None,
+            "study_time": info.study_datetime.isoformat(timespec="seconds")
+            if info.study_datetime else None,
+            "accession_number": info.accession_number,
+            "description": info.description,
+            "modalities": list(info.modalities),
+            "horos_study_pks": list(info.pks),
+        },
+        "series": [{"series_uid": s.uid, "number": s.number, "modality": s.modality,
+                    "description": s.description, "folder": folders.get(s.uid),
+                    "file_count": counts.get(s.uid, 0)} for s in plan.series],
+        "files": [{"name": zi.filename, "size": zi.file_size, "crc32": "%08x" % zi.CRC,
+                   "source": source.path} for source, zi in members],
+        "missing": list(missing),
+    }
+
+
+def write_zip(part_path: str, plan: StudyPlan, files: Sequence[SourceFile],
+              missing: Sequence[str], compression: str, level: int, throttle,
+              exported_at: str) -> dict:
+    """Write the ZIP to part_path and fsync it; returns the manifest written."""
+    method = zip_compression(compression)
+    buffer = memoryview(bytearray(COPY_CHUNK_BYTES))
+    with open(part_path, "wb", buffering=COPY_CHUNK_BYTES) as raw:
+        with zipfile.ZipFile(raw, "w", compression=method, allowZip64=True) as archive:
+            members = [(source, copy_member(archive, source, method, level, buffer, throttle))
+                       for source in files]
+            manifest = manifest_for(plan, members, missing, exported_at)
+            manifest_info = zipfile.ZipInfo(MANIFEST_NAME, zip_date_time(time.time()))
+            manifest_info.compress_type = zipfile.ZIP_DEFLATED
+            manifest_info.external_attr = 0o100644 << 16
+            archive.writestr(manifest_info, json.dumps(manifest, indent=1, ensure_ascii=False))
+        raw.flush()
+        durable_sync(raw.fileno())
+    return manifest
+
+
+def open_for_verify(path: str):
+    """Open a just-written file so that reading it hits the disk, not the page cache."""
+    handle = open(path, "rb")
+    nocache = getattr(fcntl, "F_NOCACHE", None)
+    if nocache is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(handle.fileno(), nocache, 1)
+    elif hasattr(os, "posix_fadvise"):
+        # The file was fsynced, so its cached pages are clean and can be dropped.
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return handle
+
+
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
+                   KeyError, ValueError, NotImplementedError, RuntimeError)
+
+
+def read_manifest(archive: zipfile.ZipFile) -> dict:
+    manifest = json.loads(archive.read(MANIFEST_NAME).decode("utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError("%s is not a horos-backup manifest" % MANIFEST_NAME)
+    return manifest
+
+
+def verify_zip(path: str) -> Tuple[Optional[str], Optional[dict]]:
+    """Re-read a ZIP: every member's CRC, and the manifest against the members.
+
+    Returns (problem or None, manifest or None).
+    """
+    try:
+        with open_for_verify(path) as handle, zipfile.ZipFile(handle) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                return "CRC or header error in member %s" % bad, None
+            manifest = read_manifest(archive)
+            members = {zi.filename: zi for zi in archive.infolist()
+                       if zi.filename != MANIFEST_NAME}
+            listed = {entry["name"]: entry for entry in manifest["files"]}
+            if set(members) != set(listed):
+                return ("members and manifest differ (%d members, %d listed)"
+                        % (len(members), len(listed))), manifest
+            for name, entry in listed.items():
+                zi = members[name]
+                if zi.file_size != entry["size"] or "%08x" % zi.CRC != entry["crc32"]:
+                    return "member %s does not match the manifest" % name, manifest
+            return None, manifest
+    except ZIP_READ_ERRORS as error:
+        return "%s: %s" % (type(error).__name__, error), None
+
+
+def remove_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceFile],
+                       missing: Sequence[str], compression: str, level: int, throttle,
+                       exported_at: str) -> dict:
+    """Write, fsync, verify (VERIFY_ATTEMPTS tries), rename, fsync the folder.
+
+    Returns the manifest. On any error the `.part` file is removed and nothing is
+    left under the final name that was not there before.
+    """
+    folder = os.path.dirname(final_path)
+    os.makedirs(folder, exist_ok=True)
+    part_path = final_path + PART_SUFFIX
+    problem = None
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        try:
+            manifest = write_zip(part_path, plan, files, missing, compression, level,
+                                 throttle, exported_at)
+            problem, _ = verify_zip(part_path)
+            if problem is None:
+                os.replace(part_path, final_path)
+                sync_directory(folder)
+                return manifest
+        finally:
+            if os.path.exists(part_path):
+                remove_if_present(part_path)
+        log.warning("verify failed for %s (attempt %d of %d): %s",
+                    final_path, attempt, VERIFY_ATTEMPTS, problem)
+    raise ZipVerifyFailed("%s still failed verification after %d attempts: %s"
+                          % (final_path, VERIFY_ATTEMPTS, problem))
+
+
+# =====================================================================================
+# State store: BACKUP_ROOT/export_state.sqlite
+# =====================================================================================
+#
+# Written in short transactions with synchronous=FULL (and fullfsync on macOS), in
+# rollback-journal mode so the file alone is always the whole state. Times are UTC,
+# ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
+
+STATE_SCHEMA_VERSION = 1
+
+STATE_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS exported_studies (
+        study_uid     TEXT PRIMARY KEY,
+        zip_path      TEXT NOT NULL,
+        zip_bytes     INTEGER NOT NULL,
+        file_count    INTEGER NOT NULL,
+        missing_count INTEGER NOT NULL DEFAULT 0,
+        source_bytes  INTEGER NOT NULL DEFAULT 0,
+        fingerprint   TEXT NOT NULL,
+        study_date    TEXT,
+        month         TEXT NOT NULL,
+        patient_name  TEXT,
+        modalities    TEXT,
+        exported_at   TEXT NOT NULL,
+        verified_at   TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS exported_studies_month ON exported_studies (month)",
+    """
+    CREATE TABLE IF NOT EXISTS writes_in_progress (
+        zip_path    TEXT PRIMARY KEY,
+        study_uid   TEXT NOT NULL,
+        started_at  TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT
+    )
+    """,
+)
+
+EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
+
+EXPORTED_ROW_SQL = """
+SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
+       exported_at
+FROM exported_studies
+WHERE study_uid = ?
+"""
+
+UPSERT_EXPORTED_SQL = """
+INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
+                              source_bytes, fingerprint, study_date, month, patient_name,
+                              modalities, exported_at, verified_at)
+VALUES (:study_uid, :zip_path, :zip_bytes, :file_count, :missing_count, :source_bytes,
+        :fingerprint, :study_date, :month, :patient_name, :modalities, :exported_at,
+        :verified_at)
+ON CONFLICT (study_uid) DO UPDATE SET
+    zip_path = excluded.zip_path, zip_bytes = excluded.zip_bytes,
+    file_count = excluded.file_count, missing_count = excluded.missing_count,
+    source_bytes = excluded.source_bytes, fingerprint = excluded.fingerprint,
+    study_date = excluded.study_date, month = excluded.month,
+    patient_name = excluded.patient_name, modalities = excluded.modalities,
+    exported_at = excluded.exported_at, verified_at = excluded.verified_at
+"""
+
+BEGIN_WRITE_SQL = """
+INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at)
+VALUES (?, ?, ?)
+"""
+
+END_WRITE_SQL = "DELETE FROM writes_in_progress WHERE zip_path = ?"
+
+WRITES_IN_PROGRESS_SQL = "SELECT zip_path, study_uid FROM writes_in_progress"
+
+
+def utc_iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ExportedRow:
+    study_uid: str
+    zip_path: str
+    zip_bytes: int
+    file_count: int
+    missing_count: int
+    fingerprint: str
+    exported_at: str
+
+
+class ExportState:
+    """export_state.sqlite: what is exported, and what a crashed run was writing."""
+
+    def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode = DELETE")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA fullfsync = ON")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > STATE_SCHEMA_VERSION:
+                raise CannotRun("state database %s was written by a newer version "
+                                "(schema %d); update horos_backup_export.py"
+                                % (path, version))
+            if version < STATE_SCHEMA_VERSION:  # an idle cycle must not touch the file
+                with self.transaction():
+                    for statement in STATE_SCHEMA:
+                        self.conn.execute(statement)
+                    self.conn.execute("PRAGMA user_version = %d" % STATE_SCHEMA_VERSION)
+        except sqlite3.Error as error:
+            raise CannotRun("state database %s cannot be used (%s); move it aside and run "
+                            "`horos_backup_export.py reindex` to rebuild it from the ZIPs"
+                            % (path, error)) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def exported_fingerprints(self) -> Dict[str, str]:
+        return dict(self.conn.execute(EXPORTED_FINGERPRINTS_SQL))
+
+    def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
+        row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
+        return ExportedRow(*row) if row else None
+
+    def begin_write(self, study_uid: str, zip_path: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now)))
+
+    def end_write(self, zip_path: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(END_WRITE_SQL, (zip_path,))
+
+    def writes_in_progress(self) -> List[Tuple[str, str]]:
+        return list(self.conn.execute(WRITES_IN_PROGRESS_SQL))
+
+    def record_export(self, record: Mapping[str, object]) -> None:
+        """The study's row, and the end of its write, in one transaction."""
+        with self.transaction() as conn:
+            conn.execute(UPSERT_EXPORTED_SQL, dict(record))
+            conn.execute(END_WRITE_SQL, (record["zip_path"],))
+
+
+def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at: str) -> dict:
+    """The exported_studies row for a ZIP, from the manifest inside it."""
+    study = manifest["study"]
+    study_date = study.get("study_date")
+    return {
+        "study_uid": study["study_uid"],
+        "zip_path": zip_path,
+        "zip_bytes": zip_bytes,
+        "file_count": len(manifest["files"]),
+        "missing_count": len(manifest.get("missing", [])),
+        "source_bytes": sum(int(f["size"]) for f in manifest["files"]),
+        "fingerprint": manifest.get("fingerprint", ""),
+        "study_date": study_date,
+        "month": zip_path.split("/")[0],
+        "patient_name": study.get("patient_name"),
+        "modalities": "\\".join(study.get("modalities", [])),
+        "exported_at": manifest["exported_at"],
+        "verified_at": verified_at,
+    }
+
+
+# =====================================================================================
+# Issues and logs
+# =====================================================================================
+
+def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
+                 extra: str = "") -> None:
+    """One row in BACKUP_ROOT/issues.csv (README: issues.csv kinds)."""
+    path = cfg.issues_path
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        if new_file:
+            writer.writerow(ISSUES_HEADER)
+        writer.writerow((utc_iso(time.time()), kind, study_uid, detail, extra))
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Log lines for a terminal or launchd's StandardOutPath: never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        plain = logging.makeLogRecord(dict(record.__dict__, exc_info=None, exc_text=None,
+                                           stack_info=None))
+        return super().format(plain)
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The rotating log; if the disk refuses a line, say so once on stderr."""
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print("horos_backup_export: cannot write log %s: %s" % (self.baseFilename, error),
+                  file=sys.stderr)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def setup_console_logging(verbose: bool) -> None:
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(ConsoleFormatter(LOG_FORMAT))
+    log.addHandler(handler)
+
+
+def setup_file_logging(cfg: Config) -> None:
+    os.makedirs(os.path.dirname(cfg.log_path), exist_ok=True)
+    handler = LogFileHandler(cfg.log_path, maxBytes=LOG_MAX_BYTES,
+                             backupCount=LOG_BACKUP_COUNT, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    log.addHandler(handler)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
+        count /= 1000.0
+    return "%.2f TB" % count
+
+
+# =====================================================================================
+# Cycle: sentinel, lock, INCOMING, recovery, read Horos, export, month markers
+# =====================================================================================
+
+def check_sentinel(cfg: Config) -> None:
+    """Before anything is created: an unmounted volume must never get folders."""
+    if not os.path.isfile(cfg.sentinel):
+        raise CannotRun("sentinel %s is missing: is the PACS volume mounted? "
+                        "(nothing was done)" % cfg.sentinel)
+
+
+@contextlib.contextmanager
+def run_lock(lock_path: str):
+    """Yields True while this process holds BACKUP_ROOT/.tmp/.run.lock, else False."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def count_files_up_to(folder: str, limit: int) -> int:
+    """Files below `folder`, counting stops once past `limit`."""
+    count = 0
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                        continue
+                    count += 1
+                    if count > limit:
+                        return count
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # Horos empties INCOMING while we count
+    return count
+
+
+def clean_tmp_dir(cfg: Config) -> None:
+    """Remove what a crashed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
+    for entry in os.scandir(cfg.tmp_dir):
+        if entry.name in (LOCK_FILE, DB_COPY_DIR):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(entry.path)
+        else:
+            remove_if_present(entry.path)
+        log.info("removed leftover %s", entry.path)
+
+
+def remove_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            remove_if_present(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
+def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
+    """Finish what a killed run left: remove `.part` files, adopt verified ZIPs.
+
+    A run killed between the rename and the state commit leaves a complete, verified
+    ZIP that the state does not know: it is adopted (recorded from its manifest), so
+    the study is not written a second time.
+    """
+    for relpath, uid in state.writes_in_progress():
+        final_path = os.path.join(cfg.backup_root, relpath)
+        if os.path.exists(final_path + PART_SUFFIX):
+            remove_if_present(final_path + PART_SUFFIX)
+            log.info("removed partial %s%s left by an interrupted run", relpath, PART_SUFFIX)
+        row = state.exported_row(uid)
+        if os.path.exists(final_path):
+            adopt_or_discard(cfg, state, relpath, uid, row)
+        state.end_write(relpath)
+
+
+def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str,
+                     row: Optional[ExportedRow]) -> None:
+    final_path = os.path.join(cfg.backup_root, relpath)
+    try:
+        with zipfile.ZipFile(final_path) as archive:
+            recorded = (row is not None and row.zip_path == relpath
+                        and read_manifest(archive).get("exported_at") == row.exported_at)
+    except ZIP_READ_ERRORS:
+        recorded = False
+    if recorded:
+        return  # the run was killed before its rename: the ZIP on disk is the recorded one
+    problem, manifest = verify_zip(final_path)
+    if problem is None and manifest is not None and manifest["study"]["study_uid"] == uid:
+        state.record_export(export_record(manifest, relpath, os.path.getsize(final_path),
+                                          utc_iso(time.time())))
+        log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
+        if row is not None and row.zip_path != relpath:
+            remove_if_present(os.path.join(cfg.backup_root, row.zip_path))
+        return
+    remove_if_present(final_path)
+    log.warning("removed %s: left by an interrupted run and not verifiable (%s)",
+                relpath, problem or "manifest names another study")
+    if row is not None and row.zip_path == relpath:
+        with state.transaction() as conn:
+            conn.execute("DELETE FROM exported_studies WHERE study_uid = ?", (uid,))
+
+
+@dataclass
+class HorosSnapshot:
+    """What one read transaction saw: every study, and the plans of the batch."""
+    studies: List[HorosStudy]
+    plans: List[StudyPlan]
+    seconds_held: float
+
+
+def read_horos(cfg: Config, exported: Mapping[str, str]) -> HorosSnapshot:
+    """Select the batch and its files in one short read transaction, then close."""
+    db_path = cfg.database_path
+    if cfg.use_db_copy:
+        db_path = refresh_db_copy(db_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
+                                  cfg.busy_timeout)
+    started = time.monotonic()
+    with horos_read_transaction(db_path, cfg.busy_timeout) as (conn, columns):
+        studies = read_candidates(conn)
+        batch = select_batch(studies, exported, cfg.modalities, cfg.order_by,
+                             cfg.batch_size)
+        plans = [read_study_plan(conn, columns, study, cfg.horos_files_dir)
+                 for study in batch]
+    held = time.monotonic() - started
+    log.debug("read %d studies from %s in %.3f s", len(studies), db_path, held)
+    return HorosSnapshot(studies=studies, plans=plans, seconds_held=held)
+
+
+def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
+    """(present files, missing paths, bytes present)."""
+    present, missing, total = [], [], 0
+    for source in files:
+        try:
+            total += os.stat(source.path).st_size
+        except FileNotFoundError:
+            missing.append(source.path)
+            continue
+        except NotADirectoryError:
+            missing.append(source.path)
+            continue
+        present.append(source)
+    return present, missing, total
+
+
+def no_throttle(_count: int) -> None:
+    return None
+
+
+def export_study(cfg: Config, state: ExportState, plan: StudyPlan,
+                 summary: CycleSummary) -> None:
+    """Write, verify and record one study's ZIP; problems of this study go to issues.csv."""
+    uid = plan.info.uid
+    present, missing, source_bytes = stat_files(plan.files)
+    if not present:
+        log.warning("study %s: none of its %d files exist; not exported", uid, len(plan.files))
+        append_issue(cfg, "NO_FILES", uid, "none of %d files exist" % len(plan.files),
+                     missing[0] if missing else "")
+        return
+    final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
+    started = time.monotonic()
+    now = time.time()
+    state.begin_write(uid, plan.zip_relpath, now)
+    try:
+        manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
+                                      cfg.compress_level, no_throttle, utc_iso(now))
+    except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
+        state.end_write(plan.zip_relpath)
+        kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
+                ZipVerifyFailed: "ZIP_BAD"}[type(error)]
+        log.warning("study %s not exported (%s): %s", uid, kind, error)
+        append_issue(cfg, kind, uid, str(error))
+        return
+    zip_bytes = os.path.getsize(final_path)
+    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)))
+    if missing:
+        log.warning("study %s exported without %d missing files", uid, len(missing))
+        append_issue(cfg, "PARTIAL", uid, "%d of %d files missing"
+                     % (len(missing), len(plan.files)), missing[0])
+    seconds = time.monotonic() - started
+    summary.studies += 1
+    summary.files += len(present)
+    summary.source_bytes += source_bytes
+    summary.zip_bytes += zip_bytes
+    log.info("exported %s (%s, %s, %.1f s)", plan.zip_relpath, plural(len(present), "file"),
+             format_bytes(zip_bytes), seconds)
+
+
+def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
+                         exported: Mapping[str, str], today: dt.date) -> None:
+    """`.month_done` exists in a month folder exactly when every eligible study of that
+    month is exported and the month is over."""
+    for month, (eligible, done) in sorted(
+            month_completeness(studies, exported, cfg.modalities).items()):
+        marker = os.path.join(cfg.backup_root, month, MONTH_DONE_FILE)
+        complete = eligible == done and month_is_over(month, today)
+        if complete and not os.path.exists(marker) and os.path.isdir(os.path.dirname(marker)):
+            write_small_file(marker, "month=%s eligible=%d exported=%d checked_at=%s\n"
+                             % (month, eligible, done, utc_iso(time.time())))
+            log.info("month %s complete: %s", month, plural(eligible, "study", "studies"))
+        elif not complete and os.path.exists(marker):
+            remove_if_present(marker)
+            log.info("month %s no longer complete (%d of %d exported): marker removed",
+                     month, done, eligible)
+
+
+def run_cycle(cfg: Config) -> int:
+    check_sentinel(cfg)
+    os.makedirs(cfg.tmp_dir, exist_ok=True)
+    setup_file_logging(cfg)
+    with run_lock(cfg.lock_path) as held:
+        if not held:
+            log.info("another run holds %s; skipping this cycle", cfg.lock_path)
+            return EXIT_OK
+        return locked_cycle(cfg)
+
+
+def locked_cycle(cfg: Config) -> int:
+    started = time.monotonic()
+    incoming = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
+    if incoming > cfg.incoming_max_files:
+        log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
+                 "skipping this cycle", cfg.incoming_max_files)
+        append_issue(cfg, "INCOMING_OVER_LIMIT", "",
+                     "more than %d files in %s" % (cfg.incoming_max_files, cfg.incoming_dir))
+        return EXIT_OK
+    clean_tmp_dir(cfg)
+    state = ExportState(cfg.state_path, cfg.busy_timeout)
+    try:
+        recover_interrupted_writes(cfg, state)
+        snapshot = read_horos(cfg, state.exported_fingerprints())
+        summary = CycleSummary()
+        for plan in snapshot.plans:
+            export_study(cfg, state, plan, summary)
+        update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
+                             dt.date.today())
+    finally:
+        state.close()
+    seconds = time.monotonic() - started
+    log.info("cycle done: %s, %s, %s in %.1f s (Horos database held %.3f s)",
+             plural(summary.studies, "study", "studies"), plural(summary.files, "file"),
+             format_bytes(summary.zip_bytes), seconds, snapshot.seconds_held)
+    return EXIT_OK
+
+
+# =====================================================================================
+# CLI
+# =====================================================================================
+
+def parse_modalities(text: str) -> Tuple[str, ...]:
+    tokens = tuple(t.strip().upper() for t in text.split(",") if t.strip())
+    if not tokens:
+        raise argparse.ArgumentTypeError("give at least one modality, e.g. CT,MR")
+    return tokens
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def compress_level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError("must be 0 to 9")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="horos_backup_export.py",
+        description="Export every CT/MR study of a Horos library to one verified ZIP per "
+                    "study, in monthly folders. With no command, runs one backup cycle.")
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--pacs-root", default=PACS_ROOT,
+                       help="the PACS volume; holds .pacs_sentinel (default %(default)s)")
+    paths.add_argument("--horos-data", help="the Horos Data folder "
+                       "(default PACS_ROOT/Database/Horos Data)")
+    paths.add_argument("--backup-root", help="where ZIPs and state go "
+                       "(default PACS_ROOT/Backup)")
+    cycle = parser.add_argument_group("cycle")
+    cycle.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                       help="studies per cycle (default %(default)s)")
+    cycle.add_argument("--incoming-max-files", type=positive_int, default=INCOMING_MAX_FILES,
+                       help="skip the cycle while INCOMING.noindex holds more files "
+                            "(default %(default)s)")
+    cycle.add_argument("--order-by", choices=ORDER_CHOICES, default=ORDER_BY,
+                       help="export order, oldest first (default %(default)s)")
+    cycle.add_argument("--modalities", type=parse_modalities, default=MODS,
+                       help="studies to back up, comma-separated (default %s)" % ",".join(MODS))
+    cycle.add_argument("--use-db-copy", action="store_true", default=USE_DB_COPY,
+                       help="read a snapshot of Database.sql in BACKUP_ROOT/.tmp/dbcopy")
+    cycle.add_argument("--compression", choices=COMPRESSION_CHOICES, default=COMPRESSION,
+                       help="ZIP member compression (default %(default)s)")
+    cycle.add_argument("--compress-level", type=compress_level, default=COMPRESS_LEVEL,
+                       help="deflate level 0-9 (default %(default)s)")
+    cycle.add_argument("--busy-timeout", type=non_negative_float,
+                       default=BUSY_TIMEOUT_SECONDS,
+                       help="seconds to wait for a locked database (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version="%(prog)s " + TOOL_VERSION)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    pacs_root = os.path.abspath(args.pacs_root)
+    return Config(
+        pacs_root=pacs_root,
+        sentinel=os.path.join(pacs_root, SENTINEL_NAME),
+        horos_data=os.path.abspath(args.horos_data or
+                                   os.path.join(pacs_root, "Database", "Horos Data")),
+        backup_root=os.path.abspath(args.backup_root or os.path.join(pacs_root, "Backup")),
+        batch_size=args.batch_size,
+        incoming_max_files=args.incoming_max_files,
+        order_by=args.order_by,
+        modalities=tuple(args.modalities),
+        use_db_copy=args.use_db_copy,
+        compression=args.compression,
+        compress_level=args.compress_level,
+        busy_timeout=args.busy_timeout,
+        verbose=args.verbose,
+    )
+
+
+class Terminated(Exception):
+    """launchd (or kill) sent SIGTERM."""
+
+
+def raise_terminated(_signum, _frame):
+    raise Terminated()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_console_logging(args.verbose)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return run_cycle(config_from_args(args))
+    except CannotRun as error:
+        log.debug("cannot run: %s", error)
+        print("horos_backup_export: error: %s" % error, file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, Terminated):
+        print("horos_backup_export: interrupted; partial files are removed next run",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # last resort: the log keeps the traceback, not the terminal
+        log.debug("unexpected error", exc_info=True)
+        log.error("unexpected error: %s: %s", type(error).__name__, error,
+                  exc_info=True)
+        print("horos_backup_export: error: unexpected %s: %s (traceback in %s)"
+              % (type(error).__name__, error, LOG_FILE), file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
