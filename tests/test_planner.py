@@ -1,0 +1,286 @@
+"""Unit tests of the pure parts: dates, names, path rules, selection."""
+
+import datetime as dt
+import os
+import time
+
+import pytest
+
+import horos_backup_export as hbe
+from fake_horos import local_to_coredata
+
+
+def study_info(uid="1.2.3", patient="DOE^JOHN", birth=None, when=None):
+    return hbe.StudyInfo(uid=uid, pks=(1,), patient_name=patient, patient_id="P",
+                         birth_date=birth, study_datetime=when, accession_number="",
+                         description="", modalities=("CT",))
+
+
+# -- dates ----------------------------------------------------------------------------
+
+def test_coredata_epoch_is_2001_utc():
+    assert hbe.COREDATA_EPOCH_OFFSET == int(
+        dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+
+
+def test_birth_date_stored_as_tokyo_midnight_stays_on_its_day():
+    # Horos stores 1950-01-01 as local midnight: 15:00 UTC on 1949-12-31 in Tokyo.
+    stored = local_to_coredata(dt.date(1950, 1, 1))
+    assert dt.datetime.fromtimestamp(stored + hbe.COREDATA_EPOCH_OFFSET,
+                                     dt.timezone.utc).day == 31
+    assert hbe.coredata_to_local_date(stored) == dt.date(1950, 1, 1)
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "America/Anchorage", "Pacific/Kiritimati"])
+def test_local_dates_round_trip_in_zones_far_from_utc(zone):
+    old = os.environ["TZ"]
+    os.environ["TZ"] = zone
+    time.tzset()
+    try:
+        for moment in (dt.datetime(2019, 3, 1, 0, 30), dt.datetime(1999, 12, 31, 23, 59),
+                       dt.datetime(2024, 2, 29, 12, 0)):
+            assert hbe.coredata_to_local(local_to_coredata(moment)) == moment
+            assert hbe.month_folder(moment) == "%04d_%02d" % (moment.year, moment.month)
+    finally:
+        os.environ["TZ"] = old
+        time.tzset()
+
+
+@pytest.mark.parametrize("value", [None, "", "not a date", float("nan"), float("inf"),
+                                   1e300, -1e300, b"\x00\xff"])
+def test_unknown_or_absurd_dates_are_unknown(value):
+    assert hbe.coredata_to_local(value) is None
+
+
+def test_dates_as_text_and_integer_are_read():
+    stored = local_to_coredata(dt.datetime(2020, 5, 6, 7, 8))
+    assert hbe.coredata_to_local(str(stored)) == dt.datetime(2020, 5, 6, 7, 8)
+    assert hbe.coredata_to_local(int(stored)) == dt.datetime(2020, 5, 6, 7, 8)
+
+
+def test_dates_before_2001_are_negative_and_fine():
+    stored = local_to_coredata(dt.date(1931, 7, 4))
+    assert stored < 0
+    assert hbe.coredata_to_local_date(stored) == dt.date(1931, 7, 4)
+
+
+# -- names ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, clean", [
+    ("JOÃO^SÃO", "JOAO_SAO"),
+    ("Müller^Jürgen", "Muller_Jurgen"),
+    ("O'BRIEN^ANNE-MARIE", "O_BRIEN_ANNE-MARIE"),
+    ("../../etc/passwd", "etc_passwd"),
+    ("..", "UNKNOWN"),
+    ("", "UNKNOWN"),
+    (None, "UNKNOWN"),
+    ("山田^太郎", "UNKNOWN"),
+    ("a\x00b/c\\d", "a_b_c_d"),
+    ("\u202eevil\u202c.zip", "evil_.zip"),
+    ("  DOE  ^  JOHN  ", "DOE_JOHN"),
+    ("___x...", "x"),
+    ("ﬁle", "file"),  # NFKD folds the ligature
+])
+def test_sanitize_part(raw, clean):
+    assert hbe.sanitize_part(raw) == clean
+
+
+def test_zip_name_fields_and_unknowns():
+    info = study_info(uid="1.2.840.1", patient="DOE^JOHN", birth=dt.date(1950, 1, 1),
+                      when=dt.datetime(2019, 3, 1, 5, 30))
+    assert hbe.zip_base_name(info) == "DOE_JOHN_1950-01-01_2019-03-01_1.2.840.1"
+    assert hbe.zip_relpath(info) == "2019_03/DOE_JOHN_1950-01-01_2019-03-01_1.2.840.1.zip"
+    unknown = study_info(uid="1.2.840.2", patient="", birth=None, when=None)
+    assert hbe.zip_relpath(unknown) == "UNKNOWN_DATE/UNKNOWN_UNKNOWN_UNKNOWN_1.2.840.2.zip"
+
+
+def test_long_name_is_cut_before_the_uid_and_keeps_the_dates():
+    uid = "1.3.12.2.1107.5.2.30.25245.3000001903011234567890000000123456789"
+    info = study_info(uid=uid, patient="WOLFESCHLEGELSTEIN^" + "HUBERT_" * 60,
+                      birth=dt.date(1975, 5, 5), when=dt.datetime(2020, 1, 11))
+    name = hbe.zip_base_name(info)
+    assert len(name) == 128
+    assert name.endswith("_1975-05-05_2020-01-11_" + uid)
+    assert name.startswith("WOLFESCHLEGELSTEIN_HUBERT")
+    assert "__" not in name
+
+
+def test_cut_name_does_not_end_its_patient_part_with_underscore():
+    uid = "1." + "2" * 60
+    # Cutting at the room left lands just after a `_` of the patient name.
+    for length in range(30, 60):
+        info = study_info(uid=uid, patient="AB_" * length, birth=None, when=None)
+        name = hbe.zip_base_name(info)
+        assert len(name) <= 128
+        assert "__" not in name and name.endswith("_UNKNOWN_UNKNOWN_" + uid)
+
+
+def test_hostile_overlong_uid_gets_a_bounded_unique_name():
+    a = study_info(uid="9" * 300 + ".1")
+    b = study_info(uid="9" * 300 + ".2")
+    assert len(hbe.zip_base_name(a)) <= 128
+    assert hbe.zip_base_name(a) != hbe.zip_base_name(b)
+
+
+def test_same_study_always_gets_the_same_name():
+    info = study_info(uid="1.2.3", patient="JOÃO", birth=dt.date(2000, 1, 2),
+                      when=dt.datetime(2010, 5, 6))
+    assert hbe.zip_relpath(info) == hbe.zip_relpath(info) == \
+        "2010_05/JOAO_2000-01-02_2010-05-06_1.2.3.zip"
+
+
+# -- Horos path rules (DicomImage.m) --------------------------------------------------
+
+DB = "/H/DATABASE.noindex"
+
+
+@pytest.mark.parametrize("number, expected", [
+    (1, DB + "/10000/1.dcm"),
+    (9999, DB + "/10000/9999.dcm"),
+    (10000, DB + "/20000/10000.dcm"),
+    (12345, DB + "/20000/12345.dcm"),
+    (1234567, DB + "/1240000/1234567.dcm"),
+    (0, DB + "/10000/0.dcm"),
+    (12345.0, DB + "/20000/12345.dcm"),
+    ("12345", DB + "/20000/12345.dcm"),
+])
+def test_path_number_rule(number, expected):
+    assert hbe.resolve_image_path(DB, number, None) == expected
+
+
+def test_path_number_wins_over_path_string():
+    assert hbe.resolve_image_path(DB, 5, "/elsewhere/x.dcm") == DB + "/10000/5.dcm"
+
+
+def test_absolute_path_string_is_used_as_is():
+    assert hbe.resolve_image_path(DB, None, "/Volumes/CD/IM0001") == "/Volumes/CD/IM0001"
+
+
+@pytest.mark.parametrize("path_string, expected", [
+    ("20005.pdf", DB + "/30000/20005.pdf"),
+    ("9999.dcm", DB + "/10000/9999.dcm"),
+    ("report.pdf", DB + "/10000/report.pdf"),
+    ("123abc.pdf", DB + "/10000/123abc.pdf"),
+    ("45678xyz.zip", DB + "/50000/45678xyz.zip"),
+])
+def test_relative_path_string_rule(path_string, expected):
+    assert hbe.resolve_image_path(DB, None, path_string) == expected
+
+
+def test_custom_folder_size():
+    assert hbe.resolve_image_path(DB, 2500, None, folder_size=1000) == DB + "/3000/2500.dcm"
+
+
+def test_no_path_at_all():
+    assert hbe.resolve_image_path(DB, None, None) is None
+    assert hbe.resolve_image_path(DB, None, "") is None
+
+
+def series(pk, number, modality="CT", description="Axial", uid=None):
+    return hbe.SeriesInfo(pk=pk, uid=uid or "1.9.%d" % pk, number=number, modality=modality,
+                          description=description)
+
+
+def image(series_pk, number=None, path=None, instance=None):
+    return hbe.ImageRow(series_pk=series_pk, path_number=number, path_string=path,
+                        instance_number=instance)
+
+
+def test_multi_frame_rows_give_one_file_and_series_get_folders():
+    rows = [image(1, 10, instance=1), image(1, 10, instance=1), image(1, 10, instance=1),
+            image(1, 11, instance=2), image(2, 12, instance=1),
+            image(2, None, "/In/Place/IM1", instance=2)]
+    ordered, files = hbe.plan_study_files([series(2, 5, "SR", "Dose"), series(1, 2)], rows, DB)
+    assert [s.pk for s in ordered] == [1, 2]
+    assert [f.member for f in files] == [
+        "0002_CT_Axial/10.dcm", "0002_CT_Axial/11.dcm",
+        "0005_SR_Dose/12.dcm", "0005_SR_Dose/IM1"]
+    assert files[3].path == "/In/Place/IM1"
+
+
+def test_member_names_are_unique_and_safe():
+    rows = [image(1, None, "/a/IM1"), image(1, None, "/b/IM1"), image(1, None, "/c/../IM1"),
+            image(2, None, "/x/..")]
+    ordered, files = hbe.plan_study_files(
+        [series(1, 1, "CT", "../../evil"), series(2, 1, "CT", "../../evil")], rows, DB)
+    members = [f.member for f in files]
+    assert len(set(members)) == len(members) == 4
+    for member in members:
+        assert not member.startswith("/")
+        assert ".." not in member.split("/")
+    assert members[0].startswith("0001_CT_evil/")
+    assert members[3].startswith("0001_CT_evil_2/")
+
+
+# -- selection -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, tokens", [
+    ("CT", ("CT",)), ("CT\\PT", ("CT", "PT")), (" mr ", ("MR",)),
+    ("RTSTRUCT\\RTPLAN", ("RTSTRUCT", "RTPLAN")), (None, ()), ("", ()), ("CT\\\\ct", ("CT",)),
+])
+def test_modality_tokens(text, tokens):
+    assert hbe.modality_tokens(text) == tokens
+
+
+@pytest.mark.parametrize("tokens, eligible", [
+    (("CT",), True), (("MR",), True), (("PT", "CT"), True), (("RTSTRUCT", "RTPLAN"), False),
+    (("OCT",), False), (("US",), False), (("SR",), False), ((), False), (("CTA",), False),
+])
+def test_eligibility_is_whole_token(tokens, eligible):
+    assert hbe.is_eligible(tokens, ("CT", "MR")) is eligible
+
+
+def horos_study(uid, date, added=None, mods=("CT",)):
+    return hbe.HorosStudy(uid=uid, pks=(1,), study_date=date, date_added=added,
+                          last_added=added, modalities=mods, fingerprint="f")
+
+
+def test_select_batch_oldest_first_ties_by_uid_unknown_last():
+    studies = [horos_study("9", None), horos_study("3", 100.0), horos_study("2", 100.0),
+               horos_study("1", 300.0), horos_study("8", -5000.0),
+               horos_study("7", 50.0, mods=("US",))]
+    picked = hbe.select_batch(studies, {}, ("CT", "MR"), "study_date", 10)
+    assert [s.uid for s in picked] == ["8", "2", "3", "1", "9"]
+    assert [s.uid for s in hbe.select_batch(studies, {"8": "f"}, ("CT",), "study_date", 2)] \
+        == ["2", "3"]
+
+
+def test_select_batch_by_date_added():
+    studies = [horos_study("a", 1.0, added=500.0), horos_study("b", 2.0, added=100.0)]
+    assert [s.uid for s in hbe.select_batch(studies, {}, ("CT",), "date_added", 5)] == \
+        ["b", "a"]
+
+
+def test_two_rows_with_one_uid_are_one_study():
+    rows = [  # CANDIDATES_SQL shape
+        (7, "1.2.3", 200.0, 10.0, "CT", 5, "A", "P1", None, 1, 5.0, "CT", 10.0, 70),
+        (3, "1.2.3", 100.0, 11.0, "SR", 1, "A", "P2", None, 1, 1.0, "SR", 11.0, 30),
+        (4, "4.5.6", None, 12.0, "US", 1, "B", "P3", None, 1, 1.0, "US", 12.0, 40),
+    ]
+    studies = {s.uid: s for s in hbe.group_candidates(rows)}
+    assert set(studies) == {"1.2.3", "4.5.6"}
+    assert studies["1.2.3"].pks == (3, 7)
+    assert studies["1.2.3"].study_date == 100.0
+    assert set(studies["1.2.3"].modalities) == {"CT", "SR"}
+    assert studies["1.2.3"].last_added == 11.0
+
+
+def test_fingerprint_moves_with_the_counts_horos_keeps():
+    base = (7, "1.2.3", 200.0, 10.0, "CT", 5, "A", "P1", None, 1, 5.0, "CT", 10.0, 70)
+    fp = hbe.group_candidates([base])[0].fingerprint
+    assert hbe.group_candidates([base])[0].fingerprint == fp
+    more_series = base[:9] + (2, 6.0, "CT\\SR", 10.0, 71)
+    renamed = base[:6] + ("B",) + base[7:]
+    assert hbe.group_candidates([more_series])[0].fingerprint != fp
+    assert hbe.group_candidates([renamed])[0].fingerprint != fp
+
+
+def test_month_markers_need_every_eligible_study_and_a_finished_month():
+    jan = local_to_coredata(dt.datetime(2020, 1, 15))
+    studies = [horos_study("a", jan), horos_study("b", jan),
+               horos_study("c", jan, mods=("US",))]
+    counts = hbe.month_completeness(studies, {"a": "f"}, ("CT",))
+    assert counts == {"2020_01": (2, 1)}
+    assert hbe.month_is_over("2020_01", dt.date(2020, 2, 1))
+    assert not hbe.month_is_over("2020_01", dt.date(2020, 1, 31))
+    assert not hbe.month_is_over("UNKNOWN_DATE", dt.date(2030, 1, 1))
