@@ -217,6 +217,14 @@ class FakeHorosLibrary:
                 "ZSTOREDMODALITY": None, "ZCOMPRESSEDSOPINSTANCEUID": b"\x01\x02"})
         return path
 
+    def mark_added(self, series_pk, when=None):
+        """What Horos does for every file it imports (but its own SRs): the series and
+        its study get dateAdded = now (DicomDatabase.mm)."""
+        stamp = local_to_coredata(when or dt.datetime.now())
+        self.conn.execute("UPDATE ZSERIES SET ZDATEADDED = ? WHERE Z_PK = ?", (stamp, series_pk))
+        self.conn.execute("UPDATE ZSTUDY SET ZDATEADDED = ? WHERE Z_PK = "
+                          "(SELECT ZSTUDY FROM ZSERIES WHERE Z_PK = ?)", (stamp, series_pk))
+
     def add_simple_study(self, uid, modality="CT", images=3, study_date=None, size=2048,
                          series=1, **study_fields):
         """A study with `series` series of `images` database files each; returns its pk."""
@@ -231,14 +239,28 @@ class FakeHorosLibrary:
     def finish(self, summarize=True):
         """Fill the counts and study modality summary Horos maintains, and commit.
 
-        Studies created with an explicit `modality` keep it (to inject a stale summary)."""
-        self.conn.execute("""
-            UPDATE ZSERIES SET ZNUMBEROFIMAGES =
-              (SELECT COUNT(*) FROM ZIMAGE WHERE ZIMAGE.ZSERIES = ZSERIES.Z_PK)""")
-        self.conn.execute("""
-            UPDATE ZSTUDY SET ZNUMBEROFIMAGES =
-              (SELECT COALESCE(SUM(ZNUMBEROFIMAGES), 0) FROM ZSERIES
-               WHERE ZSERIES.ZSTUDY = ZSTUDY.Z_PK)""")
+        As DicomSeries.m/DicomStudy.m do: an SR series stores no count (NULL); a study's
+        count skips SR and PR series; a count is negative when a series holds
+        multi-frame objects. Studies created with an explicit `modality` keep it (to
+        inject a stale or odd summary).
+        """
+        study_sums = {}
+        for series_pk, study_pk, modality in self.conn.execute(
+                "SELECT Z_PK, ZSTUDY, ZMODALITY FROM ZSERIES").fetchall():
+            rows, multi_frame = self.conn.execute(
+                "SELECT COUNT(*), MAX(ZSTOREDNUMBEROFFRAMES) > 1 FROM ZIMAGE WHERE ZSERIES = ?",
+                (series_pk,)).fetchone()
+            kind = (modality or "").strip().upper()
+            count = None if kind == "SR" else (-rows if multi_frame else rows)
+            self.conn.execute("UPDATE ZSERIES SET ZNUMBEROFIMAGES = ? WHERE Z_PK = ?",
+                              (count, series_pk))
+            total, frames = study_sums.get(study_pk, (0, False))
+            if kind not in ("SR", "PR"):
+                total += rows
+            study_sums[study_pk] = (total, frames or bool(multi_frame))
+        for study_pk, (total, frames) in study_sums.items():
+            self.conn.execute("UPDATE ZSTUDY SET ZNUMBEROFIMAGES = ? WHERE Z_PK = ?",
+                              (-total if frames else total, study_pk))
         if summarize:
             for pk, current in self.conn.execute(
                     "SELECT Z_PK, ZMODALITY FROM ZSTUDY").fetchall():
