@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,6 +35,7 @@ import unicodedata
 import urllib.parse
 import zipfile
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -57,18 +59,26 @@ MAX_NAME_NOEXT = 128
 COMPRESSION = "stored"                                          # --compression
 COMPRESS_LEVEL = 6                                              # --compress-level
 BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
+# A study is exported once Horos has added nothing to it for this long. CT arrives in
+# minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
+# and reconstructions or reports can trail; anything later still triggers a re-export.
+SETTLE_MINUTES = 60                                             # --settle-minutes
+MISSING_RETRIES = 3                                             # --missing-retries
+MIN_FREE_GB = 20.0                                              # --min-free-gb
 LOG_MAX_BYTES = 100 * 1024 * 1024
 LOG_BACKUP_COUNT = 10
 
 ORDER_CHOICES = ("study_date", "date_added")
 COMPRESSION_CHOICES = ("stored", "deflate")
 VERIFY_ATTEMPTS = 3          # write + testzip() attempts before a study counts as failed
+RETRY_BACKOFF_SECONDS = (3600, 6 * 3600, 24 * 3600)  # after failure 1, 2, 3+ (then daily)
 DB_FOLDER_SIZE = 10000       # Horos preference DefaultFolderSizeForDB
 COREDATA_EPOCH_OFFSET = 978307200  # 2001-01-01T00:00:00Z in Unix seconds
 COPY_CHUNK_BYTES = 1024 * 1024
 
 # Names on disk. Users and their scripts rely on these (README, "Files").
 SENTINEL_NAME = ".pacs_sentinel"
+BACKUP_SENTINEL_NAME = ".backup_sentinel"   # in BACKUP_ROOT's parent, when on another disk
 HOROS_DATABASE_FILE = "Database.sql"
 HOROS_FILES_DIR = "DATABASE.noindex"
 HOROS_INCOMING_DIR = "INCOMING.noindex"
@@ -105,6 +115,24 @@ class CannotRun(Exception):
     """The cycle or command cannot run: printed as one line, exit EXIT_FAILED."""
 
 
+class HorosUnreadable(CannotRun):
+    """Database.sql is missing, damaged, locked, or not a Horos store."""
+
+
+class DiskSpaceProblem(CannotRun):
+    """The backup volume is (nearly) full: the cycle stops; the next one continues."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind         # DISK_LOW or DISK_FULL
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
+
+
 # =====================================================================================
 # Data types
 # =====================================================================================
@@ -124,6 +152,9 @@ class Config:
     compression: str = COMPRESSION
     compress_level: int = COMPRESS_LEVEL
     busy_timeout: float = BUSY_TIMEOUT_SECONDS
+    settle_minutes: float = SETTLE_MINUTES
+    missing_retries: int = MISSING_RETRIES
+    min_free_gb: float = MIN_FREE_GB
     verbose: bool = False
 
     @property
@@ -204,10 +235,11 @@ class ImageRow:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of a study: where it is, and its name inside the ZIP."""
+    """One file of a study: where it is, its name inside the ZIP, its size when listed."""
     member: str
     path: str
     series_uid: str
+    size: int = -1           # -1 until stat_files has seen it
 
 
 @dataclass(frozen=True)
@@ -218,16 +250,33 @@ class StudyPlan:
     files: Tuple[SourceFile, ...]
     zip_relpath: str
     fingerprint: str
+    reason: str = "new"      # why it is in the queue (Candidate.reason)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A study that could not be exported, and when to try it again."""
+    study_uid: str
+    kind: str
+    attempts: int
+    next_attempt: float      # Unix seconds
+    fingerprint: str         # of the study when it failed: a change retries it at once
+
+
+@dataclass(frozen=True)
+class Candidate:
+    study: HorosStudy
+    reason: str              # "changed" (exported, Horos added to it), "new" or "retry"
 
 
 @dataclass
-class WrittenZip:
-    """What write_verified_zip put on disk."""
-    path: str
-    zip_bytes: int
-    file_count: int
-    source_bytes: int
-    missing: List[str]
+class Selection:
+    """What the planner made of the library: the queue, in export order, and counts."""
+    queue: List[Candidate]
+    eligible: int = 0
+    up_to_date: int = 0      # exported, and Horos has not changed them since
+    waiting: int = 0         # failed, waiting for their next attempt
+    unsettled: int = 0       # Horos added to them less than SETTLE_MINUTES ago
 
 
 @dataclass
@@ -236,7 +285,8 @@ class CycleSummary:
     files: int = 0
     source_bytes: int = 0
     zip_bytes: int = 0
-    skipped: str = ""
+    failed: int = 0
+    deferred: int = 0
 
 
 # =====================================================================================
@@ -473,30 +523,66 @@ def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
 
 
 def study_fingerprint(rows: Sequence[Tuple]) -> str:
-    """A cheap digest of the counts Horos maintains for a study's rows.
+    """A cheap digest of what Horos keeps about a study's ZSTUDY rows.
 
-    rows: (pk, study images, study modality, series count, series images,
-    newest series pk) per ZSTUDY row. It changes when Horos adds or removes series
-    or images, or re-summarises the study; reading it costs no scan of ZIMAGE.
+    rows: per ZSTUDY row, its date, modality summary, numberOfImages, patient name,
+    ID and birth date, and its series count and images summed over its series. It
+    moves when Horos adds or removes series or images (Horos recomputes the counts
+    before it saves) or the patient is renamed; reading it costs no scan of ZIMAGE.
+    Row keys and dateAdded stay out: a Horos "Rebuild Database" renumbers every row,
+    and a study sent again touches dateAdded, without changing what a backup holds.
     """
     text = "|".join(":".join(as_text(v) for v in row) for row in sorted(rows, key=repr))
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
-def select_batch(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                 wanted: Sequence[str], order_by: str, batch_size: int) -> List[HorosStudy]:
-    """The next studies to export: eligible, not exported, oldest first.
+def retry_delay(attempts: int) -> float:
+    """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
+    return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
 
-    Ordered by study date (or date added), ties by StudyInstanceUID, unknown dates last.
+
+def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                   changed: Iterable[str], failures: Mapping[str, Failure],
+                   wanted: Sequence[str], order_by: str, now: float,
+                   settle_seconds: float) -> Selection:
+    """The export queue: studies Horos changed since their export first, then the rest.
+
+    Each part is oldest first by study date (or date added), ties by UID, unknown dates
+    last. Left out: studies that are exported and unchanged, studies Horos added to
+    within settle_seconds, and failed studies waiting for their next attempt (unless
+    Horos changed them since they failed). Failed studies take no slot while they wait.
     """
     def order_key(study: HorosStudy):
         when = study.study_date if order_by == "study_date" else study.date_added
         return (when is None, when or 0.0, study.uid)
 
-    pending = [s for s in studies
-               if s.uid not in exported and is_eligible(s.modalities, wanted)]
-    pending.sort(key=order_key)
-    return pending[:batch_size]
+    changed = set(changed)
+    selection = Selection(queue=[])
+    first: List[Candidate] = []
+    rest: List[Candidate] = []
+    for study in sorted(studies, key=order_key):
+        if not is_eligible(study.modalities, wanted):
+            continue
+        selection.eligible += 1
+        stale = study.uid in changed or exported.get(study.uid, study.fingerprint) \
+            != study.fingerprint
+        if study.uid in exported and not stale:
+            selection.up_to_date += 1
+            continue
+        failure = failures.get(study.uid)
+        if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
+            selection.waiting += 1
+            continue
+        if study.last_added is not None and \
+                study.last_added + COREDATA_EPOCH_OFFSET > now - settle_seconds:
+            selection.unsettled += 1
+            continue
+        if study.uid in exported:
+            first.append(Candidate(study, "changed"))
+        else:
+            rest.append(Candidate(study, "retry" if failure else "new"))
+    selection.queue = first + rest
+    return selection
 
 
 def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
@@ -542,15 +628,14 @@ CANDIDATES_SQL = """
 SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
        st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH,
        agg.series_count, agg.series_images, agg.series_modalities,
-       agg.series_last_added, agg.series_max_pk
+       agg.series_last_added
 FROM ZSTUDY AS st
 LEFT JOIN (
     SELECT ZSTUDY AS study_pk,
            COUNT(*) AS series_count,
            TOTAL(ZNUMBEROFIMAGES) AS series_images,
            GROUP_CONCAT(ZMODALITY, '\\') AS series_modalities,
-           MAX(ZDATEADDED) AS series_last_added,
-           MAX(Z_PK) AS series_max_pk
+           MAX(ZDATEADDED) AS series_last_added
     FROM ZSERIES
     GROUP BY ZSTUDY
 ) AS agg ON agg.study_pk = st.Z_PK
@@ -576,6 +661,18 @@ SELECT im.Z_PK, im.ZSERIES, im.ZPATHNUMBER, im.ZPATHSTRING, {instance_number}
 FROM ZIMAGE AS im
 JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
 WHERE se.ZSTUDY = ?
+"""
+
+# Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
+# are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
+# count it keeps: this catches them for the price of the new rows only.
+IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
+
+STUDIES_WITH_NEW_IMAGES_SQL = """
+SELECT DISTINCT se.ZSTUDY
+FROM ZIMAGE AS im
+JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
+WHERE im.Z_PK > ?
 """
 
 OPTIONAL_COLUMN_SQL = {
@@ -608,12 +705,12 @@ def describe_sqlite_error(error: sqlite3.Error, db_path: str, busy_timeout: floa
 def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection:
     """Database.sql opened read-only (never written, never a journal created)."""
     if not os.path.isfile(db_path):
-        raise CannotRun("no Horos database at %s (check --horos-data)" % db_path)
+        raise HorosUnreadable("no Horos database at %s (check --horos-data)" % db_path)
     try:
         conn = sqlite3.connect(horos_uri(db_path), uri=True, timeout=busy_timeout,
                                isolation_level=None, check_same_thread=False)
     except sqlite3.Error as error:
-        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+        raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
     # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
     conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
     return conn
@@ -625,11 +722,11 @@ def read_table_columns(conn: sqlite3.Connection) -> Dict[str, set]:
     for table, required in REQUIRED_COLUMNS.items():
         present = {row[1].upper() for row in conn.execute("PRAGMA table_info(%s)" % table)}
         if not present:
-            raise CannotRun("Horos database has no table %s: is this a Horos Database.sql?"
+            raise HorosUnreadable("Horos database has no table %s: is this a Horos Database.sql?"
                             % table)
         missing = [c for c in required if c not in present]
         if missing:
-            raise CannotRun("Horos database table %s has no column %s (unsupported Horos "
+            raise HorosUnreadable("Horos database table %s has no column %s (unsupported Horos "
                             "version?)" % (table, ", ".join(missing)))
         columns[table] = present
     return columns
@@ -651,7 +748,7 @@ def horos_read_transaction(db_path: str, busy_timeout: float):
         conn.execute("BEGIN")
         yield conn, columns
     except sqlite3.Error as error:
-        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+        raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -683,8 +780,7 @@ def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
         study_date = next((coredata_seconds(r[2]) for r in group
                            if coredata_seconds(r[2]) is not None), None)
         fingerprint = study_fingerprint([
-            (r[0], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[13])
-            for r in group])
+            (r[2], r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in group])
         studies.append(HorosStudy(
             uid=uid, pks=tuple(r[0] for r in group), study_date=study_date,
             date_added=coredata_seconds(first[3]), last_added=max(added) if added else None,
@@ -697,7 +793,7 @@ def read_candidates(conn: sqlite3.Connection) -> List[HorosStudy]:
 
 
 def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
-                    files_dir: str) -> StudyPlan:
+                    files_dir: str, reason: str = "new") -> StudyPlan:
     """Metadata, series and files of one study (all its ZSTUDY rows)."""
     info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
     info_rows = [r for r in info_rows if r is not None]
@@ -722,7 +818,8 @@ def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: Ho
         modalities=study.modalities)
     ordered_series, files = plan_study_files(series, images, files_dir)
     return StudyPlan(info=info, series=ordered_series, files=files,
-                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint)
+                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
+                     reason=reason)
 
 
 BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
@@ -744,7 +841,7 @@ def database_stamp(db_path: str) -> Dict[str, int]:
 def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     """A snapshot of Database.sql, taken again whenever the source changed since."""
     if not os.path.isfile(db_path):
-        raise CannotRun("no Horos database at %s (check --horos-data)" % db_path)
+        raise HorosUnreadable("no Horos database at %s (check --horos-data)" % db_path)
     os.makedirs(copy_dir, exist_ok=True)
     copy_path = os.path.join(copy_dir, DB_COPY_FILE)
     stamp_path = copy_path + ".stamp.json"
@@ -766,7 +863,7 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
         # Copied in steps: Horos can commit between steps (the copy then restarts).
         source.backup(target, pages=BACKUP_PAGES_PER_STEP, sleep=0.01)
     except sqlite3.Error as error:
-        raise CannotRun(describe_sqlite_error(error, db_path, busy_timeout)) from None
+        raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
     finally:
         target.close()
         source.close()
@@ -868,6 +965,9 @@ def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
         raise SourceUnreadable("cannot open %s: %s" % (source.path, error)) from None
     with src:
         st = os.fstat(src.fileno())
+        if source.size >= 0 and st.st_size != source.size:
+            raise FileChanged("%s changed size since the study was listed (%d bytes, now %d)"
+                              % (source.path, source.size, st.st_size))
         info = zipfile.ZipInfo(source.member, zip_date_time(st.st_mtime))
         info.compress_type = compression
         # zipfile reads the level from this attribute (3.8-3.12 name; 3.13 keeps it).
@@ -1046,41 +1146,63 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2
 
-STATE_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS exported_studies (
-        study_uid     TEXT PRIMARY KEY,
-        zip_path      TEXT NOT NULL,
-        zip_bytes     INTEGER NOT NULL,
-        file_count    INTEGER NOT NULL,
-        missing_count INTEGER NOT NULL DEFAULT 0,
-        source_bytes  INTEGER NOT NULL DEFAULT 0,
-        fingerprint   TEXT NOT NULL,
-        study_date    TEXT,
-        month         TEXT NOT NULL,
-        patient_name  TEXT,
-        modalities    TEXT,
-        exported_at   TEXT NOT NULL,
-        verified_at   TEXT
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS exported_studies_month ON exported_studies (month)",
-    """
-    CREATE TABLE IF NOT EXISTS writes_in_progress (
-        zip_path    TEXT PRIMARY KEY,
-        study_uid   TEXT NOT NULL,
-        started_at  TEXT NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS meta (
-        key   TEXT PRIMARY KEY,
-        value TEXT
-    )
-    """,
-)
+# The statements that bring a state database from version n-1 to n, run in order in one
+# transaction each; a new file runs them all. Never edit a released step: add one.
+STATE_MIGRATIONS = {
+    1: (
+        """
+        CREATE TABLE exported_studies (
+            study_uid     TEXT PRIMARY KEY,
+            zip_path      TEXT NOT NULL,
+            zip_bytes     INTEGER NOT NULL,
+            file_count    INTEGER NOT NULL,
+            missing_count INTEGER NOT NULL DEFAULT 0,
+            source_bytes  INTEGER NOT NULL DEFAULT 0,
+            fingerprint   TEXT NOT NULL,
+            study_date    TEXT,
+            month         TEXT NOT NULL,
+            patient_name  TEXT,
+            modalities    TEXT,
+            exported_at   TEXT NOT NULL,
+            verified_at   TEXT
+        )
+        """,
+        "CREATE INDEX exported_studies_month ON exported_studies (month)",
+        """
+        CREATE TABLE writes_in_progress (
+            zip_path    TEXT PRIMARY KEY,
+            study_uid   TEXT NOT NULL,
+            started_at  TEXT NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+    ),
+    2: (
+        # The ZIP a re-export replaces under another name: removed once the new one is
+        # recorded, and by the next cycle if this one is killed in between.
+        "ALTER TABLE writes_in_progress ADD COLUMN replaces TEXT",
+        """
+        CREATE TABLE failures (
+            study_uid        TEXT PRIMARY KEY,
+            kind             TEXT NOT NULL,
+            detail           TEXT,
+            attempts         INTEGER NOT NULL,
+            first_failed_at  TEXT NOT NULL,
+            last_failed_at   TEXT NOT NULL,
+            next_attempt_at  TEXT NOT NULL,
+            fingerprint      TEXT
+        )
+        """,
+        """
+        CREATE TABLE changed_studies (
+            study_uid    TEXT PRIMARY KEY,
+            detected_at  TEXT NOT NULL
+        )
+        """,
+    ),
+}
 
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
 
@@ -1107,18 +1229,62 @@ ON CONFLICT (study_uid) DO UPDATE SET
     exported_at = excluded.exported_at, verified_at = excluded.verified_at
 """
 
+DELETE_EXPORTED_SQL = "DELETE FROM exported_studies WHERE study_uid = ?"
+
 BEGIN_WRITE_SQL = """
-INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at)
-VALUES (?, ?, ?)
+INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at, replaces)
+VALUES (?, ?, ?, ?)
 """
 
 END_WRITE_SQL = "DELETE FROM writes_in_progress WHERE zip_path = ?"
 
-WRITES_IN_PROGRESS_SQL = "SELECT zip_path, study_uid FROM writes_in_progress"
+WRITES_IN_PROGRESS_SQL = "SELECT zip_path, study_uid, replaces FROM writes_in_progress"
+
+FAILURES_SQL = """
+SELECT study_uid, kind, attempts, next_attempt_at, fingerprint
+FROM failures
+"""
+
+FAILURE_ATTEMPTS_SQL = "SELECT attempts FROM failures WHERE study_uid = ?"
+
+RECORD_FAILURE_SQL = """
+INSERT INTO failures (study_uid, kind, detail, attempts, first_failed_at, last_failed_at,
+                      next_attempt_at, fingerprint)
+VALUES (:study_uid, :kind, :detail, :attempts, :now, :now, :next_attempt_at, :fingerprint)
+ON CONFLICT (study_uid) DO UPDATE SET
+    kind = excluded.kind, detail = excluded.detail, attempts = excluded.attempts,
+    last_failed_at = excluded.last_failed_at, next_attempt_at = excluded.next_attempt_at,
+    fingerprint = excluded.fingerprint
+"""
+
+CLEAR_FAILURE_SQL = "DELETE FROM failures WHERE study_uid = ?"
+
+CHANGED_STUDIES_SQL = "SELECT study_uid FROM changed_studies"
+
+NOTE_CHANGED_SQL = """
+INSERT OR IGNORE INTO changed_studies (study_uid, detected_at) VALUES (?, ?)
+"""
+
+CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
+
+GET_META_SQL = "SELECT value FROM meta WHERE key = ?"
+
+SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+
+META_IMAGE_HIGH_WATER = "horos_image_high_water"
 
 
 def utc_iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc_iso(text) -> float:
+    """Unix seconds of a utc_iso() string; 0 (long past) for anything else."""
+    try:
+        moment = dt.datetime.strptime(as_text(text), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 0.0
+    return moment.replace(tzinfo=dt.timezone.utc).timestamp()
 
 
 @dataclass(frozen=True)
@@ -1133,7 +1299,7 @@ class ExportedRow:
 
 
 class ExportState:
-    """export_state.sqlite: what is exported, and what a crashed run was writing."""
+    """export_state.sqlite: what is exported, what failed, what a killed run was writing."""
 
     def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
         self.path = path
@@ -1142,20 +1308,26 @@ class ExportState:
             self.conn.execute("PRAGMA journal_mode = DELETE")
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA fullfsync = ON")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > STATE_SCHEMA_VERSION:
-                raise CannotRun("state database %s was written by a newer version "
-                                "(schema %d); update horos_backup_export.py"
-                                % (path, version))
-            if version < STATE_SCHEMA_VERSION:  # an idle cycle must not touch the file
-                with self.transaction():
-                    for statement in STATE_SCHEMA:
-                        self.conn.execute(statement)
-                    self.conn.execute("PRAGMA user_version = %d" % STATE_SCHEMA_VERSION)
+            self.migrate()
         except sqlite3.Error as error:
+            if is_disk_full(error):
+                raise DiskSpaceProblem("DISK_FULL", "backup volume full: cannot update %s"
+                                       % path) from None
             raise CannotRun("state database %s cannot be used (%s); move it aside and run "
                             "`horos_backup_export.py reindex` to rebuild it from the ZIPs"
                             % (path, error)) from None
+
+    def migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > STATE_SCHEMA_VERSION:
+            raise CannotRun("state database %s was written by a newer version (schema %d); "
+                            "update horos_backup_export.py" % (self.path, version))
+        # Only what is missing runs: an idle cycle must not touch the file.
+        for step in range(version + 1, STATE_SCHEMA_VERSION + 1):
+            with self.transaction() as conn:
+                for statement in STATE_MIGRATIONS[step]:
+                    conn.execute(statement)
+                conn.execute("PRAGMA user_version = %d" % step)
 
     def close(self) -> None:
         self.conn.close()
@@ -1177,22 +1349,65 @@ class ExportState:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
         return ExportedRow(*row) if row else None
 
-    def begin_write(self, study_uid: str, zip_path: str, now: float) -> None:
+    def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
-            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now)))
+            conn.execute(DELETE_EXPORTED_SQL, (study_uid,))
+
+    def begin_write(self, study_uid: str, zip_path: str, replaces: Optional[str],
+                    now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now), replaces))
 
     def end_write(self, zip_path: str) -> None:
         with self.transaction() as conn:
             conn.execute(END_WRITE_SQL, (zip_path,))
 
-    def writes_in_progress(self) -> List[Tuple[str, str]]:
+    def writes_in_progress(self) -> List[Tuple[str, str, Optional[str]]]:
         return list(self.conn.execute(WRITES_IN_PROGRESS_SQL))
 
-    def record_export(self, record: Mapping[str, object]) -> None:
-        """The study's row, and the end of its write, in one transaction."""
+    def record_export(self, record: Mapping[str, object], keep_write: bool = False) -> None:
+        """The study's row, the end of its write and of its failures, in one transaction.
+
+        keep_write: the write still has a replaced ZIP to remove (see end_write).
+        """
         with self.transaction() as conn:
             conn.execute(UPSERT_EXPORTED_SQL, dict(record))
-            conn.execute(END_WRITE_SQL, (record["zip_path"],))
+            conn.execute(CLEAR_FAILURE_SQL, (record["study_uid"],))
+            conn.execute(CLEAR_CHANGED_SQL, (record["study_uid"],))
+            if not keep_write:
+                conn.execute(END_WRITE_SQL, (record["zip_path"],))
+
+    def failures(self) -> Dict[str, Failure]:
+        return {row[0]: Failure(study_uid=row[0], kind=row[1], attempts=row[2],
+                                next_attempt=parse_utc_iso(row[3]),
+                                fingerprint=as_text(row[4]))
+                for row in self.conn.execute(FAILURES_SQL)}
+
+    def record_failure(self, study_uid: str, kind: str, detail: str, fingerprint: str,
+                       now: float) -> int:
+        """Count one more failure; returns how many in a row the study has had."""
+        with self.transaction() as conn:
+            row = conn.execute(FAILURE_ATTEMPTS_SQL, (study_uid,)).fetchone()
+            attempts = (row[0] if row else 0) + 1
+            conn.execute(RECORD_FAILURE_SQL, {
+                "study_uid": study_uid, "kind": kind, "detail": detail, "attempts": attempts,
+                "now": utc_iso(now), "next_attempt_at": utc_iso(now + retry_delay(attempts)),
+                "fingerprint": fingerprint})
+        return attempts
+
+    def changed_uids(self) -> set:
+        return {row[0] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
+
+    def image_high_water(self) -> Optional[int]:
+        row = self.conn.execute(GET_META_SQL, (META_IMAGE_HIGH_WATER,)).fetchone()
+        return _as_int(row[0]) if row else None
+
+    def note_horos_changes(self, study_uids: Iterable[str], high_water: int,
+                           now: float) -> None:
+        """Remember exported studies Horos added image rows to, and how far we looked."""
+        with self.transaction() as conn:
+            conn.executemany(NOTE_CHANGED_SQL, [(uid, utc_iso(now)) for uid in study_uids])
+            conn.execute(SET_META_SQL, (META_IMAGE_HIGH_WATER, str(high_water)))
 
 
 def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at: str) -> dict:
@@ -1224,12 +1439,15 @@ def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
                  extra: str = "") -> None:
     """One row in BACKUP_ROOT/issues.csv (README: issues.csv kinds)."""
     path = cfg.issues_path
-    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(ISSUES_HEADER)
-        writer.writerow((utc_iso(time.time()), kind, study_uid, detail, extra))
+    try:
+        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new_file:
+                writer.writerow(ISSUES_HEADER)
+            writer.writerow((utc_iso(time.time()), kind, study_uid, detail, extra))
+    except OSError as error:  # a full disk must not turn one problem into a crash
+        log.error("cannot add %s row to %s: %s", kind, path, error)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -1285,14 +1503,40 @@ def format_bytes(count: float) -> str:
 
 
 # =====================================================================================
-# Cycle: sentinel, lock, INCOMING, recovery, read Horos, export, month markers
+# Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
 # =====================================================================================
 
-def check_sentinel(cfg: Config) -> None:
-    """Before anything is created: an unmounted volume must never get folders."""
+GB = 1000 ** 3                 # MIN_FREE_GB is in the decimal gigabytes Finder shows
+ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
+
+
+def nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_sentinels(cfg: Config) -> None:
+    """Before anything is created: an unmounted volume must never get folders.
+
+    The PACS volume must hold its sentinel. A BACKUP_ROOT on another file system must
+    have a `.backup_sentinel` in its parent folder (the backup disk's root for
+    `/Volumes/BACKUP/Horos`), and a BACKUP_ROOT's parent is never created.
+    """
     if not os.path.isfile(cfg.sentinel):
         raise CannotRun("sentinel %s is missing: is the PACS volume mounted? "
                         "(nothing was done)" % cfg.sentinel)
+    parent = os.path.dirname(cfg.backup_root)
+    if not os.path.isdir(parent):
+        raise CannotRun("%s does not exist: is the backup disk mounted? (nothing was done)"
+                        % parent)
+    backup_dev = os.stat(nearest_existing(cfg.backup_root)).st_dev
+    if backup_dev != os.stat(cfg.pacs_root).st_dev:
+        backup_sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
+        if not os.path.isfile(backup_sentinel):
+            raise CannotRun("%s is on another disk than %s and %s is missing: is the backup "
+                            "disk mounted? (nothing was done)"
+                            % (cfg.backup_root, cfg.pacs_root, backup_sentinel))
 
 
 @contextlib.contextmanager
@@ -1332,8 +1576,17 @@ def count_files_up_to(folder: str, limit: int) -> int:
     return count
 
 
+def remove_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            remove_if_present(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
 def clean_tmp_dir(cfg: Config) -> None:
-    """Remove what a crashed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
+    """Remove what a killed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
     for entry in os.scandir(cfg.tmp_dir):
         if entry.name in (LOCK_FILE, DB_COPY_DIR):
             continue
@@ -1344,13 +1597,15 @@ def clean_tmp_dir(cfg: Config) -> None:
         log.info("removed leftover %s", entry.path)
 
 
-def remove_tree(path: str) -> None:
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            remove_if_present(os.path.join(root, name))
-        for name in dirs:
-            os.rmdir(os.path.join(root, name))
-    os.rmdir(path)
+def remove_replaced_zip(cfg: Config, replaced: Optional[str], current: str) -> None:
+    """Delete the ZIP a re-export under a new name replaced (never the current one)."""
+    if not replaced or replaced == current:
+        return
+    path = os.path.join(cfg.backup_root, replaced)
+    if os.path.exists(path):
+        os.remove(path)
+        sync_directory(os.path.dirname(path))
+        log.info("removed %s: replaced by %s", replaced, current)
 
 
 def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
@@ -1358,22 +1613,23 @@ def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
 
     A run killed between the rename and the state commit leaves a complete, verified
     ZIP that the state does not know: it is adopted (recorded from its manifest), so
-    the study is not written a second time.
+    the study is not written a second time. A run killed after the commit may leave
+    the ZIP that a renamed study's new ZIP replaced: it is removed now.
     """
-    for relpath, uid in state.writes_in_progress():
+    for relpath, uid, replaces in state.writes_in_progress():
         final_path = os.path.join(cfg.backup_root, relpath)
         if os.path.exists(final_path + PART_SUFFIX):
             remove_if_present(final_path + PART_SUFFIX)
             log.info("removed partial %s%s left by an interrupted run", relpath, PART_SUFFIX)
-        row = state.exported_row(uid)
-        if os.path.exists(final_path):
-            adopt_or_discard(cfg, state, relpath, uid, row)
+        if os.path.exists(final_path) and adopt_or_discard(cfg, state, relpath, uid):
+            remove_replaced_zip(cfg, replaces, relpath)
         state.end_write(relpath)
 
 
-def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str,
-                     row: Optional[ExportedRow]) -> None:
+def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) -> bool:
+    """Whether the state now records the ZIP at relpath (adopting it if need be)."""
     final_path = os.path.join(cfg.backup_root, relpath)
+    row = state.exported_row(uid)
     try:
         with zipfile.ZipFile(final_path) as archive:
             recorded = (row is not None and row.zip_path == relpath
@@ -1381,33 +1637,38 @@ def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str,
     except ZIP_READ_ERRORS:
         recorded = False
     if recorded:
-        return  # the run was killed before its rename: the ZIP on disk is the recorded one
+        return True
     problem, manifest = verify_zip(final_path)
     if problem is None and manifest is not None and manifest["study"]["study_uid"] == uid:
         state.record_export(export_record(manifest, relpath, os.path.getsize(final_path),
-                                          utc_iso(time.time())))
+                                          utc_iso(time.time())), keep_write=True)
         log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
-        if row is not None and row.zip_path != relpath:
-            remove_if_present(os.path.join(cfg.backup_root, row.zip_path))
-        return
+        return True
     remove_if_present(final_path)
     log.warning("removed %s: left by an interrupted run and not verifiable (%s)",
-                relpath, problem or "manifest names another study")
+                relpath, problem or "its manifest names another study")
     if row is not None and row.zip_path == relpath:
-        with state.transaction() as conn:
-            conn.execute("DELETE FROM exported_studies WHERE study_uid = ?", (uid,))
+        state.forget_export(uid)
+    return False
 
 
 @dataclass
 class HorosSnapshot:
-    """What one read transaction saw: every study, and the plans of the batch."""
+    """What one read transaction saw: the studies, the queue and the plans to export."""
     studies: List[HorosStudy]
+    selection: Selection
     plans: List[StudyPlan]
+    newly_changed: List[str]       # exported studies Horos added image rows to
+    image_high_water: int
     seconds_held: float
 
 
-def read_horos(cfg: Config, exported: Mapping[str, str]) -> HorosSnapshot:
-    """Select the batch and its files in one short read transaction, then close."""
+def read_horos(cfg: Config, state: ExportState, now: float) -> HorosSnapshot:
+    """Select the queue and read the next plans in one short read transaction."""
+    exported = state.exported_fingerprints()
+    changed = state.changed_uids()
+    failures = state.failures()
+    high_water = state.image_high_water()
     db_path = cfg.database_path
     if cfg.use_db_copy:
         db_path = refresh_db_copy(db_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
@@ -1415,28 +1676,38 @@ def read_horos(cfg: Config, exported: Mapping[str, str]) -> HorosSnapshot:
     started = time.monotonic()
     with horos_read_transaction(db_path, cfg.busy_timeout) as (conn, columns):
         studies = read_candidates(conn)
-        batch = select_batch(studies, exported, cfg.modalities, cfg.order_by,
-                             cfg.batch_size)
-        plans = [read_study_plan(conn, columns, study, cfg.horos_files_dir)
-                 for study in batch]
+        top = conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
+        touched = set()
+        # top < high_water: Horos rebuilt its database and numbered its rows anew.
+        if high_water is not None and high_water < top:
+            touched = {row[0] for row in conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
+                                                      (high_water,))}
+        newly_changed = sorted(s.uid for s in studies
+                               if s.uid in exported and touched.intersection(s.pks))
+        selection = plan_selection(studies, exported, changed.union(newly_changed), failures,
+                                   cfg.modalities, cfg.order_by, now,
+                                   cfg.settle_minutes * 60)
+        # Spares: a study that fails before it is written gives its slot to the next.
+        plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason)
+                 for c in selection.queue[:cfg.batch_size * 2]]
     held = time.monotonic() - started
     log.debug("read %d studies from %s in %.3f s", len(studies), db_path, held)
-    return HorosSnapshot(studies=studies, plans=plans, seconds_held=held)
+    return HorosSnapshot(studies=studies, selection=selection, plans=plans,
+                         newly_changed=newly_changed, image_high_water=top,
+                         seconds_held=held)
 
 
 def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
-    """(present files, missing paths, bytes present)."""
+    """(present files with their sizes, missing paths, bytes present)."""
     present, missing, total = [], [], 0
     for source in files:
         try:
-            total += os.stat(source.path).st_size
-        except FileNotFoundError:
+            size = os.stat(source.path).st_size
+        except (FileNotFoundError, NotADirectoryError):
             missing.append(source.path)
             continue
-        except NotADirectoryError:
-            missing.append(source.path)
-            continue
-        present.append(source)
+        present.append(dataclasses.replace(source, size=size))
+        total += size
     return present, missing, total
 
 
@@ -1444,20 +1715,65 @@ def no_throttle(_count: int) -> None:
     return None
 
 
-def export_study(cfg: Config, state: ExportState, plan: StudyPlan,
-                 summary: CycleSummary) -> None:
-    """Write, verify and record one study's ZIP; problems of this study go to issues.csv."""
+def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int) -> None:
+    """Room for the study plus MIN_FREE_GB, so Horos can still receive studies."""
+    if cfg.min_free_gb <= 0:
+        return
+    usage = os.statvfs(nearest_existing(folder))
+    free = usage.f_bavail * usage.f_frsize
+    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + int(cfg.min_free_gb * GB)
+    if free < needed:
+        raise DiskSpaceProblem("DISK_LOW", "backup volume low: %s free, the next study needs "
+                               "%s plus the %s reserve (--min-free-gb)"
+                               % (format_bytes(free), format_bytes(study_bytes),
+                                  format_bytes(cfg.min_free_gb * GB)))
+
+
+def record_failure(cfg: Config, state: ExportState, plan: StudyPlan, kind: str,
+                   detail: str, now: float, extra: str = "") -> None:
+    attempts = state.record_failure(plan.info.uid, kind, detail, plan.fingerprint, now)
+    log.warning("study %s not exported (%s, attempt %d, next in %s): %s", plan.info.uid,
+                kind, attempts, format_duration(retry_delay(attempts)), detail)
+    append_issue(cfg, kind, plan.info.uid, detail, extra)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return "%.1f days" % (seconds / 86400)
+    if seconds >= 3600:
+        return "%.1f h" % (seconds / 3600)
+    return "%.0f min" % (seconds / 60)
+
+
+# What export_study did with a study; only "deferred" leaves its batch slot to the next.
+EXPORTED, FAILED, DEFERRED = "exported", "failed", "deferred"
+
+
+def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Mapping,
+                 summary: CycleSummary, now: float) -> str:
+    """Write, verify and record one study's ZIP; returns EXPORTED, FAILED or DEFERRED."""
     uid = plan.info.uid
     present, missing, source_bytes = stat_files(plan.files)
     if not present:
-        log.warning("study %s: none of its %d files exist; not exported", uid, len(plan.files))
-        append_issue(cfg, "NO_FILES", uid, "none of %d files exist" % len(plan.files),
-                     missing[0] if missing else "")
-        return
+        record_failure(cfg, state, plan, "NO_FILES", "none of its %d files exist"
+                       % len(plan.files), now, missing[0] if missing else "")
+        return DEFERRED
+    if missing:
+        previous = failures.get(uid)
+        deferrals = previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
+        if deferrals < cfg.missing_retries:
+            # Horos may still be writing them: wait, but not for ever.
+            record_failure(cfg, state, plan, "MISSING_FILES", "%d of %d files missing "
+                           "(deferral %d of %d before a partial export)"
+                           % (len(missing), len(plan.files), deferrals + 1,
+                              cfg.missing_retries), now, missing[0])
+            return DEFERRED
     final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
+    check_free_space(cfg, os.path.dirname(final_path), source_bytes, len(present))
+    old = state.exported_row(uid)
+    replaces = old.zip_path if old is not None and old.zip_path != plan.zip_relpath else None
     started = time.monotonic()
-    now = time.time()
-    state.begin_write(uid, plan.zip_relpath, now)
+    state.begin_write(uid, plan.zip_relpath, replaces, now)
     try:
         manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
                                       cfg.compress_level, no_throttle, utc_iso(now))
@@ -1465,22 +1781,49 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan,
         state.end_write(plan.zip_relpath)
         kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
                 ZipVerifyFailed: "ZIP_BAD"}[type(error)]
-        log.warning("study %s not exported (%s): %s", uid, kind, error)
-        append_issue(cfg, kind, uid, str(error))
-        return
+        record_failure(cfg, state, plan, kind, str(error), now)
+        return FAILED
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        # The .part is gone already; the next cycle's recovery ends the write record.
+        raise DiskSpaceProblem("DISK_FULL", "backup volume full while writing %s: %s"
+                               % (plan.zip_relpath, error)) from None
     zip_bytes = os.path.getsize(final_path)
-    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)))
+    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)),
+                        keep_write=replaces is not None)
+    if replaces is not None:
+        remove_replaced_zip(cfg, replaces, plan.zip_relpath)
+        state.end_write(plan.zip_relpath)
     if missing:
-        log.warning("study %s exported without %d missing files", uid, len(missing))
+        log.warning("study %s exported without its %d missing files", uid, len(missing))
         append_issue(cfg, "PARTIAL", uid, "%d of %d files missing"
                      % (len(missing), len(plan.files)), missing[0])
-    seconds = time.monotonic() - started
     summary.studies += 1
     summary.files += len(present)
     summary.source_bytes += source_bytes
     summary.zip_bytes += zip_bytes
-    log.info("exported %s (%s, %s, %.1f s)", plan.zip_relpath, plural(len(present), "file"),
-             format_bytes(zip_bytes), seconds)
+    log.info("%s %s (%s, %s, %.1f s)",
+             "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
+             plural(len(present), "file"), format_bytes(zip_bytes), time.monotonic() - started)
+    return EXPORTED
+
+
+def export_plans(cfg: Config, state: ExportState, plans: Sequence[StudyPlan],
+                 summary: CycleSummary, now: float) -> None:
+    """Export up to BATCH_SIZE studies; studies deferred before writing take no slot."""
+    failures = state.failures()
+    used = 0
+    for plan in plans:
+        if used >= cfg.batch_size:
+            break
+        outcome = export_study(cfg, state, plan, failures, summary, now)
+        if outcome == DEFERRED:
+            summary.deferred += 1
+            continue
+        used += 1
+        if outcome == FAILED:
+            summary.failed += 1
 
 
 def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
@@ -1502,7 +1845,7 @@ def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
 
 
 def run_cycle(cfg: Config) -> int:
-    check_sentinel(cfg)
+    check_sentinels(cfg)
     os.makedirs(cfg.tmp_dir, exist_ok=True)
     setup_file_logging(cfg)
     with run_lock(cfg.lock_path) as held:
@@ -1514,6 +1857,7 @@ def run_cycle(cfg: Config) -> int:
 
 def locked_cycle(cfg: Config) -> int:
     started = time.monotonic()
+    now = time.time()
     incoming = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
     if incoming > cfg.incoming_max_files:
         log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
@@ -1522,22 +1866,56 @@ def locked_cycle(cfg: Config) -> int:
                      "more than %d files in %s" % (cfg.incoming_max_files, cfg.incoming_dir))
         return EXIT_OK
     clean_tmp_dir(cfg)
+    summary = CycleSummary()
+    try:
+        held = export_cycle(cfg, summary, now)
+    except DiskSpaceProblem as problem:
+        stop_for_disk_space(cfg, problem, summary)
+        raise
+    except (OSError, sqlite3.OperationalError) as error:
+        if not is_disk_full(error):
+            if isinstance(error, sqlite3.OperationalError):
+                raise CannotRun("state database %s: %s" % (cfg.state_path, error)) from None
+            raise
+        problem = DiskSpaceProblem("DISK_FULL", "backup volume full: %s" % error)
+        stop_for_disk_space(cfg, problem, summary)
+        raise problem from None
+    log.info("cycle done: %s, %s, %s in %.1f s (Horos database held %.3f s)%s",
+             plural(summary.studies, "study", "studies"), plural(summary.files, "file"),
+             format_bytes(summary.zip_bytes), time.monotonic() - started, held,
+             "; %d failed, %d deferred" % (summary.failed, summary.deferred)
+             if summary.failed or summary.deferred else "")
+    return EXIT_OK
+
+
+def export_cycle(cfg: Config, summary: CycleSummary, now: float) -> float:
+    """Recovery, one read of Horos, the exports, the month markers.
+
+    Returns the seconds Horos's database was held.
+    """
     state = ExportState(cfg.state_path, cfg.busy_timeout)
     try:
         recover_interrupted_writes(cfg, state)
-        snapshot = read_horos(cfg, state.exported_fingerprints())
-        summary = CycleSummary()
-        for plan in snapshot.plans:
-            export_study(cfg, state, plan, summary)
+        try:
+            snapshot = read_horos(cfg, state, now)
+        except HorosUnreadable as error:
+            append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
+            raise
+        if snapshot.newly_changed or snapshot.image_high_water != state.image_high_water():
+            state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
+        export_plans(cfg, state, snapshot.plans, summary, now)
         update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
                              dt.date.today())
     finally:
         state.close()
-    seconds = time.monotonic() - started
-    log.info("cycle done: %s, %s, %s in %.1f s (Horos database held %.3f s)",
-             plural(summary.studies, "study", "studies"), plural(summary.files, "file"),
-             format_bytes(summary.zip_bytes), seconds, snapshot.seconds_held)
-    return EXIT_OK
+    return snapshot.seconds_held
+
+
+def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
+                        summary: CycleSummary) -> None:
+    log.error("%s: %s; the cycle stops after %s, the next one continues once there is "
+              "room", problem.kind, problem, plural(summary.studies, "study", "studies"))
+    append_issue(cfg, problem.kind, "", str(problem))
 
 
 # =====================================================================================
@@ -1558,6 +1936,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -1612,6 +2000,15 @@ def build_parser() -> argparse.ArgumentParser:
     cycle.add_argument("--busy-timeout", type=non_negative_float,
                        default=BUSY_TIMEOUT_SECONDS,
                        help="seconds to wait for a locked database (default %(default)s)")
+    cycle.add_argument("--settle-minutes", type=non_negative_float, default=SETTLE_MINUTES,
+                       help="export a study once Horos added nothing to it for this long "
+                            "(default %(default)s)")
+    cycle.add_argument("--missing-retries", type=non_negative_int, default=MISSING_RETRIES,
+                       help="times a study with missing files is deferred before it is "
+                            "exported without them (default %(default)s)")
+    cycle.add_argument("--min-free-gb", type=non_negative_float, default=MIN_FREE_GB,
+                       help="free space to leave on the backup volume; 0 turns the check "
+                            "off (default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version="%(prog)s " + TOOL_VERSION)
     return parser
@@ -1633,6 +2030,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         compression=args.compression,
         compress_level=args.compress_level,
         busy_timeout=args.busy_timeout,
+        settle_minutes=args.settle_minutes,
+        missing_retries=args.missing_retries,
+        min_free_gb=args.min_free_gb,
         verbose=args.verbose,
     )
 

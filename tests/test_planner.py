@@ -230,25 +230,81 @@ def test_eligibility_is_whole_token(tokens, eligible):
     assert hbe.is_eligible(tokens, ("CT", "MR")) is eligible
 
 
-def horos_study(uid, date, added=None, mods=("CT",)):
+def horos_study(uid, date, added=None, mods=("CT",), fingerprint="f"):
     return hbe.HorosStudy(uid=uid, pks=(1,), study_date=date, date_added=added,
-                          last_added=added, modalities=mods, fingerprint="f")
+                          last_added=added, modalities=mods, fingerprint=fingerprint)
 
 
-def test_select_batch_oldest_first_ties_by_uid_unknown_last():
+NOW = 1_800_000_000.0          # Unix seconds
+HOUR = 3600.0
+
+
+def select(studies, exported=(), changed=(), failures=(), order_by="study_date",
+           settle=0.0, now=NOW):
+    exported = dict(exported) if not isinstance(exported, dict) else exported
+    return hbe.plan_selection(studies, exported, changed, dict(failures), ("CT", "MR"),
+                              order_by, now, settle)
+
+
+def uids(selection, limit=None):
+    return [c.study.uid for c in selection.queue[:limit]]
+
+
+def test_queue_oldest_first_ties_by_uid_unknown_last():
     studies = [horos_study("9", None), horos_study("3", 100.0), horos_study("2", 100.0),
                horos_study("1", 300.0), horos_study("8", -5000.0),
                horos_study("7", 50.0, mods=("US",))]
-    picked = hbe.select_batch(studies, {}, ("CT", "MR"), "study_date", 10)
-    assert [s.uid for s in picked] == ["8", "2", "3", "1", "9"]
-    assert [s.uid for s in hbe.select_batch(studies, {"8": "f"}, ("CT",), "study_date", 2)] \
-        == ["2", "3"]
+    selection = select(studies)
+    assert uids(selection) == ["8", "2", "3", "1", "9"]
+    assert selection.eligible == 5
+    assert uids(select(studies, exported={"8": "f"}), 2) == ["2", "3"]
 
 
-def test_select_batch_by_date_added():
+def test_queue_by_date_added():
     studies = [horos_study("a", 1.0, added=500.0), horos_study("b", 2.0, added=100.0)]
-    assert [s.uid for s in hbe.select_batch(studies, {}, ("CT",), "date_added", 5)] == \
-        ["b", "a"]
+    assert uids(select(studies, order_by="date_added")) == ["b", "a"]
+
+
+def test_changed_studies_go_first_and_unchanged_ones_not_at_all():
+    studies = [horos_study("old-new", 1.0), horos_study("changed", 50.0, fingerprint="g"),
+               horos_study("flagged", 60.0), horos_study("same", 2.0)]
+    selection = select(studies, exported={"changed": "f", "flagged": "f", "same": "f"},
+                       changed={"flagged"})
+    assert [(c.study.uid, c.reason) for c in selection.queue] == [
+        ("changed", "changed"), ("flagged", "changed"), ("old-new", "new")]
+    assert selection.up_to_date == 1
+
+
+def test_waiting_failures_take_no_slot_until_due_or_changed():
+    studies = [horos_study("broken%d" % i, float(i)) for i in range(15)] + \
+        [horos_study("good%d" % i, 100.0 + i) for i in range(15)]
+    failures = {"broken%d" % i: hbe.Failure("broken%d" % i, "NO_FILES", 1, NOW + HOUR, "f")
+                for i in range(15)}
+    selection = select(studies, failures=failures)
+    assert uids(selection, 15) == ["good%d" % i for i in range(15)]
+    assert selection.waiting == 15
+    due = dict(failures, broken3=hbe.Failure("broken3", "NO_FILES", 2, NOW - 1, "f"))
+    moved = dict(failures, broken4=hbe.Failure("broken4", "NO_FILES", 2, NOW + HOUR, "old"))
+    assert [(c.study.uid, c.reason) for c in select(studies, failures=due).queue][0] == \
+        ("broken3", "retry")
+    assert uids(select(studies, failures=moved), 1) == ["broken4"]
+
+
+def test_unsettled_studies_wait():
+    recent = NOW - hbe.COREDATA_EPOCH_OFFSET - 10 * 60   # added 10 minutes ago
+    settled = NOW - hbe.COREDATA_EPOCH_OFFSET - 61 * 60
+    studies = [horos_study("recent", 1.0, added=recent), horos_study("settled", 2.0,
+                                                                      added=settled),
+               horos_study("never-added", 3.0, added=None)]
+    selection = select(studies, settle=60 * 60)
+    assert uids(selection) == ["settled", "never-added"]
+    assert selection.unsettled == 1
+    assert uids(select(studies, settle=0)) == ["recent", "settled", "never-added"]
+
+
+def test_retry_back_off_grows_then_stays_daily():
+    assert [hbe.retry_delay(n) for n in range(1, 7)] == \
+        [HOUR, 6 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR]
 
 
 def test_two_rows_with_one_uid_are_one_study():
