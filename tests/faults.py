@@ -1,0 +1,128 @@
+"""Run horos_backup_export.py with one real fault injected at a precise point.
+
+    python3 tests/faults.py FAULT[=ARG] [script flags...]
+
+Each fault acts for real on the files the unmodified code is handling; only the moment
+is chosen here:
+
+  enospc=N           the ZIP being written gets ENOSPC once N bytes are in it
+  shrink=NAME        a study file named NAME is cut to half after its first chunk is read
+  vanish=NAME        a study file named NAME is deleted right after it was found present
+  corrupt-zip        every written .part ZIP gets one byte flipped before it is verified
+  kill-after-rename  the process is SIGKILLed right after a ZIP is renamed into place
+"""
+
+import builtins
+import errno
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import horos_backup_export as hbe  # noqa: E402
+
+
+class FillingDisk:
+    """A file that, like a disk with `room` bytes left, refuses the byte after."""
+
+    def __init__(self, handle, room):
+        self._handle = handle
+        self._room = room
+
+    def write(self, data):
+        if len(data) > self._room:
+            self._handle.write(bytes(data[:self._room]))
+            self._room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+class ShrinkingFile:
+    """A file that another process cuts to half while it is being read."""
+
+    def __init__(self, handle, path):
+        self._handle = handle
+        self._path = path
+        self._cut = False
+
+    def readinto(self, buffer):
+        count = self._handle.readinto(buffer)
+        if not self._cut:
+            self._cut = True
+            os.truncate(self._path, os.path.getsize(self._path) // 2)
+        return count
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+def inject(fault, arg):
+    if fault == "enospc":
+        def open_filling(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if str(path).endswith(".zip" + hbe.PART_SUFFIX) and "w" in mode:
+                return FillingDisk(handle, int(arg))
+            return handle
+        hbe.open = open_filling  # module global: shadows the builtin for the script only
+    elif fault == "shrink":
+        real_open_source = hbe.open_source
+
+        def open_then_shrink(path):
+            handle = real_open_source(path)
+            return ShrinkingFile(handle, path) if os.path.basename(path) == arg else handle
+        hbe.open_source = open_then_shrink
+    elif fault == "vanish":
+        real_stat_files = hbe.stat_files
+
+        def stat_then_delete(files):
+            present, missing, total = real_stat_files(files)
+            for source in present:
+                if os.path.basename(source.path) == arg:
+                    os.remove(source.path)
+            return present, missing, total
+        hbe.stat_files = stat_then_delete
+    elif fault == "corrupt-zip":
+        real_write_zip = hbe.write_zip
+
+        def write_then_corrupt(part_path, *args, **kwargs):
+            manifest = real_write_zip(part_path, *args, **kwargs)
+            with open(part_path, "r+b") as handle:
+                handle.seek(200)  # inside the first member's data
+                byte = handle.read(1)
+                handle.seek(200)
+                handle.write(bytes([byte[0] ^ 0xFF]))
+            return manifest
+        hbe.write_zip = write_then_corrupt
+    elif fault == "kill-after-rename":
+        real_sync_directory = hbe.sync_directory
+
+        def sync_then_die(path):
+            real_sync_directory(path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        hbe.sync_directory = sync_then_die
+    else:
+        raise SystemExit("unknown fault %r" % fault)
+
+
+if __name__ == "__main__":
+    fault, _, arg = sys.argv[1].partition("=")
+    inject(fault, arg)
+    sys.exit(hbe.main(sys.argv[2:]))
