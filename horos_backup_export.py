@@ -27,6 +27,7 @@ import logging
 import logging.handlers
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import sys
@@ -65,6 +66,13 @@ BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
 SETTLE_MINUTES = 60                                             # --settle-minutes
 MISSING_RETRIES = 3                                             # --missing-retries
 MIN_FREE_GB = 20.0                                              # --min-free-gb
+# Each cycle re-reads this many of the longest-unverified ZIPs: at 144 cycles a day,
+# 50,000 ZIPs are all read back about every four months.
+VERIFY_PER_RUN = 3                                              # --verify-per-run
+VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
+VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
+LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
+LOCK_WAIT_SECONDS = 900      # how long an operator command waits for a running cycle
 LOG_MAX_BYTES = 100 * 1024 * 1024
 LOG_BACKUP_COUNT = 10
 
@@ -155,6 +163,7 @@ class Config:
     settle_minutes: float = SETTLE_MINUTES
     missing_retries: int = MISSING_RETRIES
     min_free_gb: float = MIN_FREE_GB
+    verify_per_run: int = VERIFY_PER_RUN
     verbose: bool = False
 
     @property
@@ -287,6 +296,8 @@ class CycleSummary:
     zip_bytes: int = 0
     failed: int = 0
     deferred: int = 0
+    verified: int = 0
+    horos_seconds: Optional[float] = None
 
 
 # =====================================================================================
@@ -950,7 +961,7 @@ class SourceUnreadable(Exception):
 
 
 def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
-                level: int, buffer: memoryview, throttle) -> zipfile.ZipInfo:
+                level: int, buffer: memoryview, on_bytes) -> zipfile.ZipInfo:
     """Stream one file into the archive; FileChanged if it moved meanwhile.
 
     Errors reading the source become FileChanged/SourceUnreadable (a problem of this
@@ -986,7 +997,7 @@ def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
                     break
                 dst.write(buffer[:count])
                 copied += count
-                throttle(count)
+                on_bytes(count)
         if copied != st.st_size:
             raise FileChanged("%s changed size while being read (%d bytes expected, %d read)"
                               % (source.path, st.st_size, copied))
@@ -1034,14 +1045,14 @@ def manifest_for(plan: StudyPlan, members: Sequence[Tuple[SourceFile, zipfile.Zi
 
 
 def write_zip(part_path: str, plan: StudyPlan, files: Sequence[SourceFile],
-              missing: Sequence[str], compression: str, level: int, throttle,
+              missing: Sequence[str], compression: str, level: int, on_bytes,
               exported_at: str) -> dict:
     """Write the ZIP to part_path and fsync it; returns the manifest written."""
     method = zip_compression(compression)
     buffer = memoryview(bytearray(COPY_CHUNK_BYTES))
     with open(part_path, "wb", buffering=COPY_CHUNK_BYTES) as raw:
         with zipfile.ZipFile(raw, "w", compression=method, allowZip64=True) as archive:
-            members = [(source, copy_member(archive, source, method, level, buffer, throttle))
+            members = [(source, copy_member(archive, source, method, level, buffer, on_bytes))
                        for source in files]
             manifest = manifest_for(plan, members, missing, exported_at)
             manifest_info = zipfile.ZipInfo(MANIFEST_NAME, zip_date_time(time.time()))
@@ -1071,7 +1082,12 @@ ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFErro
 
 
 def read_manifest(archive: zipfile.ZipFile) -> dict:
-    manifest = json.loads(archive.read(MANIFEST_NAME).decode("utf-8"))
+    try:
+        raw = archive.read(MANIFEST_NAME)
+    except KeyError:
+        raise ValueError("no %s: not a ZIP written by horos_backup_export"
+                         % MANIFEST_NAME) from None
+    manifest = json.loads(raw.decode("utf-8"))
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError("%s is not a horos-backup manifest" % MANIFEST_NAME)
     return manifest
@@ -1109,7 +1125,7 @@ def remove_if_present(path: str) -> None:
 
 
 def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceFile],
-                       missing: Sequence[str], compression: str, level: int, throttle,
+                       missing: Sequence[str], compression: str, level: int, on_bytes,
                        exported_at: str) -> dict:
     """Write, fsync, verify (VERIFY_ATTEMPTS tries), rename, fsync the folder.
 
@@ -1123,7 +1139,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
     for attempt in range(1, VERIFY_ATTEMPTS + 1):
         try:
             manifest = write_zip(part_path, plan, files, missing, compression, level,
-                                 throttle, exported_at)
+                                 on_bytes, exported_at)
             problem, _ = verify_zip(part_path)
             if problem is None:
                 os.replace(part_path, final_path)
@@ -1146,7 +1162,8 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 2
+STATE_SCHEMA_VERSION = 3
+RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
 # transaction each; a new file runs them all. Never edit a released step: add one.
@@ -1201,6 +1218,26 @@ STATE_MIGRATIONS = {
             detected_at  TEXT NOT NULL
         )
         """,
+    ),
+    3: (
+        """
+        CREATE TABLE runs (
+            id             INTEGER PRIMARY KEY,
+            started_at     TEXT NOT NULL,
+            seconds        REAL NOT NULL,
+            outcome        TEXT NOT NULL,
+            studies        INTEGER NOT NULL DEFAULT 0,
+            files          INTEGER NOT NULL DEFAULT 0,
+            zip_bytes      INTEGER NOT NULL DEFAULT 0,
+            source_bytes   INTEGER NOT NULL DEFAULT 0,
+            failed         INTEGER NOT NULL DEFAULT 0,
+            deferred       INTEGER NOT NULL DEFAULT 0,
+            verified       INTEGER NOT NULL DEFAULT 0,
+            horos_seconds  REAL,
+            detail         TEXT
+        )
+        """,
+        "CREATE INDEX exported_studies_verified ON exported_studies (verified_at)",
     ),
 }
 
@@ -1267,6 +1304,34 @@ INSERT OR IGNORE INTO changed_studies (study_uid, detected_at) VALUES (?, ?)
 
 CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
 
+RECORD_RUN_SQL = """
+INSERT INTO runs (started_at, seconds, outcome, studies, files, zip_bytes, source_bytes,
+                  failed, deferred, verified, horos_seconds, detail)
+VALUES (:started_at, :seconds, :outcome, :studies, :files, :zip_bytes, :source_bytes,
+        :failed, :deferred, :verified, :horos_seconds, :detail)
+"""
+
+PRUNE_RUNS_SQL = "DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?"
+
+LAST_RUNS_SQL = """
+SELECT started_at, seconds, outcome, studies, files, zip_bytes, source_bytes, failed,
+       deferred, verified, horos_seconds, detail
+FROM runs
+ORDER BY id DESC
+LIMIT ?
+"""
+
+# Oldest-verified first; never-verified (NULL) before all.
+VERIFY_QUEUE_SQL = """
+SELECT study_uid, zip_path, zip_bytes, verified_at
+FROM exported_studies
+ORDER BY verified_at IS NOT NULL, verified_at, zip_path
+"""
+
+MARK_VERIFIED_SQL = "UPDATE exported_studies SET verified_at = ? WHERE study_uid = ?"
+
+RETRY_NOW_SQL = "UPDATE failures SET next_attempt_at = ? WHERE study_uid = ?"
+
 GET_META_SQL = "SELECT value FROM meta WHERE key = ?"
 
 SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
@@ -1298,16 +1363,33 @@ class ExportedRow:
     exported_at: str
 
 
-class ExportState:
-    """export_state.sqlite: what is exported, what failed, what a killed run was writing."""
+@dataclass
+class StateView:
+    """What the planner needs from the state, read once per cycle."""
+    exported: Dict[str, str]          # study_uid -> fingerprint
+    changed: set
+    failures: Dict[str, Failure]
+    image_high_water: Optional[int]
 
-    def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS):
+
+class ExportState:
+    """export_state.sqlite: what is exported, what failed, what a killed run was writing.
+
+    read_only=True never writes the file, nor creates it: a missing file reads as
+    empty, and a file from an older version is upgraded in a copy in memory.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT_SECONDS,
+                 read_only: bool = False):
         self.path = path
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode = DELETE")
-            self.conn.execute("PRAGMA synchronous = FULL")
-            self.conn.execute("PRAGMA fullfsync = ON")
+            if read_only:
+                self.conn = self.open_read_only(path, busy_timeout)
+            else:
+                self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+                self.conn.execute("PRAGMA journal_mode = DELETE")
+                self.conn.execute("PRAGMA synchronous = FULL")
+                self.conn.execute("PRAGMA fullfsync = ON")
             self.migrate()
         except sqlite3.Error as error:
             if is_disk_full(error):
@@ -1316,6 +1398,20 @@ class ExportState:
             raise CannotRun("state database %s cannot be used (%s); move it aside and run "
                             "`horos_backup_export.py reindex` to rebuild it from the ZIPs"
                             % (path, error)) from None
+
+    @staticmethod
+    def open_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        if not os.path.exists(path):
+            return memory
+        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True,
+                               timeout=busy_timeout, isolation_level=None)
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= STATE_SCHEMA_VERSION:
+            memory.close()
+            return conn
+        conn.backup(memory)
+        conn.close()
+        return memory
 
     def migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -1344,6 +1440,10 @@ class ExportState:
 
     def exported_fingerprints(self) -> Dict[str, str]:
         return dict(self.conn.execute(EXPORTED_FINGERPRINTS_SQL))
+
+    def view(self) -> StateView:
+        return StateView(exported=self.exported_fingerprints(), changed=self.changed_uids(),
+                         failures=self.failures(), image_high_water=self.image_high_water())
 
     def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
@@ -1394,6 +1494,32 @@ class ExportState:
                 "now": utc_iso(now), "next_attempt_at": utc_iso(now + retry_delay(attempts)),
                 "fingerprint": fingerprint})
         return attempts
+
+    def retry_now(self, study_uids: Iterable[str], now: float) -> List[str]:
+        """Clear the back-off of these failed studies; returns those that had one."""
+        cleared = []
+        with self.transaction() as conn:
+            for uid in study_uids:
+                if conn.execute(RETRY_NOW_SQL, (utc_iso(now), uid)).rowcount:
+                    cleared.append(uid)
+        return cleared
+
+    def verify_queue(self) -> List[Tuple[str, str, int, Optional[str]]]:
+        return list(self.conn.execute(VERIFY_QUEUE_SQL))
+
+    def mark_verified(self, study_uid: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(MARK_VERIFIED_SQL, (utc_iso(now), study_uid))
+
+    def record_run(self, run: Mapping[str, object]) -> None:
+        with self.transaction() as conn:
+            conn.execute(RECORD_RUN_SQL, dict(run))
+            conn.execute(PRUNE_RUNS_SQL, (RUNS_KEPT,))
+
+    def last_runs(self, count: int) -> List[Dict[str, object]]:
+        cursor = self.conn.execute(LAST_RUNS_SQL, (count,))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def changed_uids(self) -> set:
         return {row[0] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
@@ -1474,12 +1600,64 @@ class LogFileHandler(logging.handlers.RotatingFileHandler):
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """stdout; on a terminal a log line first wipes the live progress line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream.isatty():
+            self.stream.write(CLEAR_LINE)
+        super().emit(record)
+
+
 def setup_console_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
+    handler = ConsoleHandler(sys.stdout)
     handler.setFormatter(ConsoleFormatter(LOG_FORMAT))
     log.addHandler(handler)
+
+
+CLEAR_LINE = "\r\033[K"
+
+
+class Progress:
+    """A live line for a person at a terminal: n of N, patient, files, MB, MB/s.
+
+    Under launchd stdout is a file, and this draws nothing: the log lines say it all.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None and stream.isatty() else None
+        self.label = ""
+        self.done = 0
+        self.total = 0
+        self.started = self.drawn = 0.0
+
+    def start(self, label: str, total_bytes: int) -> None:
+        self.label, self.done, self.total = label, 0, total_bytes
+        self.started = self.drawn = time.monotonic()
+        self.draw()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.stream is not None and time.monotonic() - self.drawn >= 0.25:
+            self.draw()
+
+    def draw(self) -> None:
+        if self.stream is None:
+            return
+        self.drawn = time.monotonic()
+        seconds = max(self.drawn - self.started, 1e-6)
+        line = "%s  %.1f of %.1f MB  %.1f MB/s" % (self.label, self.done / 1e6,
+                                                   self.total / 1e6, self.done / 1e6 / seconds)
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write(CLEAR_LINE + line[:width])
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.stream is not None:
+            self.stream.write(CLEAR_LINE)
+            self.stream.flush()
 
 
 def setup_file_logging(cfg: Config) -> None:
@@ -1663,16 +1841,17 @@ class HorosSnapshot:
     seconds_held: float
 
 
-def read_horos(cfg: Config, state: ExportState, now: float) -> HorosSnapshot:
+def database_for_cycle(cfg: Config) -> str:
+    """Database.sql, or with --use-db-copy its snapshot, refreshed if Horos changed it."""
+    if not cfg.use_db_copy:
+        return cfg.database_path
+    return refresh_db_copy(cfg.database_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
+                           cfg.busy_timeout)
+
+
+def read_horos(cfg: Config, view: StateView, now: float, db_path: str) -> HorosSnapshot:
     """Select the queue and read the next plans in one short read transaction."""
-    exported = state.exported_fingerprints()
-    changed = state.changed_uids()
-    failures = state.failures()
-    high_water = state.image_high_water()
-    db_path = cfg.database_path
-    if cfg.use_db_copy:
-        db_path = refresh_db_copy(db_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
-                                  cfg.busy_timeout)
+    exported, high_water = view.exported, view.image_high_water
     started = time.monotonic()
     with horos_read_transaction(db_path, cfg.busy_timeout) as (conn, columns):
         studies = read_candidates(conn)
@@ -1684,8 +1863,8 @@ def read_horos(cfg: Config, state: ExportState, now: float) -> HorosSnapshot:
                                                       (high_water,))}
         newly_changed = sorted(s.uid for s in studies
                                if s.uid in exported and touched.intersection(s.pks))
-        selection = plan_selection(studies, exported, changed.union(newly_changed), failures,
-                                   cfg.modalities, cfg.order_by, now,
+        selection = plan_selection(studies, exported, view.changed.union(newly_changed),
+                                   view.failures, cfg.modalities, cfg.order_by, now,
                                    cfg.settle_minutes * 60)
         # Spares: a study that fails before it is written gives its slot to the next.
         plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason)
@@ -1750,7 +1929,7 @@ EXPORTED, FAILED, DEFERRED = "exported", "failed", "deferred"
 
 
 def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Mapping,
-                 summary: CycleSummary, now: float) -> str:
+                 summary: CycleSummary, now: float, progress: Progress, label: str) -> str:
     """Write, verify and record one study's ZIP; returns EXPORTED, FAILED or DEFERRED."""
     uid = plan.info.uid
     present, missing, source_bytes = stat_files(plan.files)
@@ -1774,9 +1953,11 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
     replaces = old.zip_path if old is not None and old.zip_path != plan.zip_relpath else None
     started = time.monotonic()
     state.begin_write(uid, plan.zip_relpath, replaces, now)
+    progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
+                                  plural(len(present), "file")), source_bytes)
     try:
         manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
-                                      cfg.compress_level, no_throttle, utc_iso(now))
+                                      cfg.compress_level, progress.advance, utc_iso(now))
     except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
         state.end_write(plan.zip_relpath)
         kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
@@ -1789,6 +1970,8 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
         # The .part is gone already; the next cycle's recovery ends the write record.
         raise DiskSpaceProblem("DISK_FULL", "backup volume full while writing %s: %s"
                                % (plan.zip_relpath, error)) from None
+    finally:
+        progress.clear()
     zip_bytes = os.path.getsize(final_path)
     state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)),
                         keep_write=replaces is not None)
@@ -1803,27 +1986,77 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
     summary.files += len(present)
     summary.source_bytes += source_bytes
     summary.zip_bytes += zip_bytes
-    log.info("%s %s (%s, %s, %.1f s)",
+    seconds = time.monotonic() - started
+    log.info("%s %s %s (%s, %s, %.1f s, %.1f MB/s)", label,
              "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
-             plural(len(present), "file"), format_bytes(zip_bytes), time.monotonic() - started)
+             plural(len(present), "file"), format_bytes(zip_bytes), seconds,
+             source_bytes / 1e6 / max(seconds, 1e-6))
     return EXPORTED
 
 
 def export_plans(cfg: Config, state: ExportState, plans: Sequence[StudyPlan],
-                 summary: CycleSummary, now: float) -> None:
+                 failures: Mapping[str, Failure], summary: CycleSummary, now: float,
+                 progress: Progress) -> None:
     """Export up to BATCH_SIZE studies; studies deferred before writing take no slot."""
-    failures = state.failures()
     used = 0
+    total = min(cfg.batch_size, len(plans))
     for plan in plans:
         if used >= cfg.batch_size:
             break
-        outcome = export_study(cfg, state, plan, failures, summary, now)
+        label = "[%d/%d]" % (used + 1, total)
+        outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
         if outcome == DEFERRED:
             summary.deferred += 1
             continue
         used += 1
         if outcome == FAILED:
             summary.failed += 1
+
+
+@dataclass
+class VerifyResult:
+    good: int = 0
+    bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (zip, problem)
+    bytes_read: int = 0
+
+
+def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
+                    max_bytes: Optional[int], now: float, progress: Progress,
+                    verified_before: Optional[float] = None) -> VerifyResult:
+    """Re-read the longest-unverified ZIPs: every member's CRC, and the manifest.
+
+    A good ZIP gets verified_at = now. A missing or damaged one gets a VERIFY_FAILED row
+    and loses its state row, so the next cycle exports the study again while Horos still
+    has it; the damaged file itself is left where it is.
+    """
+    result = VerifyResult()
+    queue = state.verify_queue()
+    if verified_before is not None:
+        queue = [row for row in queue if parse_utc_iso(row[3]) < verified_before]
+    for index, (uid, relpath, zip_bytes, _verified_at) in enumerate(queue, 1):
+        if limit is not None and index > limit:
+            break
+        if max_bytes is not None and result.bytes_read >= max_bytes:
+            break
+        path = os.path.join(cfg.backup_root, relpath)
+        progress.start("verify %d/%d %s" % (index, min(len(queue), limit or len(queue)),
+                                            relpath), zip_bytes)
+        if os.path.exists(path):
+            problem, _ = verify_zip(path)
+            result.bytes_read += os.path.getsize(path)
+        else:
+            problem = "the ZIP is missing"
+        progress.advance(zip_bytes)
+        progress.clear()
+        if problem is None:
+            state.mark_verified(uid, now)
+            result.good += 1
+            continue
+        result.bad.append((relpath, problem))
+        log.error("verify failed: %s: %s; the study will be exported again", relpath, problem)
+        append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
+        state.forget_export(uid)
+    return result
 
 
 def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
@@ -1852,63 +2085,100 @@ def run_cycle(cfg: Config) -> int:
         if not held:
             log.info("another run holds %s; skipping this cycle", cfg.lock_path)
             return EXIT_OK
-        return locked_cycle(cfg)
+        return locked_cycle(cfg, Progress(sys.stdout))
 
 
-def locked_cycle(cfg: Config) -> int:
+def locked_cycle(cfg: Config, progress: Progress) -> int:
     started = time.monotonic()
     now = time.time()
-    incoming = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
-    if incoming > cfg.incoming_max_files:
-        log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
-                 "skipping this cycle", cfg.incoming_max_files)
-        append_issue(cfg, "INCOMING_OVER_LIMIT", "",
-                     "more than %d files in %s" % (cfg.incoming_max_files, cfg.incoming_dir))
-        return EXIT_OK
-    clean_tmp_dir(cfg)
     summary = CycleSummary()
+    outcome, detail = "error", ""
+    state = ExportState(cfg.state_path, cfg.busy_timeout)
     try:
-        held = export_cycle(cfg, summary, now)
+        if count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files) \
+                > cfg.incoming_max_files:
+            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
+                     "skipping this cycle", cfg.incoming_max_files)
+            append_issue(cfg, "INCOMING_OVER_LIMIT", "", "more than %d files in %s"
+                         % (cfg.incoming_max_files, cfg.incoming_dir))
+            outcome = "skipped_incoming"
+            return EXIT_OK
+        clean_tmp_dir(cfg)
+        export_cycle(cfg, state, summary, now, progress)
+        outcome = "ok"
     except DiskSpaceProblem as problem:
+        outcome, detail = problem.kind.lower(), str(problem)
         stop_for_disk_space(cfg, problem, summary)
         raise
     except (OSError, sqlite3.OperationalError) as error:
         if not is_disk_full(error):
+            detail = str(error)
             if isinstance(error, sqlite3.OperationalError):
                 raise CannotRun("state database %s: %s" % (cfg.state_path, error)) from None
             raise
         problem = DiskSpaceProblem("DISK_FULL", "backup volume full: %s" % error)
+        outcome, detail = "disk_full", str(problem)
         stop_for_disk_space(cfg, problem, summary)
         raise problem from None
-    log.info("cycle done: %s, %s, %s in %.1f s (Horos database held %.3f s)%s",
-             plural(summary.studies, "study", "studies"), plural(summary.files, "file"),
-             format_bytes(summary.zip_bytes), time.monotonic() - started, held,
-             "; %d failed, %d deferred" % (summary.failed, summary.deferred)
-             if summary.failed or summary.deferred else "")
+    except HorosUnreadable as error:
+        outcome, detail = "horos_unreadable", str(error)
+        raise
+    except CannotRun as error:
+        detail = str(error)
+        raise
+    finally:
+        seconds = time.monotonic() - started
+        record_run(state, now, seconds, outcome, summary, detail)
+        state.close()
+        if outcome == "ok":
+            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; Horos database held "
+                     "%.3f s)%s%s", plural(summary.studies, "study", "studies"),
+                     plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
+                     summary.source_bytes / 1e6 / max(seconds, 1e-6),
+                     summary.horos_seconds or 0.0,
+                     "; %d failed, %d deferred" % (summary.failed, summary.deferred)
+                     if summary.failed or summary.deferred else "",
+                     "; %d ZIPs re-verified" % summary.verified if summary.verified else "")
     return EXIT_OK
 
 
-def export_cycle(cfg: Config, summary: CycleSummary, now: float) -> float:
-    """Recovery, one read of Horos, the exports, the month markers.
-
-    Returns the seconds Horos's database was held.
-    """
-    state = ExportState(cfg.state_path, cfg.busy_timeout)
+def record_run(state: ExportState, now: float, seconds: float, outcome: str,
+               summary: CycleSummary, detail: str) -> None:
+    """One row in `runs`; a full disk may refuse it, which must not hide the real error."""
     try:
-        recover_interrupted_writes(cfg, state)
-        try:
-            snapshot = read_horos(cfg, state, now)
-        except HorosUnreadable as error:
-            append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
-            raise
-        if snapshot.newly_changed or snapshot.image_high_water != state.image_high_water():
-            state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
-        export_plans(cfg, state, snapshot.plans, summary, now)
-        update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
-                             dt.date.today())
-    finally:
-        state.close()
-    return snapshot.seconds_held
+        state.record_run({
+            "started_at": utc_iso(now), "seconds": round(seconds, 3), "outcome": outcome,
+            "studies": summary.studies, "files": summary.files,
+            "zip_bytes": summary.zip_bytes, "source_bytes": summary.source_bytes,
+            "failed": summary.failed, "deferred": summary.deferred,
+            "verified": summary.verified,
+            "horos_seconds": round(summary.horos_seconds, 4)
+            if summary.horos_seconds is not None else None,
+            "detail": detail})
+    except sqlite3.Error as error:
+        log.error("cannot record this run in %s: %s", state.path, error)
+
+
+def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: float,
+                 progress: Progress) -> None:
+    """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
+    recover_interrupted_writes(cfg, state)
+    view = state.view()
+    try:
+        snapshot = read_horos(cfg, view, now, database_for_cycle(cfg))
+    except HorosUnreadable as error:
+        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
+        raise
+    summary.horos_seconds = snapshot.seconds_held
+    if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
+        state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
+    export_plans(cfg, state, snapshot.plans, view.failures, summary, now, progress)
+    update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
+                         dt.date.today())
+    if cfg.verify_per_run > 0:
+        verified = verify_exported(cfg, state, cfg.verify_per_run, None, now, progress,
+                                   verified_before=now - VERIFY_MIN_AGE_DAYS * 86400)
+        summary.verified = verified.good + len(verified.bad)
 
 
 def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
@@ -1916,6 +2186,464 @@ def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
     log.error("%s: %s; the cycle stops after %s, the next one continues once there is "
               "room", problem.kind, problem, plural(summary.studies, "study", "studies"))
     append_issue(cfg, problem.kind, "", str(problem))
+
+
+# =====================================================================================
+# Operator commands: dry run, status, verify, restore, reindex, retry
+# =====================================================================================
+
+@contextlib.contextmanager
+def operator_lock(cfg: Config):
+    """Commands that write wait for a running cycle to end (up to LOCK_WAIT_SECONDS)."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    told = False
+    while True:
+        with run_lock(cfg.lock_path) as held:
+            if held:
+                yield
+                return
+        if not told:
+            log.info("a backup cycle is running; waiting for it to finish")
+            told = True
+        if time.monotonic() > deadline:
+            raise CannotRun("a backup cycle has held %s for more than %d s; try again later"
+                            % (cfg.lock_path, LOCK_WAIT_SECONDS))
+        time.sleep(1)
+
+
+def prepare_backup_root(cfg: Config) -> None:
+    """What commands that write need: the sentinels, BACKUP_ROOT/.tmp and the log."""
+    check_sentinels(cfg)
+    os.makedirs(cfg.tmp_dir, exist_ok=True)
+    setup_file_logging(cfg)
+
+
+def read_state_view(cfg: Config) -> StateView:
+    state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+    try:
+        return state.view()
+    finally:
+        state.close()
+
+
+def local_time_text(utc_text) -> str:
+    """A state timestamp as the Mac's local time, for people."""
+    seconds = parse_utc_iso(utc_text)
+    if not seconds:
+        return as_text(utc_text) or "-"
+    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
+def dry_run(cfg: Config) -> int:
+    """The studies the next cycle would export. Writes nothing: no lock, log, state or
+    snapshot; Database.sql is read as the cycle reads it."""
+    check_sentinels(cfg)
+    now = time.time()
+    view = read_state_view(cfg)
+    snapshot = read_horos(cfg, view, now, cfg.database_path)
+    selection = snapshot.selection
+    print("Dry run (nothing is written): %d studies ready to export, %d not settled, "
+          "%d failed and waiting. The next cycle would do:"
+          % (len(selection.queue), selection.unsettled, selection.waiting))
+    used = 0
+    for plan in snapshot.plans:
+        if used >= cfg.batch_size:
+            break
+        present, missing, size = stat_files(plan.files)
+        previous = view.failures.get(plan.info.uid)
+        deferrals = previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
+        if not present:
+            action, label = "fail", "-"      # NO_FILES: its slot goes to the next study
+        elif missing and deferrals < cfg.missing_retries:
+            action, label = "defer", "-"     # MISSING_FILES: the same
+        else:
+            used += 1
+            label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)))
+            action = "partial" if missing else (
+                "reexport" if plan.reason == "changed" else "export")
+        day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
+            else UNKNOWN
+        print("%-7s %-8s  %s  %s  %s  %s  %s  %s" % (
+            label, action, plan.info.uid, plan.info.patient_name or UNKNOWN, day,
+            "\\".join(plan.info.modalities) or UNKNOWN, plural(len(present), "file"),
+            format_bytes(size)))
+        print("%-7s -> %s" % ("", plan.zip_relpath))
+        if missing:
+            print("%-7s %d of %d files missing, e.g. %s"
+                  % ("", len(missing), len(plan.files), missing[0]))
+    if not snapshot.plans:
+        print("(nothing to export)")
+    return EXIT_OK
+
+
+def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
+    """(held, pid of the holder) without disturbing a running cycle for longer than a
+    single flock call."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, _as_int(os.read(fd, 32).decode("ascii", "replace").strip())
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+STATE_TOTALS_SQL = """
+SELECT COUNT(*), COALESCE(SUM(zip_bytes), 0), COALESCE(SUM(missing_count > 0), 0)
+FROM exported_studies
+"""
+
+STATE_MONTHS_SQL = "SELECT month, COUNT(*) FROM exported_studies GROUP BY month"
+
+
+def gather_status(cfg: Config, now: float) -> dict:
+    """Everything `status` shows, as plain values (the JSON of `status --json`)."""
+    check_sentinels(cfg)
+    state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+    try:
+        view = state.view()
+        exported_count, zip_bytes, partial = state.conn.execute(STATE_TOTALS_SQL).fetchone()
+        exported_by_month = dict(state.conn.execute(STATE_MONTHS_SQL))
+        runs = state.last_runs(50)
+    finally:
+        state.close()
+    started = time.monotonic()
+    with horos_read_transaction(cfg.database_path, cfg.busy_timeout) as (conn, _columns):
+        studies = read_candidates(conn)
+    horos_seconds = time.monotonic() - started
+    selection = plan_selection(studies, view.exported, view.changed, view.failures,
+                               cfg.modalities, cfg.order_by, now, cfg.settle_minutes * 60)
+    in_horos = {study.uid for study in studies}
+    eligible_by_month = {month: counts[0] for month, counts in
+                         month_completeness(studies, view.exported, cfg.modalities).items()}
+    months = []
+    for month in sorted(set(eligible_by_month) | set(exported_by_month)):
+        months.append({
+            "month": month, "eligible": eligible_by_month.get(month, 0),
+            "exported": exported_by_month.get(month, 0),
+            "done": os.path.exists(os.path.join(cfg.backup_root, month, MONTH_DONE_FILE))})
+    exporting_runs = [r for r in runs if r["outcome"] == "ok" and r["studies"]]
+    studies_per_run = (sum(r["studies"] for r in exporting_runs) / len(exporting_runs)
+                       if exporting_runs else float(cfg.batch_size))
+    busy_seconds = sum(r["seconds"] for r in exporting_runs)
+    backlog = len(selection.queue) + selection.unsettled
+    cycles = -(-backlog // max(studies_per_run, 1.0)) if backlog else 0
+    held, pid = lock_holder(cfg.lock_path)
+    usage = os.statvfs(nearest_existing(cfg.backup_root))
+    waiting = sorted((f for f in view.failures.values() if f.next_attempt > now),
+                     key=lambda f: (f.next_attempt, f.study_uid))
+    return {
+        "generated_at": utc_iso(now),
+        "backup_root": cfg.backup_root,
+        "eligible": selection.eligible,
+        "exported": exported_count,
+        "up_to_date": selection.up_to_date,
+        "pending": len(selection.queue),
+        "changed": sum(1 for c in selection.queue if c.reason == "changed"),
+        "unsettled": selection.unsettled,
+        "failed": len(view.failures),
+        "waiting": selection.waiting,
+        "partial": partial,
+        "only_in_backup": sum(1 for uid in view.exported if uid not in in_horos),
+        "bytes": zip_bytes,
+        "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
+                      "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
+        "months": months,
+        "last_runs": runs[:10],
+        "throughput": {
+            "studies_per_run": round(studies_per_run, 2),
+            "bytes_per_second": round(sum(r["source_bytes"] for r in exporting_runs)
+                                      / busy_seconds) if busy_seconds else None,
+        },
+        "eta_seconds": int(cycles * LAUNCHD_INTERVAL_SECONDS),
+        "lock": {"held": held, "pid": pid},
+        "sentinel": {"path": cfg.sentinel, "present": os.path.isfile(cfg.sentinel)},
+        "backup_free_bytes": usage.f_bavail * usage.f_frsize,
+        "horos_read_seconds": round(horos_seconds, 3),
+    }
+
+
+def format_eta(seconds: int) -> str:
+    if seconds <= 0:
+        return "nothing left to export"
+    if seconds < 2 * 3600:
+        return "about %d minutes" % -(-seconds // 60)
+    if seconds < 3 * 86400:
+        return "about %.0f hours" % (seconds / 3600)
+    return "about %.0f days" % (seconds / 86400)
+
+
+def print_status(status: Mapping) -> None:
+    def line(label, text):
+        print("  %-16s %s" % (label, text))
+
+    print("Horos backup status, %s" % local_time_text(status["generated_at"]))
+    line("backup", status["backup_root"])
+    line("PACS sentinel", ("present " if status["sentinel"]["present"] else "MISSING ")
+         + status["sentinel"]["path"])
+    lock = status["lock"]
+    line("lock", "held by a running cycle (pid %s)" % lock["pid"] if lock["held"] else "free")
+    line("free space", format_bytes(status["backup_free_bytes"]))
+    print("Studies")
+    line("eligible", "%d CT/MR studies in Horos" % status["eligible"])
+    line("exported", "%d (%s of ZIPs)" % (status["exported"], format_bytes(status["bytes"])))
+    line("pending", "%d ready to export (%d of them changed since their export)"
+         % (status["pending"], status["changed"]))
+    line("not settled", "%d (Horos added to them in the last minutes)" % status["unsettled"])
+    line("failed", "%d (%d waiting for their next attempt)"
+         % (status["failed"], status["waiting"]))
+    line("partial", "%d (exported without some missing files)" % status["partial"])
+    line("only in backup", "%d (no longer in Horos)" % status["only_in_backup"])
+    rate = status["throughput"]["bytes_per_second"]
+    if status["eta_seconds"]:
+        line("backlog", "%s at %.1f studies per cycle every %d minutes" % (
+            format_eta(status["eta_seconds"]), status["throughput"]["studies_per_run"],
+            LAUNCHD_INTERVAL_SECONDS // 60))
+    else:
+        line("backlog", "none: every settled study is exported")
+    if rate:
+        line("throughput", "%.1f MB/s while exporting" % (rate / 1e6))
+    if status["failures"]:
+        print("Failed studies, next attempt")
+        for failure in status["failures"]:
+            print("  %-44s %-15s %2d attempts  next %s" % (
+                failure["study_uid"], failure["kind"], failure["attempts"],
+                local_time_text(failure["next_attempt_at"])))
+    print("Months")
+    print("  %-16s %8s  %8s" % ("", "eligible", "exported"))
+    for month in status["months"]:
+        print("  %-16s %8d  %8d  %s" % (month["month"], month["eligible"], month["exported"],
+                                        "done" if month["done"] else ""))
+    print("Last runs")
+    for run in status["last_runs"]:
+        print("  %s  %-16s %3d studies  %10s  %6.1f s%s" % (
+            local_time_text(run["started_at"]), run["outcome"], run["studies"],
+            format_bytes(run["zip_bytes"]), run["seconds"],
+            "  (%d failed)" % run["failed"] if run["failed"] else ""))
+    if not status["last_runs"]:
+        print("  (no cycle has run yet)")
+
+
+def status_command(cfg: Config, as_json: bool) -> int:
+    status = gather_status(cfg, time.time())
+    if as_json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print_status(status)
+    return EXIT_OK
+
+
+def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
+                   max_gb: Optional[float]) -> int:
+    """Re-read ZIPs oldest-verified first; exit 1 if any is missing or damaged."""
+    prepare_backup_root(cfg)
+    if not verify_all and limit is None and max_gb is None:
+        limit = VERIFY_DEFAULT_LIMIT
+    started = time.monotonic()
+    with operator_lock(cfg):
+        state = ExportState(cfg.state_path, cfg.busy_timeout)
+        try:
+            result = verify_exported(cfg, state, None if verify_all else limit,
+                                     int(max_gb * GB) if max_gb is not None else None,
+                                     time.time(), Progress(sys.stdout))
+        finally:
+            state.close()
+    log.info("verify: %d ZIPs read (%s) in %.1f s: %d good, %d bad",
+             result.good + len(result.bad), format_bytes(result.bytes_read),
+             time.monotonic() - started, result.good, len(result.bad))
+    for relpath, problem in result.bad:
+        print("BAD %s: %s" % (relpath, problem))
+    return EXIT_FAILED if result.bad else EXIT_OK
+
+
+class RestoreRefused(Exception):
+    """A ZIP that cannot be restored safely; nothing of it was written."""
+
+
+def safe_member_path(name: str) -> List[str]:
+    """The parts of a member name, or RestoreRefused if it could escape the target."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+            or ".." in parts or "" in parts[:-1] or re.match(r"^[A-Za-z]:", name)):
+        raise RestoreRefused("unsafe member name %r" % name)
+    return parts
+
+
+def restore_zip(zip_path: str, parent: str, staging_parent: str) -> Tuple[str, int]:
+    """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
+
+    The files are written in a staging folder next to it and the folder is renamed
+    into place whole, so nobody (Horos included) sees half a study, and nothing that
+    exists is overwritten.
+    """
+    folder_name = os.path.basename(zip_path)
+    if folder_name.endswith(".zip"):
+        folder_name = folder_name[:-len(".zip")]
+    target = os.path.join(parent, folder_name)
+    if os.path.lexists(target):
+        raise RestoreRefused("%s already exists; nothing was overwritten" % target)
+    with zipfile.ZipFile(zip_path) as archive:
+        manifest = read_manifest(archive)
+        sizes = {entry["name"]: entry["size"] for entry in manifest["files"]}
+        members = [info for info in archive.infolist()
+                   if info.filename != MANIFEST_NAME and not info.is_dir()]
+        for info in members:
+            safe_member_path(info.filename)
+        os.makedirs(staging_parent, exist_ok=True)
+        staging = os.path.join(staging_parent, ".restoring-%d-%s" % (os.getpid(),
+                                                                     folder_name))
+        os.mkdir(staging)
+        try:
+            for info in members:
+                destination = os.path.join(staging, *safe_member_path(info.filename))
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                with archive.open(info) as src, open(destination, "xb") as dst:
+                    shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)   # CRC checked at EOF
+                if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
+                    raise RestoreRefused("%s: size differs from the manifest" % info.filename)
+                stamp = time.mktime(info.date_time + (0, 0, -1))
+                os.utime(destination, (stamp, stamp))
+            os.rename(staging, target)
+        except BaseException:
+            remove_tree(staging)
+            raise
+    return target, len(members)
+
+
+def resolve_zip_argument(cfg: Config, text: str) -> str:
+    """A ZIP named as a path, or relative to BACKUP_ROOT (`2019_03/X.zip`)."""
+    if os.path.exists(text) or os.path.isabs(text):
+        return os.path.abspath(text)
+    return os.path.join(cfg.backup_root, text)
+
+
+def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
+                    into_horos: bool) -> int:
+    """restore ZIP... --to DIR | --into-horos; exit 1 if any ZIP was not restored."""
+    if into_horos:
+        check_sentinels(cfg)
+        if not os.path.isdir(cfg.incoming_dir):
+            raise CannotRun("no INCOMING.noindex at %s (check --horos-data)"
+                            % cfg.incoming_dir)
+        parent = cfg.incoming_dir
+        # Next to INCOMING.noindex (same disk, so the rename is atomic), not inside it.
+        staging_parent = os.path.join(cfg.horos_data, ".horos-backup-restore")
+    else:
+        parent = staging_parent = os.path.abspath(to_dir)
+        os.makedirs(parent, exist_ok=True)
+    failed = 0
+    for text in zips:
+        zip_path = resolve_zip_argument(cfg, text)
+        try:
+            folder, count = restore_zip(zip_path, parent, staging_parent)
+        except (RestoreRefused, *ZIP_READ_ERRORS) as error:
+            failed += 1
+            print("horos_backup_export: restore of %s failed: %s" % (text, error),
+                  file=sys.stderr)
+            continue
+        print("restored %s: %s into %s" % (os.path.basename(zip_path),
+                                           plural(count, "file"), folder))
+    if into_horos and not failed:
+        print("Horos imports them from INCOMING.noindex within a minute or two.")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
+
+
+def reindex_command(cfg: Config) -> int:
+    """Rebuild export_state.sqlite from the manifests of the ZIPs on disk.
+
+    The old file is kept as export_state.sqlite.before-reindex. Manifests are read, not
+    every member: the rebuilt rows have no verified_at, so `verify` and the cycles'
+    re-reads take them first.
+    """
+    prepare_backup_root(cfg)
+    started = time.monotonic()
+    with operator_lock(cfg):
+        rows: Dict[str, dict] = {}
+        duplicates: List[str] = []
+        unreadable = 0
+        for month in sorted(os.listdir(cfg.backup_root)):
+            folder = os.path.join(cfg.backup_root, month)
+            if not MONTH_FOLDER.match(month) or not os.path.isdir(folder):
+                continue
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                if name.endswith(".zip" + PART_SUFFIX):
+                    remove_if_present(path)  # we hold the lock: no write is under way
+                    log.info("removed partial %s/%s", month, name)
+                    continue
+                if not name.endswith(".zip"):
+                    continue
+                relpath = month + "/" + name
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        record = export_record(read_manifest(archive), relpath,
+                                               os.path.getsize(path), None)
+                except ZIP_READ_ERRORS as error:
+                    unreadable += 1
+                    log.error("reindex: %s has no readable manifest (%s); left out",
+                              relpath, error)
+                    append_issue(cfg, "UNREADABLE_ZIP", "", str(error), relpath)
+                    continue
+                previous = rows.get(record["study_uid"])
+                if previous is not None:
+                    keep, other = sorted((previous, record),
+                                         key=lambda r: r["exported_at"])[::-1]
+                    duplicates.append(other["zip_path"])
+                    log.warning("reindex: %s and %s hold the same study; keeping the newer",
+                                keep["zip_path"], other["zip_path"])
+                    record = keep
+                rows[record["study_uid"]] = record
+        rebuilt = cfg.state_path + ".reindex"
+        for leftover in (rebuilt, rebuilt + "-journal"):
+            remove_if_present(leftover)
+        state = ExportState(rebuilt, cfg.busy_timeout)
+        try:
+            with state.transaction() as conn:
+                conn.executemany(UPSERT_EXPORTED_SQL, list(rows.values()))
+        finally:
+            state.close()
+        if os.path.exists(cfg.state_path):
+            # A journal belongs to its database file: they move together.
+            for suffix in ("", "-journal"):
+                if os.path.exists(cfg.state_path + suffix):
+                    os.replace(cfg.state_path + suffix,
+                               cfg.state_path + ".before-reindex" + suffix)
+        os.replace(rebuilt, cfg.state_path)
+        sync_directory(cfg.backup_root)
+    log.info("reindex: %d studies from their ZIPs in %.1f s (%d duplicates left in place, "
+             "%d unreadable ZIPs left out)", len(rows), time.monotonic() - started,
+             len(duplicates), unreadable)
+    return EXIT_FAILED if unreadable else EXIT_OK
+
+
+def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
+    """Clear the back-off of failed studies (all of them when none are named)."""
+    prepare_backup_root(cfg)
+    with operator_lock(cfg):
+        state = ExportState(cfg.state_path, cfg.busy_timeout)
+        try:
+            failures = state.failures()
+            cleared = state.retry_now(study_uids or sorted(failures), time.time())
+        finally:
+            state.close()
+    for uid in cleared:
+        print("will retry at the next cycle: %s (%s, %s)" % (
+            uid, failures[uid].kind, plural(failures[uid].attempts, "attempt")))
+    unknown = [uid for uid in study_uids if uid not in cleared]
+    for uid in unknown:
+        print("horos_backup_export: %s has no failure to retry" % uid, file=sys.stderr)
+    if not failures and not study_uids:
+        print("no failed studies")
+    return EXIT_FAILED if unknown else EXIT_OK
 
 
 # =====================================================================================
@@ -1969,49 +2697,105 @@ def compress_level(text: str) -> int:
     return value
 
 
+# Flags every command takes, before or after its name: (flags, argparse options, default).
+# Paths default to None here and derive from --pacs-root in config_from_args.
+COMMON_FLAGS = (
+    (("--pacs-root",), dict(help="the PACS volume; holds .pacs_sentinel (default %s)"
+                             % PACS_ROOT), PACS_ROOT),
+    (("--horos-data",), dict(help="the Horos Data folder (default PACS_ROOT/Database/"
+                              "Horos Data)"), None),
+    (("--backup-root",), dict(help="where ZIPs and state go (default PACS_ROOT/Backup)"),
+     None),
+    (("--batch-size",), dict(type=positive_int, help="studies per cycle (default %d)"
+                              % BATCH_SIZE), BATCH_SIZE),
+    (("--incoming-max-files",), dict(type=positive_int, help="skip the cycle while "
+                                      "INCOMING.noindex holds more files (default %d)"
+                                      % INCOMING_MAX_FILES), INCOMING_MAX_FILES),
+    (("--order-by",), dict(choices=ORDER_CHOICES, help="export order, oldest first "
+                            "(default %s)" % ORDER_BY), ORDER_BY),
+    (("--modalities",), dict(type=parse_modalities, help="studies to back up, "
+                              "comma-separated (default %s)" % ",".join(MODS)), MODS),
+    (("--use-db-copy",), dict(action="store_true", help="read a snapshot of Database.sql "
+                               "in BACKUP_ROOT/.tmp/dbcopy"), USE_DB_COPY),
+    (("--compression",), dict(choices=COMPRESSION_CHOICES, help="ZIP member compression "
+                               "(default %s)" % COMPRESSION), COMPRESSION),
+    (("--compress-level",), dict(type=compress_level, help="deflate level 0-9 (default %d)"
+                                  % COMPRESS_LEVEL), COMPRESS_LEVEL),
+    (("--busy-timeout",), dict(type=non_negative_float, help="seconds to wait for a locked "
+                                "database (default %g)" % BUSY_TIMEOUT_SECONDS),
+     BUSY_TIMEOUT_SECONDS),
+    (("--settle-minutes",), dict(type=non_negative_float, help="export a study once Horos "
+                                  "added nothing to it for this long (default %g)"
+                                  % SETTLE_MINUTES), SETTLE_MINUTES),
+    (("--missing-retries",), dict(type=non_negative_int, help="times a study with missing "
+                                   "files is deferred before it is exported without them "
+                                   "(default %d)" % MISSING_RETRIES), MISSING_RETRIES),
+    (("--min-free-gb",), dict(type=non_negative_float, help="free space to leave on the "
+                               "backup volume; 0 turns the check off (default %g)"
+                               % MIN_FREE_GB), MIN_FREE_GB),
+    (("--verify-per-run",), dict(type=non_negative_int, help="old ZIPs each cycle reads "
+                                  "back (default %d)" % VERIFY_PER_RUN), VERIFY_PER_RUN),
+    (("--verbose",), dict(action="store_true", help="debug logging"), False),
+)
+
+COMMANDS = {
+    "status": "where the backup stands (--json for scripts)",
+    "verify": "re-read ZIPs and check every member; damaged ones are exported again",
+    "restore": "extract study ZIPs into a folder, or back into Horos",
+    "reindex": "rebuild export_state.sqlite from the ZIPs' manifests",
+    "retry": "clear the back-off of failed studies",
+}
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("options every command takes")
+    for flags, options, _default in COMMON_FLAGS:
+        # SUPPRESS: a flag given before the command name is not reset after it.
+        group.add_argument(*flags, default=argparse.SUPPRESS, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="horos_backup_export.py",
         description="Export every CT/MR study of a Horos library to one verified ZIP per "
                     "study, in monthly folders. With no command, runs one backup cycle.")
-    paths = parser.add_argument_group("paths")
-    paths.add_argument("--pacs-root", default=PACS_ROOT,
-                       help="the PACS volume; holds .pacs_sentinel (default %(default)s)")
-    paths.add_argument("--horos-data", help="the Horos Data folder "
-                       "(default PACS_ROOT/Database/Horos Data)")
-    paths.add_argument("--backup-root", help="where ZIPs and state go "
-                       "(default PACS_ROOT/Backup)")
-    cycle = parser.add_argument_group("cycle")
-    cycle.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                       help="studies per cycle (default %(default)s)")
-    cycle.add_argument("--incoming-max-files", type=positive_int, default=INCOMING_MAX_FILES,
-                       help="skip the cycle while INCOMING.noindex holds more files "
-                            "(default %(default)s)")
-    cycle.add_argument("--order-by", choices=ORDER_CHOICES, default=ORDER_BY,
-                       help="export order, oldest first (default %(default)s)")
-    cycle.add_argument("--modalities", type=parse_modalities, default=MODS,
-                       help="studies to back up, comma-separated (default %s)" % ",".join(MODS))
-    cycle.add_argument("--use-db-copy", action="store_true", default=USE_DB_COPY,
-                       help="read a snapshot of Database.sql in BACKUP_ROOT/.tmp/dbcopy")
-    cycle.add_argument("--compression", choices=COMPRESSION_CHOICES, default=COMPRESSION,
-                       help="ZIP member compression (default %(default)s)")
-    cycle.add_argument("--compress-level", type=compress_level, default=COMPRESS_LEVEL,
-                       help="deflate level 0-9 (default %(default)s)")
-    cycle.add_argument("--busy-timeout", type=non_negative_float,
-                       default=BUSY_TIMEOUT_SECONDS,
-                       help="seconds to wait for a locked database (default %(default)s)")
-    cycle.add_argument("--settle-minutes", type=non_negative_float, default=SETTLE_MINUTES,
-                       help="export a study once Horos added nothing to it for this long "
-                            "(default %(default)s)")
-    cycle.add_argument("--missing-retries", type=non_negative_int, default=MISSING_RETRIES,
-                       help="times a study with missing files is deferred before it is "
-                            "exported without them (default %(default)s)")
-    cycle.add_argument("--min-free-gb", type=non_negative_float, default=MIN_FREE_GB,
-                       help="free space to leave on the backup volume; 0 turns the check "
-                            "off (default %(default)s)")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    add_common_flags(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what the next cycle would export; write nothing")
     parser.add_argument("--version", action="version", version="%(prog)s " + TOOL_VERSION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     title="commands (none: run one backup cycle)")
+    sub = {name: commands.add_parser(name, help=text, description=text)
+           for name, text in COMMANDS.items()}
+    for subparser in sub.values():
+        add_common_flags(subparser)
+    sub["status"].add_argument("--json", action="store_true", help="machine-readable")
+    how_much = sub["verify"].add_mutually_exclusive_group()
+    how_much.add_argument("--all", action="store_true", help="every ZIP")
+    how_much.add_argument("--limit", type=positive_int, metavar="N",
+                          help="the N longest-unverified ZIPs (default %d)"
+                          % VERIFY_DEFAULT_LIMIT)
+    how_much.add_argument("--max-gb", type=non_negative_float, metavar="X",
+                          help="longest-unverified ZIPs until X GB are read")
+    sub["restore"].add_argument("zips", nargs="+", metavar="ZIP",
+                                help="study ZIPs (a path, or relative to BACKUP_ROOT)")
+    where = sub["restore"].add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DIR", help="a folder (created if needed); each "
+                       "study becomes a new folder in it")
+    where.add_argument("--into-horos", action="store_true",
+                       help="into INCOMING.noindex, for Horos to import")
+    sub["retry"].add_argument("study_uids", nargs="*", metavar="STUDY_UID",
+                              help="the studies to retry (default: every failed study)")
     return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    for flags, _options, default in COMMON_FLAGS:
+        name = flags[0].lstrip("-").replace("-", "_")
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -2033,8 +2817,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
         settle_minutes=args.settle_minutes,
         missing_retries=args.missing_retries,
         min_free_gb=args.min_free_gb,
+        verify_per_run=args.verify_per_run,
         verbose=args.verbose,
     )
+
+
+def run_command(args: argparse.Namespace, cfg: Config) -> int:
+    if args.command is None:
+        return dry_run(cfg) if args.dry_run else run_cycle(cfg)
+    if args.dry_run:
+        raise CannotRun("--dry-run applies to a backup cycle, not to `%s`" % args.command)
+    if args.command == "status":
+        return status_command(cfg, args.json)
+    if args.command == "verify":
+        return verify_command(cfg, args.all, args.limit, args.max_gb)
+    if args.command == "restore":
+        return restore_command(cfg, args.zips, args.to, args.into_horos)
+    if args.command == "reindex":
+        return reindex_command(cfg)
+    return retry_command(cfg, args.study_uids)
 
 
 class Terminated(Exception):
@@ -2046,11 +2847,11 @@ def raise_terminated(_signum, _frame):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_console_logging(args.verbose)
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return run_cycle(config_from_args(args))
+        return run_command(args, config_from_args(args))
     except CannotRun as error:
         log.debug("cannot run: %s", error)
         print("horos_backup_export: error: %s" % error, file=sys.stderr)

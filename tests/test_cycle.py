@@ -133,19 +133,30 @@ def test_sr_pr_ko_and_pdf_series_are_in_the_zip(sample):
 
 
 def without_run_files(snapshot):
-    """The log grows and the lock file holds the last run's PID: both change each run."""
+    """The log grows, the lock file holds the last run's PID, and the state records each
+    run and each re-read of an old ZIP: all of these change on every run."""
     return {k: v for k, v in snapshot.items()
-            if not k.startswith("logs/") and k != ".tmp/.run.lock"}
+            if not k.startswith("logs/") and k not in (".tmp/.run.lock", "export_state.sqlite")}
+
+
+def backup_content(root):
+    """What an idle cycle must leave alone: every table but `runs`, without verified_at."""
+    rows = [{k: v for k, v in row.items() if k != "verified_at"} for row in state_rows(root)]
+    others = [state_rows(root, "SELECT * FROM %s" % table) for table in (
+        "failures", "changed_studies", "writes_in_progress", "meta")]
+    return rows, others
 
 
 def test_idle_cycle_changes_nothing(sample):
     assert run_cycle(sample).returncode == 0
     root = backup_root(sample)
-    before = without_run_files(tree_snapshot(root))
+    before = without_run_files(tree_snapshot(root)), backup_content(root)
     again = run_cycle(sample)
     assert again.returncode == 0
     assert "cycle done: 0 studies" in again.stdout
-    assert without_run_files(tree_snapshot(root)) == before
+    assert (without_run_files(tree_snapshot(root)), backup_content(root)) == before
+    runs = state_rows(root, "SELECT outcome, studies FROM runs ORDER BY id")
+    assert runs == [{"outcome": "ok", "studies": 14}, {"outcome": "ok", "studies": 0}]
 
 
 def build_dated_library(root, count=40, seed=7):

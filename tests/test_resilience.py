@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (SCRIPT, TEST_TZ, TESTS, backup_root, files_named, issues_rows,
                       manifest_of, run_cycle, state_rows, zip_payload, zips_on_disk)
-from fake_horos import FakeHorosLibrary, build_sample_library, local_to_coredata
+from fake_horos import build_sample_library, local_to_coredata
 
 FAULTS = os.path.join(TESTS, "faults.py")
 
