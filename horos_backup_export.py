@@ -22,6 +22,7 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import heapq
 import json
 import logging
 import logging.handlers
@@ -199,9 +200,16 @@ class Config:
         return os.path.join(self.backup_root, LOG_DIR, LOG_FILE)
 
 
-@dataclass(frozen=True)
+@dataclass
 class HorosStudy:
-    """One StudyInstanceUID as the candidate scan sees it (one or more ZSTUDY rows)."""
+    """One StudyInstanceUID as the candidate scan sees it (one or more ZSTUDY rows).
+
+    Every cycle makes one per study of the library (50,000+) while it holds Horos's
+    database: slots keep them small and, unlike frozen=True, cheap to create. Nothing
+    changes one once made.
+    """
+    __slots__ = ("uid", "pks", "study_date", "date_added", "last_added", "modalities",
+                 "fingerprint")
     uid: str
     pks: Tuple[int, ...]
     study_date: Optional[float]      # Core Data seconds, None when unknown
@@ -280,8 +288,10 @@ class Candidate:
 
 @dataclass
 class Selection:
-    """What the planner made of the library: the queue, in export order, and counts."""
-    queue: List[Candidate]
+    """What the planner made of the library: the head of the queue, and counts."""
+    queue: List[Candidate]   # in export order; only the first `limit` when one was given
+    pending: int = 0         # the whole queue: ready to export now
+    changed: int = 0         # of which exported studies Horos changed since
     eligible: int = 0
     up_to_date: int = 0      # exported, and Horos has not changed them since
     waiting: int = 0         # failed, waiting for their next attempt
@@ -533,17 +543,18 @@ def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
     return ordered_series, tuple(files)
 
 
-def study_fingerprint(rows: Sequence[Tuple]) -> str:
-    """A cheap digest of what Horos keeps about a study's ZSTUDY rows.
+def study_fingerprint(parts: Sequence[str]) -> str:
+    """A cheap digest of what Horos keeps about a study.
 
-    rows: per ZSTUDY row, its date, modality summary, numberOfImages, patient name,
-    ID and birth date, and its series count and images summed over its series. It
-    moves when Horos adds or removes series or images (Horos recomputes the counts
-    before it saves) or the patient is renamed; reading it costs no scan of ZIMAGE.
-    Row keys and dateAdded stay out: a Horos "Rebuild Database" renumbers every row,
-    and a study sent again touches dateAdded, without changing what a backup holds.
+    For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
+    numberOfImages, patient name, ID and birth date, series count and images summed
+    over its series. For a study of several rows, parts are the rows' digests. It moves
+    when Horos adds or removes series or images (Horos recomputes the counts before it
+    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
+    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
+    sent again touches dateAdded, without changing what a backup holds.
     """
-    text = "|".join(":".join(as_text(v) for v in row) for row in sorted(rows, key=repr))
+    text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
@@ -555,44 +566,56 @@ def retry_delay(attempts: int) -> float:
 def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
                    changed: Iterable[str], failures: Mapping[str, Failure],
                    wanted: Sequence[str], order_by: str, now: float,
-                   settle_seconds: float) -> Selection:
+                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
     """The export queue: studies Horos changed since their export first, then the rest.
 
     Each part is oldest first by study date (or date added), ties by UID, unknown dates
     last. Left out: studies that are exported and unchanged, studies Horos added to
     within settle_seconds, and failed studies waiting for their next attempt (unless
     Horos changed them since they failed). Failed studies take no slot while they wait.
+    With a limit, only the head of the queue is ordered (a partial sort of 50,000
+    studies is what keeps the read transaction short); the counts cover all of it.
     """
-    def order_key(study: HorosStudy):
+    def order_key(candidate: Candidate):
+        study = candidate.study
         when = study.study_date if order_by == "study_date" else study.date_added
         return (when is None, when or 0.0, study.uid)
 
     changed = set(changed)
+    wanted_set = {m.strip().upper() for m in wanted}
+    settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
+    # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
+    # study must not wait for ever.
+    bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
     selection = Selection(queue=[])
     first: List[Candidate] = []
     rest: List[Candidate] = []
-    for study in sorted(studies, key=order_key):
-        if not is_eligible(study.modalities, wanted):
+    for study in studies:
+        if wanted_set.isdisjoint(study.modalities):
             continue
         selection.eligible += 1
-        stale = study.uid in changed or exported.get(study.uid, study.fingerprint) \
-            != study.fingerprint
-        if study.uid in exported and not stale:
+        known = exported.get(study.uid)
+        if known == study.fingerprint and study.uid not in changed:
             selection.up_to_date += 1
             continue
         failure = failures.get(study.uid)
         if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
             selection.waiting += 1
             continue
-        if study.last_added is not None and \
-                study.last_added + COREDATA_EPOCH_OFFSET > now - settle_seconds:
+        if study.last_added is not None and settled_before < study.last_added < bogus_after:
             selection.unsettled += 1
             continue
-        if study.uid in exported:
+        if known is not None:
             first.append(Candidate(study, "changed"))
         else:
             rest.append(Candidate(study, "retry" if failure else "new"))
-    selection.queue = first + rest
+    selection.pending = len(first) + len(rest)
+    selection.changed = len(first)
+    if limit is None:
+        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
+    else:
+        head = heapq.nsmallest(limit, first, key=order_key)
+        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
     return selection
 
 
@@ -635,21 +658,21 @@ REQUIRED_COLUMNS = {
     "ZIMAGE": ("Z_PK", "ZSERIES", "ZPATHNUMBER", "ZPATHSTRING"),
 }
 
+# One row per ZSTUDY row with what the planner needs, in Z_PK order (the table's own
+# order: no sort). The fingerprint's fields are formatted here as integers and strings
+# only: the text form of a REAL changed in SQLite 3.43, and a macOS update must not
+# make every study look changed. Series' dateAdded is not read: Horos sets the study's
+# in the same place, for every file it imports (DicomDatabase.mm).
 CANDIDATES_SQL = """
 SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
-       st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH,
-       agg.series_count, agg.series_images, agg.series_modalities,
-       agg.series_last_added
+       GROUP_CONCAT(se.ZMODALITY, '\\'),
+       printf('%d|%s|%d|%s|%s|%d|%d|%d', st.ZDATE * 1000, st.ZMODALITY,
+              st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH * 1000,
+              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES))
 FROM ZSTUDY AS st
-LEFT JOIN (
-    SELECT ZSTUDY AS study_pk,
-           COUNT(*) AS series_count,
-           TOTAL(ZNUMBEROFIMAGES) AS series_images,
-           GROUP_CONCAT(ZMODALITY, '\\') AS series_modalities,
-           MAX(ZDATEADDED) AS series_last_added
-    FROM ZSERIES
-    GROUP BY ZSTUDY
-) AS agg ON agg.study_pk = st.Z_PK
+LEFT JOIN ZSERIES AS se ON se.ZSTUDY = st.Z_PK
+GROUP BY st.Z_PK
+ORDER BY st.Z_PK
 """
 
 STUDY_INFO_SQL = """
@@ -766,40 +789,68 @@ def horos_read_transaction(db_path: str, busy_timeout: float):
         conn.close()
 
 
+def _seconds(value) -> Optional[float]:
+    # Core Data writes REALs, which a TIMESTAMP column (NUMERIC affinity) keeps as
+    # INTEGER when whole; only damaged stores need the general conversion.
+    kind = type(value)
+    if (kind is float or kind is int) and -1e12 < value < 1e12:
+        return value
+    return coredata_seconds(value)
+
+
 def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
-    """CANDIDATES_SQL rows -> one HorosStudy per StudyInstanceUID.
+    """CANDIDATES_SQL rows, in Z_PK order -> one HorosStudy per StudyInstanceUID.
 
     Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
-    they are one backup. The row with the lowest Z_PK gives the dates.
+    they are one backup, dated by its first row that has a date. This runs inside the
+    read transaction on Horos's database, once per study of the library: rows are
+    consumed as they come (no list of 50,000 rows), and each modality string (`CT`,
+    `MR`, `CT\\PT` repeat thousands of times) is parsed once.
     """
-    by_uid: Dict[str, List[Sequence]] = {}
-    for row in rows:
-        uid = as_text(row[1]).strip() or "HOROS-PK-%d" % row[0]
-        by_uid.setdefault(uid, []).append(row)
-    studies = []
-    for uid, group in by_uid.items():
-        group.sort(key=lambda r: r[0])
-        tokens: List[str] = []
-        added: List[float] = []
-        for row in group:
-            for token in modality_tokens(row[4]) + modality_tokens(row[11]):
-                if token not in tokens:
-                    tokens.append(token)
-            added.extend(s for s in (coredata_seconds(row[3]), coredata_seconds(row[12]))
-                         if s is not None)
-        first = group[0]
-        study_date = next((coredata_seconds(r[2]) for r in group
-                           if coredata_seconds(r[2]) is not None), None)
-        fingerprint = study_fingerprint([
-            (r[2], r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in group])
-        studies.append(HorosStudy(
-            uid=uid, pks=tuple(r[0] for r in group), study_date=study_date,
-            date_added=coredata_seconds(first[3]), last_added=max(added) if added else None,
-            modalities=tuple(tokens), fingerprint=fingerprint))
-    return studies
+    parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
+    studies: Dict[str, HorosStudy] = {}
+    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
+    for pk, uid, date, added, summary, series_modalities, text in rows:
+        uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
+        tokens = parsed.get((summary, series_modalities))
+        if tokens is None:
+            tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
+                modality_tokens(summary) + modality_tokens(series_modalities)))
+        date, added = _seconds(date), _seconds(added)
+        row_print = study_fingerprint((as_text(text),))
+        first = studies.get(uid)
+        if first is None:
+            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
+            continue
+        prints = row_prints.setdefault(uid, [first.fingerprint])
+        prints.append(row_print)
+        studies[uid] = HorosStudy(
+            uid=uid, pks=first.pks + (pk,),
+            study_date=first.study_date if first.study_date is not None else date,
+            date_added=first.date_added,
+            last_added=max((m for m in (first.last_added, added) if m is not None),
+                           default=None),
+            modalities=tuple(dict.fromkeys(first.modalities + tokens)),
+            fingerprint=study_fingerprint(prints))
+    return list(studies.values())
 
 
 def read_candidates(conn: sqlite3.Connection) -> List[HorosStudy]:
+    """Every study in the library, in one pass over ZSTUDY and ZSERIES.
+
+    sqlite3 decodes the text in C; only a store holding text that is not UTF-8 is read
+    again with the connection's replacing decoder (one Python call per value).
+    """
+    replacing = conn.text_factory
+    conn.text_factory = str
+    try:
+        return group_candidates(conn.execute(CANDIDATES_SQL))
+    except sqlite3.OperationalError as error:
+        if "decode" not in str(error):
+            raise
+        log.debug("Database.sql holds text that is not UTF-8: %s", error)
+    finally:
+        conn.text_factory = replacing
     return group_candidates(conn.execute(CANDIDATES_SQL))
 
 
@@ -1863,12 +1914,12 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str) -> HorosS
                                                       (high_water,))}
         newly_changed = sorted(s.uid for s in studies
                                if s.uid in exported and touched.intersection(s.pks))
+        # Spares: a study that fails before it is written gives its slot to the next.
         selection = plan_selection(studies, exported, view.changed.union(newly_changed),
                                    view.failures, cfg.modalities, cfg.order_by, now,
-                                   cfg.settle_minutes * 60)
-        # Spares: a study that fails before it is written gives its slot to the next.
+                                   cfg.settle_minutes * 60, limit=cfg.batch_size * 2)
         plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason)
-                 for c in selection.queue[:cfg.batch_size * 2]]
+                 for c in selection.queue]
     held = time.monotonic() - started
     log.debug("read %d studies from %s in %.3f s", len(studies), db_path, held)
     return HorosSnapshot(studies=studies, selection=selection, plans=plans,
@@ -2244,7 +2295,7 @@ def dry_run(cfg: Config) -> int:
     selection = snapshot.selection
     print("Dry run (nothing is written): %d studies ready to export, %d not settled, "
           "%d failed and waiting. The next cycle would do:"
-          % (len(selection.queue), selection.unsettled, selection.waiting))
+          % (selection.pending, selection.unsettled, selection.waiting))
     used = 0
     for plan in snapshot.plans:
         if used >= cfg.batch_size:
@@ -2318,7 +2369,8 @@ def gather_status(cfg: Config, now: float) -> dict:
         studies = read_candidates(conn)
     horos_seconds = time.monotonic() - started
     selection = plan_selection(studies, view.exported, view.changed, view.failures,
-                               cfg.modalities, cfg.order_by, now, cfg.settle_minutes * 60)
+                               cfg.modalities, cfg.order_by, now, cfg.settle_minutes * 60,
+                               limit=0)
     in_horos = {study.uid for study in studies}
     eligible_by_month = {month: counts[0] for month, counts in
                          month_completeness(studies, view.exported, cfg.modalities).items()}
@@ -2332,7 +2384,7 @@ def gather_status(cfg: Config, now: float) -> dict:
     studies_per_run = (sum(r["studies"] for r in exporting_runs) / len(exporting_runs)
                        if exporting_runs else float(cfg.batch_size))
     busy_seconds = sum(r["seconds"] for r in exporting_runs)
-    backlog = len(selection.queue) + selection.unsettled
+    backlog = selection.pending + selection.unsettled
     cycles = -(-backlog // max(studies_per_run, 1.0)) if backlog else 0
     held, pid = lock_holder(cfg.lock_path)
     usage = os.statvfs(nearest_existing(cfg.backup_root))
@@ -2344,8 +2396,8 @@ def gather_status(cfg: Config, now: float) -> dict:
         "eligible": selection.eligible,
         "exported": exported_count,
         "up_to_date": selection.up_to_date,
-        "pending": len(selection.queue),
-        "changed": sum(1 for c in selection.queue if c.reason == "changed"),
+        "pending": selection.pending,
+        "changed": selection.changed,
         "unsettled": selection.unsettled,
         "failed": len(view.failures),
         "waiting": selection.waiting,

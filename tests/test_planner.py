@@ -300,6 +300,8 @@ def test_unsettled_studies_wait():
     assert uids(selection) == ["settled", "never-added"]
     assert selection.unsettled == 1
     assert uids(select(studies, settle=0)) == ["recent", "settled", "never-added"]
+    future = NOW - hbe.COREDATA_EPOCH_OFFSET + 30 * 86400    # a clock that was wrong
+    assert uids(select([horos_study("future", 1.0, added=future)], settle=3600)) == ["future"]
 
 
 def test_retry_back_off_grows_then_stays_daily():
@@ -308,27 +310,45 @@ def test_retry_back_off_grows_then_stays_daily():
 
 
 def test_two_rows_with_one_uid_are_one_study():
-    rows = [  # CANDIDATES_SQL shape
-        (7, "1.2.3", 200.0, 10.0, "CT", 5, "A", "P1", None, 1, 5.0, "CT", 10.0, 70),
-        (3, "1.2.3", 100.0, 11.0, "SR", 1, "A", "P2", None, 1, 1.0, "SR", 11.0, 30),
-        (4, "4.5.6", None, 12.0, "US", 1, "B", "P3", None, 1, 1.0, "US", 12.0, 40),
+    rows = [  # CANDIDATES_SQL shape, in Z_PK order
+        (3, "1.2.3", 100.0, 11.0, "SR", "SR", "100000|SR|1|A|P2|0|1|1"),
+        (4, "4.5.6", None, 12.0, "US", "US", "0|US|1|B|P3|0|1|1"),
+        (7, "1.2.3 ", 200.0, 10.0, "CT", "CT\\ ct ", "200000|CT|5|A|P1|0|1|5"),
     ]
     studies = {s.uid: s for s in hbe.group_candidates(rows)}
     assert set(studies) == {"1.2.3", "4.5.6"}
     assert studies["1.2.3"].pks == (3, 7)
     assert studies["1.2.3"].study_date == 100.0
-    assert set(studies["1.2.3"].modalities) == {"CT", "SR"}
+    assert studies["1.2.3"].date_added == 11.0
     assert studies["1.2.3"].last_added == 11.0
+    assert studies["1.2.3"].modalities == ("SR", "CT")
+    alone = hbe.group_candidates(rows[:1])[0]
+    assert studies["1.2.3"].fingerprint != alone.fingerprint
 
 
-def test_fingerprint_moves_with_the_counts_horos_keeps():
-    base = (7, "1.2.3", 200.0, 10.0, "CT", 5, "A", "P1", None, 1, 5.0, "CT", 10.0, 70)
-    fp = hbe.group_candidates([base])[0].fingerprint
-    assert hbe.group_candidates([base])[0].fingerprint == fp
-    more_series = base[:9] + (2, 6.0, "CT\\SR", 10.0, 71)
-    renamed = base[:6] + ("B",) + base[7:]
-    assert hbe.group_candidates([more_series])[0].fingerprint != fp
-    assert hbe.group_candidates([renamed])[0].fingerprint != fp
+def test_fingerprint_moves_with_what_horos_keeps_and_nothing_else():
+    row = (7, "1.2.3", 200.0, 10.0, "CT", "CT", "200000|CT|5|A|P1|0|1|5")
+
+    def fingerprint(**changes):
+        values = dict(zip(("pk", "uid", "date", "added", "summary", "series", "text"), row))
+        values.update(changes)
+        return hbe.group_candidates([tuple(values.values())])[0].fingerprint
+
+    same = fingerprint()
+    assert fingerprint() == same
+    assert fingerprint(pk=99, added=999.0) == same     # renumbered rows, a study sent again
+    assert fingerprint(text="200000|CT|6|A|P1|0|2|6") != same   # a late series
+    assert fingerprint(text="200000|CT|5|B|P1|0|1|5") != same   # a renamed patient
+
+
+def test_odd_date_types_in_candidate_rows():
+    rows = [(1, "1.1", "612345678.5", 5, "CT", None, "x"),
+            (2, "2.2", "junk", None, "MR", None, "y"),
+            (3, "3.3", float("nan"), 1e300, "CT", None, "z")]
+    studies = {s.uid: s for s in hbe.group_candidates(rows)}
+    assert studies["1.1"].study_date == 612345678.5 and studies["1.1"].last_added == 5
+    assert studies["2.2"].study_date is None and studies["2.2"].last_added is None
+    assert studies["3.3"].study_date is None
 
 
 def test_month_markers_need_every_eligible_study_and_a_finished_month():
