@@ -12,12 +12,13 @@ run by macOS's /usr/bin/python3.
 
 Sections, in the order data flows:
   constants - data types - planner (pure) - Horos reader - archive writer -
-  state store - cycle - CLI
+  state store - issues, logs and progress - cycle - operator commands - CLI
 """
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
@@ -37,13 +38,13 @@ import unicodedata
 import urllib.parse
 import zipfile
 import zlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # =====================================================================================
 # Constants. Each configurable one is also a command-line flag; the constant is the
-# default (see build_parser and the README).
+# default (see COMMON_FLAGS and the README). Edit them here to change the defaults of
+# the copy launchd runs.
 # =====================================================================================
 
 TOOL_VERSION = "1.0.0"
@@ -58,8 +59,11 @@ ORDER_BY = "study_date"                                         # --order-by
 MODS = ("CT", "MR")                                             # --modalities CT,MR
 USE_DB_COPY = False                                             # --use-db-copy
 MAX_NAME_NOEXT = 128
-COMPRESSION = "stored"                                          # --compression
-COMPRESS_LEVEL = 6                                              # --compress-level
+# Deflate level 1 halves CT and MR (about 51% of the bytes on CT-like data) for a fifth
+# of level 6's CPU; levels 6 and 9 save 1-2% more (BENCHMARKS.md). On a small Mac with a
+# USB disk, writing and re-reading half the bytes pays for the CPU.
+COMPRESSION = "deflate"                                         # --compression
+COMPRESS_LEVEL = 1                                              # --compress-level
 BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
 # A study is exported once Horos has added nothing to it for this long. CT arrives in
 # minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
@@ -70,6 +74,12 @@ MIN_FREE_GB = 20.0                                              # --min-free-gb
 # Each cycle re-reads this many of the longest-unverified ZIPs: at 144 cycles a day,
 # 50,000 ZIPs are all read back about every four months.
 VERIFY_PER_RUN = 3                                              # --verify-per-run
+# Off by default: under launchd the job runs with LowPriorityIO, so macOS already puts
+# Horos's reads first. A cap helps a person who runs the script by hand next to Horos.
+MAX_MBPS = 0.0                                                  # --max-mbps
+# Stop starting new studies after this long, so a cycle of big CT studies ends before
+# launchd's next tick (600 s); the lock would make that tick skip anyway.
+MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
@@ -110,7 +120,6 @@ ISSUES_HEADER = ("timestamp", "kind", "study_uid", "detail", "extra")
 
 EXIT_OK = 0
 EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
-EXIT_USAGE = 2        # argparse's own code for a bad command line
 
 # ZIP can store no timestamp before 1980 or after 2107 (MS-DOS date fields).
 ZIP_MIN_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -165,6 +174,8 @@ class Config:
     missing_retries: int = MISSING_RETRIES
     min_free_gb: float = MIN_FREE_GB
     verify_per_run: int = VERIFY_PER_RUN
+    max_mbps: float = MAX_MBPS
+    max_run_seconds: float = MAX_RUN_SECONDS
     verbose: bool = False
 
     @property
@@ -214,7 +225,7 @@ class HorosStudy:
     pks: Tuple[int, ...]
     study_date: Optional[float]      # Core Data seconds, None when unknown
     date_added: Optional[float]
-    last_added: Optional[float]      # newest dateAdded of the study and its series
+    last_added: Optional[float]      # newest ZSTUDY.ZDATEADDED of its rows
     modalities: Tuple[str, ...]      # tokens of ZSTUDY.ZMODALITY and of every series
     fingerprint: str
 
@@ -379,10 +390,16 @@ def modality_tokens(text) -> Tuple[str, ...]:
     return tuple(tokens)
 
 
-def is_eligible(modalities: Iterable[str], wanted: Sequence[str]) -> bool:
-    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT."""
-    wanted_set = {m.strip().upper() for m in wanted}
-    return any(token in wanted_set for token in modalities)
+def wanted_modalities(wanted: Iterable[str]) -> frozenset:
+    return frozenset(m.strip().upper() for m in wanted)
+
+
+def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
+    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT.
+
+    wanted: from wanted_modalities(), made once per scan of the library.
+    """
+    return not wanted.isdisjoint(modalities)
 
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
@@ -582,7 +599,7 @@ def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
         return (when is None, when or 0.0, study.uid)
 
     changed = set(changed)
-    wanted_set = {m.strip().upper() for m in wanted}
+    wanted_set = wanted_modalities(wanted)
     settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
     # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
     # study must not wait for ever.
@@ -591,7 +608,7 @@ def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
     first: List[Candidate] = []
     rest: List[Candidate] = []
     for study in studies:
-        if wanted_set.isdisjoint(study.modalities):
+        if not is_eligible(study.modalities, wanted_set):
             continue
         selection.eligible += 1
         known = exported.get(study.uid)
@@ -622,9 +639,10 @@ def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
 def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
                        wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
     """{month folder: (eligible, exported)} over the studies Horos holds."""
+    wanted_set = wanted_modalities(wanted)
     months: Dict[str, List[int]] = {}
     for study in studies:
-        if not is_eligible(study.modalities, wanted):
+        if not is_eligible(study.modalities, wanted_set):
             continue
         counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
         counts[0] += 1
@@ -654,7 +672,7 @@ REQUIRED_COLUMNS = {
                "ZDATEADDED", "ZMODALITY", "ZACCESSIONNUMBER", "ZSTUDYNAME",
                "ZNUMBEROFIMAGES"),
     "ZSERIES": ("Z_PK", "ZSTUDY", "ZMODALITY", "ZSERIESINSTANCEUID", "ZSERIESDESCRIPTION",
-                "ZID", "ZDATEADDED", "ZNUMBEROFIMAGES"),
+                "ZID", "ZNUMBEROFIMAGES"),
     "ZIMAGE": ("Z_PK", "ZSERIES", "ZPATHNUMBER", "ZPATHSTRING"),
 }
 
@@ -900,6 +918,19 @@ def database_stamp(db_path: str) -> Dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "change_counter": counter}
 
 
+def read_stamp(stamp_path: str) -> Optional[dict]:
+    """The stamp saved with the database copy; None (take a new copy) if unreadable."""
+    try:
+        with open(stamp_path, encoding="utf-8") as stamp_file:
+            return json.load(stamp_file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("database copy stamp %s is unreadable (%s); copying again",
+                    stamp_path, error)
+        return None
+
+
 def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     """A snapshot of Database.sql, taken again whenever the source changed since."""
     if not os.path.isfile(db_path):
@@ -908,13 +939,9 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     copy_path = os.path.join(copy_dir, DB_COPY_FILE)
     stamp_path = copy_path + ".stamp.json"
     stamp = database_stamp(db_path)
-    try:
-        with open(stamp_path, encoding="utf-8") as stamp_file:
-            if json.load(stamp_file) == stamp and os.path.isfile(copy_path):
-                log.debug("database copy %s is current", copy_path)
-                return copy_path
-    except (OSError, ValueError):
-        pass  # no stamp or an unreadable one: take a fresh copy below
+    if read_stamp(stamp_path) == stamp and os.path.isfile(copy_path):
+        log.debug("database copy %s is current", copy_path)
+        return copy_path
     partial = copy_path + PART_SUFFIX
     if os.path.exists(partial):
         os.remove(partial)
@@ -997,18 +1024,75 @@ def zip_compression(name: str) -> int:
     return zipfile.ZIP_DEFLATED if name == "deflate" else zipfile.ZIP_STORED
 
 
+def bypass_cache(fd: int) -> bool:
+    """On macOS, make reads of fd skip the buffer cache (F_NOCACHE); False elsewhere.
+
+    A file read once by a backup should not push Horos's images out of the cache.
+    """
+    nocache = getattr(fcntl, "F_NOCACHE", None)
+    if nocache is None:
+        return False
+    try:
+        fcntl.fcntl(fd, nocache, 1)
+    except OSError as error:  # advisory only: reading works without it
+        log.debug("F_NOCACHE refused: %s", error)
+        return False
+    return True
+
+
 def open_source(path: str):
     """A study file opened for one sequential read that should not evict Horos's cache."""
     handle = open(path, "rb", buffering=0)
-    nocache = getattr(fcntl, "F_NOCACHE", None)
-    if nocache is not None:
-        with contextlib.suppress(OSError):  # advisory only; reading works without it
-            fcntl.fcntl(handle.fileno(), nocache, 1)
+    bypass_cache(handle.fileno())
     return handle
 
 
 class SourceUnreadable(Exception):
     """A source file exists but cannot be read (permissions, I/O error)."""
+
+
+class Throttle:
+    """Caps the bytes read per second (MAX_MBPS; 0: no cap) by sleeping when ahead.
+
+    Called with each chunk's size; the clock and sleep are passed in for the tests.
+    """
+
+    def __init__(self, max_mbps: float, clock=time.monotonic, sleep=time.sleep):
+        self.bytes_per_second = max_mbps * 1e6
+        self.clock, self.sleep = clock, sleep
+        self.started: Optional[float] = None
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        if self.bytes_per_second <= 0:
+            return
+        if self.started is None:
+            self.started = self.clock()
+        self.done += count
+        ahead = self.done / self.bytes_per_second - (self.clock() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+class ThrottledReader:
+    """A file whose reads go through a Throttle (for re-reading ZIPs)."""
+
+    def __init__(self, handle, throttle: Throttle):
+        self.handle, self.throttle = handle, throttle
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.throttle(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.close()
 
 
 def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
@@ -1118,11 +1202,7 @@ def write_zip(part_path: str, plan: StudyPlan, files: Sequence[SourceFile],
 def open_for_verify(path: str):
     """Open a just-written file so that reading it hits the disk, not the page cache."""
     handle = open(path, "rb")
-    nocache = getattr(fcntl, "F_NOCACHE", None)
-    if nocache is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(handle.fileno(), nocache, 1)
-    elif hasattr(os, "posix_fadvise"):
+    if not bypass_cache(handle.fileno()) and hasattr(os, "posix_fadvise"):
         # The file was fsynced, so its cached pages are clean and can be dropped.
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return handle
@@ -1141,16 +1221,23 @@ def read_manifest(archive: zipfile.ZipFile) -> dict:
     manifest = json.loads(raw.decode("utf-8"))
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError("%s is not a horos-backup manifest" % MANIFEST_NAME)
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > MANIFEST_FORMAT_VERSION:
+        raise ValueError("manifest format version %r is not one this script reads (up to "
+                         "%d): update horos_backup_export.py" % (version,
+                                                                 MANIFEST_FORMAT_VERSION))
     return manifest
 
 
-def verify_zip(path: str) -> Tuple[Optional[str], Optional[dict]]:
+def verify_zip(path: str, throttle: Optional[Throttle] = None
+               ) -> Tuple[Optional[str], Optional[dict]]:
     """Re-read a ZIP: every member's CRC, and the manifest against the members.
 
     Returns (problem or None, manifest or None).
     """
     try:
-        with open_for_verify(path) as handle, zipfile.ZipFile(handle) as archive:
+        with ThrottledReader(open_for_verify(path), throttle or Throttle(0)) as handle, \
+                zipfile.ZipFile(handle) as archive:
             bad = archive.testzip()
             if bad is not None:
                 return "CRC or header error in member %s" % bad, None
@@ -1177,7 +1264,7 @@ def remove_if_present(path: str) -> None:
 
 def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceFile],
                        missing: Sequence[str], compression: str, level: int, on_bytes,
-                       exported_at: str) -> dict:
+                       exported_at: str, throttle: Optional[Throttle] = None) -> dict:
     """Write, fsync, verify (VERIFY_ATTEMPTS tries), rename, fsync the folder.
 
     Returns the manifest. On any error the `.part` file is removed and nothing is
@@ -1191,7 +1278,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
         try:
             manifest = write_zip(part_path, plan, files, missing, compression, level,
                                  on_bytes, exported_at)
-            problem, _ = verify_zip(part_path)
+            problem, _ = verify_zip(part_path, throttle)
             if problem is None:
                 os.replace(part_path, final_path)
                 sync_directory(folder)
@@ -1609,7 +1696,7 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
 
 
 # =====================================================================================
-# Issues and logs
+# Issues, logs and progress
 # =====================================================================================
 
 def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
@@ -1941,10 +2028,6 @@ def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str]
     return present, missing, total
 
 
-def no_throttle(_count: int) -> None:
-    return None
-
-
 def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int) -> None:
     """Room for the study plus MIN_FREE_GB, so Horos can still receive studies."""
     if cfg.min_free_gb <= 0:
@@ -2006,9 +2089,15 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
     state.begin_write(uid, plan.zip_relpath, replaces, now)
     progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
                                   plural(len(present), "file")), source_bytes)
+    throttle = Throttle(cfg.max_mbps)
+
+    def on_bytes(count: int) -> None:
+        progress.advance(count)
+        throttle(count)
+
     try:
         manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
-                                      cfg.compress_level, progress.advance, utc_iso(now))
+                                      cfg.compress_level, on_bytes, utc_iso(now), throttle)
     except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
         state.end_write(plan.zip_relpath)
         kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
@@ -2045,14 +2134,26 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
     return EXPORTED
 
 
+def over_time(cfg: Config, started: float) -> bool:
+    return 0 < cfg.max_run_seconds < time.monotonic() - started
+
+
 def export_plans(cfg: Config, state: ExportState, plans: Sequence[StudyPlan],
                  failures: Mapping[str, Failure], summary: CycleSummary, now: float,
-                 progress: Progress) -> None:
-    """Export up to BATCH_SIZE studies; studies deferred before writing take no slot."""
+                 progress: Progress, started: float) -> None:
+    """Export up to BATCH_SIZE studies; studies deferred before writing take no slot.
+
+    After MAX_RUN_SECONDS no new study is started (but every cycle exports at least
+    one, so a slow start can never stop the queue).
+    """
     used = 0
     total = min(cfg.batch_size, len(plans))
     for plan in plans:
         if used >= cfg.batch_size:
+            break
+        if used and over_time(cfg, started):
+            log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
+                     "next cycle", time.monotonic() - started, cfg.max_run_seconds)
             break
         label = "[%d/%d]" % (used + 1, total)
         outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
@@ -2073,7 +2174,8 @@ class VerifyResult:
 
 def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
                     max_bytes: Optional[int], now: float, progress: Progress,
-                    verified_before: Optional[float] = None) -> VerifyResult:
+                    verified_before: Optional[float] = None,
+                    started: Optional[float] = None) -> VerifyResult:
     """Re-read the longest-unverified ZIPs: every member's CRC, and the manifest.
 
     A good ZIP gets verified_at = now. A missing or damaged one gets a VERIFY_FAILED row
@@ -2089,11 +2191,13 @@ def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
             break
         if max_bytes is not None and result.bytes_read >= max_bytes:
             break
+        if started is not None and over_time(cfg, started):
+            break
         path = os.path.join(cfg.backup_root, relpath)
         progress.start("verify %d/%d %s" % (index, min(len(queue), limit or len(queue)),
                                             relpath), zip_bytes)
         if os.path.exists(path):
-            problem, _ = verify_zip(path)
+            problem, _ = verify_zip(path, Throttle(cfg.max_mbps))
             result.bytes_read += os.path.getsize(path)
         else:
             problem = "the ZIP is missing"
@@ -2155,7 +2259,7 @@ def locked_cycle(cfg: Config, progress: Progress) -> int:
             outcome = "skipped_incoming"
             return EXIT_OK
         clean_tmp_dir(cfg)
-        export_cycle(cfg, state, summary, now, progress)
+        export_cycle(cfg, state, summary, now, progress, started)
         outcome = "ok"
     except DiskSpaceProblem as problem:
         outcome, detail = problem.kind.lower(), str(problem)
@@ -2211,7 +2315,7 @@ def record_run(state: ExportState, now: float, seconds: float, outcome: str,
 
 
 def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: float,
-                 progress: Progress) -> None:
+                 progress: Progress, started: float) -> None:
     """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
     recover_interrupted_writes(cfg, state)
     view = state.view()
@@ -2223,12 +2327,13 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
     summary.horos_seconds = snapshot.seconds_held
     if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
         state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
-    export_plans(cfg, state, snapshot.plans, view.failures, summary, now, progress)
+    export_plans(cfg, state, snapshot.plans, view.failures, summary, now, progress, started)
     update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
                          dt.date.today())
     if cfg.verify_per_run > 0:
         verified = verify_exported(cfg, state, cfg.verify_per_run, None, now, progress,
-                                   verified_before=now - VERIFY_MIN_AGE_DAYS * 86400)
+                                   verified_before=now - VERIFY_MIN_AGE_DAYS * 86400,
+                                   started=started)
         summary.verified = verified.good + len(verified.bad)
 
 
@@ -2709,51 +2814,33 @@ def parse_modalities(text: str) -> Tuple[str, ...]:
     return tokens
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def bounded_number(kind, low, high=None):
+    """An argparse type: a number of `kind` (int or float) from low to high."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a %s" % (
+                text, "whole number" if kind is int else "number")) from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                "must be from %s to %s" % (low, high) if high is not None
+                else "must be %s or more" % low)
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def compress_level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError("must be 0 to 9")
-    return value
+positive_int = bounded_number(int, 1)
+non_negative_int = bounded_number(int, 0)
+non_negative_float = bounded_number(float, 0)
+compress_level = bounded_number(int, 0, 9)
 
 
 # Flags every command takes, before or after its name: (flags, argparse options, default).
 # Paths default to None here and derive from --pacs-root in config_from_args.
 COMMON_FLAGS = (
     (("--pacs-root",), dict(help="the PACS volume; holds .pacs_sentinel (default %s)"
-                             % PACS_ROOT), PACS_ROOT),
+                             % PACS_ROOT), None),
     (("--horos-data",), dict(help="the Horos Data folder (default PACS_ROOT/Database/"
                               "Horos Data)"), None),
     (("--backup-root",), dict(help="where ZIPs and state go (default PACS_ROOT/Backup)"),
@@ -2787,6 +2874,11 @@ COMMON_FLAGS = (
                                % MIN_FREE_GB), MIN_FREE_GB),
     (("--verify-per-run",), dict(type=non_negative_int, help="old ZIPs each cycle reads "
                                   "back (default %d)" % VERIFY_PER_RUN), VERIFY_PER_RUN),
+    (("--max-mbps",), dict(type=non_negative_float, help="cap on MB/s read while exporting "
+                            "and verifying; 0: no cap (default %g)" % MAX_MBPS), MAX_MBPS),
+    (("--max-run-seconds",), dict(type=non_negative_float, help="start no new study after "
+                                   "this long; 0: no limit (default %g)" % MAX_RUN_SECONDS),
+     MAX_RUN_SECONDS),
     (("--verbose",), dict(action="store_true", help="debug logging"), False),
 )
 
@@ -2851,13 +2943,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    pacs_root = os.path.abspath(args.pacs_root)
+    """Flags over constants. Without --pacs-root the path constants apply as edited at
+    the top of this file; with it, paths derive from it unless given on their own."""
+    if args.pacs_root:
+        pacs_root = os.path.abspath(args.pacs_root)
+        sentinel = os.path.join(pacs_root, SENTINEL_NAME)
+        horos_data = os.path.join(pacs_root, "Database", "Horos Data")
+        backup_root = os.path.join(pacs_root, "Backup")
+    else:
+        pacs_root, sentinel, horos_data, backup_root = (PACS_ROOT, SENTINEL, HOROS_DATA_DIR,
+                                                        BACKUP_ROOT)
     return Config(
         pacs_root=pacs_root,
-        sentinel=os.path.join(pacs_root, SENTINEL_NAME),
-        horos_data=os.path.abspath(args.horos_data or
-                                   os.path.join(pacs_root, "Database", "Horos Data")),
-        backup_root=os.path.abspath(args.backup_root or os.path.join(pacs_root, "Backup")),
+        sentinel=sentinel,
+        horos_data=os.path.abspath(args.horos_data or horos_data),
+        backup_root=os.path.abspath(args.backup_root or backup_root),
         batch_size=args.batch_size,
         incoming_max_files=args.incoming_max_files,
         order_by=args.order_by,
@@ -2870,6 +2970,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         missing_retries=args.missing_retries,
         min_free_gb=args.min_free_gb,
         verify_per_run=args.verify_per_run,
+        max_mbps=args.max_mbps,
+        max_run_seconds=args.max_run_seconds,
         verbose=args.verbose,
     )
 

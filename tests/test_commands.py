@@ -442,3 +442,24 @@ def test_progress_lines_on_a_terminal_and_plain_lines_under_launchd(tmp_path):
     assert "\x1b[" not in piped.stdout and "\r" not in piped.stdout
     assert "[1/1] exported" in piped.stdout
     lib.close()
+
+
+def test_a_manifest_from_a_newer_version_is_refused(tmp_path):
+    newer = str(tmp_path / "newer.zip")
+    with zipfile.ZipFile(newer, "w") as archive:
+        archive.writestr("0001_CT_x/1.dcm", b"data")
+        archive.writestr("horos-backup-manifest.json", json.dumps({
+            "format": "horos-backup-manifest", "format_version": 2,
+            "files": [{"name": "0001_CT_x/1.dcm", "size": 4, "crc32": "0", "source": "/x"}]}))
+    result = run_script("restore", newer, "--to", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "manifest format version 2" in result.stderr and "update" in result.stderr
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_bad_flag_is_one_usage_error_not_a_traceback(sample):
+    result = run_cycle(sample, "--batch-size", "0")
+    assert result.returncode == 2
+    assert "--batch-size: must be 1 or more" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(backup_root(sample))

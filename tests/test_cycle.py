@@ -378,3 +378,14 @@ def test_unusable_database_is_one_line_and_nonzero(sample, damage, message):
     root = backup_root(sample)
     assert zips_on_disk(root) == {}
     assert state_rows(root) == []
+
+
+def test_max_run_seconds_starts_no_new_study_but_always_one(tmp_path):
+    lib, order = build_dated_library(str(tmp_path / "PACS"), count=5)
+    result = run_cycle(lib, "--max-run-seconds", "0.000001", "--max-mbps", "500")
+    assert result.returncode == 0, result.stderr
+    assert "--max-run-seconds" in result.stdout
+    assert [r["study_uid"] for r in state_rows(backup_root(lib))] == order[:1]
+    assert run_cycle(lib, "--max-run-seconds", "0").returncode == 0      # 0: no limit
+    assert len(state_rows(backup_root(lib))) == 5
+    lib.close()

@@ -227,7 +227,7 @@ def test_modality_tokens(text, tokens):
     (("OCT",), False), (("US",), False), (("SR",), False), ((), False), (("CTA",), False),
 ])
 def test_eligibility_is_whole_token(tokens, eligible):
-    assert hbe.is_eligible(tokens, ("CT", "MR")) is eligible
+    assert hbe.is_eligible(tokens, hbe.wanted_modalities(("CT", " mr"))) is eligible
 
 
 def horos_study(uid, date, added=None, mods=("CT",), fingerprint="f"):
@@ -360,3 +360,66 @@ def test_month_markers_need_every_eligible_study_and_a_finished_month():
     assert hbe.month_is_over("2020_01", dt.date(2020, 2, 1))
     assert not hbe.month_is_over("2020_01", dt.date(2020, 1, 31))
     assert not hbe.month_is_over("UNKNOWN_DATE", dt.date(2030, 1, 1))
+
+
+# -- gentle I/O -------------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+        self.slept = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
+def test_throttle_sleeps_to_hold_the_rate():
+    clock = FakeClock()
+    throttle = hbe.Throttle(2.0, clock=clock, sleep=clock.sleep)   # 2 MB/s
+    throttle(1_000_000)            # 1 MB at once: 0.5 s ahead of the rate
+    clock.now += 0.2               # reading took 0.2 s of that
+    throttle(1_000_000)            # 2 MB after 0.7 s: 0.3 s ahead
+    clock.now += 2.0               # a slow disk: behind the rate, no sleep
+    throttle(1_000_000)
+    assert clock.slept == [0.5, 0.3]
+
+
+def test_no_throttle_at_zero():
+    clock = FakeClock()
+    throttle = hbe.Throttle(0, clock=clock, sleep=clock.sleep)
+    for _ in range(100):
+        throttle(10_000_000)
+    assert clock.slept == []
+
+
+# -- configuration ---------------------------------------------------------------------
+
+def test_path_constants_apply_unless_pacs_root_is_given(monkeypatch):
+    # What a person does who edits the constants at the top of the copied script.
+    monkeypatch.setattr(hbe, "HOROS_DATA_DIR", "/Volumes/RAID/Horos Data")
+    monkeypatch.setattr(hbe, "BACKUP_ROOT", "/Volumes/BACKUP/Horos")
+    cfg = hbe.config_from_args(hbe.parse_args([]))
+    assert (cfg.pacs_root, cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
+        "/Volumes/PACS", "/Volumes/PACS/.pacs_sentinel", "/Volumes/RAID/Horos Data",
+        "/Volumes/BACKUP/Horos")
+    cfg = hbe.config_from_args(hbe.parse_args(["--pacs-root", "/X"]))
+    assert (cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
+        "/X/.pacs_sentinel", "/X/Database/Horos Data", "/X/Backup")
+    cfg = hbe.config_from_args(hbe.parse_args(["status", "--pacs-root", "/X",
+                                               "--backup-root", "/B/H"]))
+    assert (cfg.horos_data, cfg.backup_root) == ("/X/Database/Horos Data", "/B/H")
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--batch-size", "x"],
+                                  ["--compress-level", "10"], ["--min-free-gb", "-1"],
+                                  ["--max-mbps", "nan"], ["--modalities", ","],
+                                  ["--order-by", "name"], ["restore", "a.zip"]])
+def test_bad_flags_are_refused_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        hbe.parse_args(argv)
+    assert stopped.value.code == 2
+    assert "error:" in capsys.readouterr().err
