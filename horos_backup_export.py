@@ -2286,10 +2286,11 @@ def locked_cycle(cfg: Config, progress: Progress) -> int:
         record_run(state, now, seconds, outcome, summary, detail)
         state.close()
         if outcome == "ok":
-            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; Horos database held "
-                     "%.3f s)%s%s", plural(summary.studies, "study", "studies"),
+            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s)%s%s",
+                     plural(summary.studies, "study", "studies"),
                      plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
                      summary.source_bytes / 1e6 / max(seconds, 1e-6),
+                     "database copy read in" if cfg.use_db_copy else "Horos database held",
                      summary.horos_seconds or 0.0,
                      "; %d failed, %d deferred" % (summary.failed, summary.deferred)
                      if summary.failed or summary.deferred else "",

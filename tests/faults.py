@@ -24,11 +24,27 @@ sys.path.insert(0, os.path.dirname(HERE))
 import horos_backup_export as hbe  # noqa: E402
 
 
-class FillingDisk:
+class WrappedFile:
+    """A real file object, with some of its methods replaced below."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+class FillingDisk(WrappedFile):
     """A file that, like a disk with `room` bytes left, refuses the byte after."""
 
     def __init__(self, handle, room):
-        self._handle = handle
+        super().__init__(handle)
         self._room = room
 
     def write(self, data):
@@ -39,21 +55,12 @@ class FillingDisk:
         self._room -= len(data)
         return self._handle.write(data)
 
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.close()
-
-
-class ShrinkingFile:
+class ShrinkingFile(WrappedFile):
     """A file that another process cuts to half while it is being read."""
 
     def __init__(self, handle, path):
-        self._handle = handle
+        super().__init__(handle)
         self._path = path
         self._cut = False
 
@@ -63,15 +70,6 @@ class ShrinkingFile:
             self._cut = True
             os.truncate(self._path, os.path.getsize(self._path) // 2)
         return count
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.close()
 
 
 def inject(fault, arg):
