@@ -580,6 +580,28 @@ def retry_delay(attempts: int) -> float:
     return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
 
 
+# What happens to a planned study, given which of its files exist (export_study does
+# it; the dry run says it).
+EXPORT, PARTIAL, DEFER, FAIL = "export", "partial", "defer", "fail"
+
+
+def missing_deferrals(previous: Optional[Failure]) -> int:
+    """How many times in a row the study was deferred for missing files."""
+    return previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
+
+
+def files_decision(present: int, missing: int, previous: Optional[Failure],
+                   missing_retries: int) -> str:
+    """FAIL with no files (NO_FILES); DEFER while files are missing and deferrals are
+    left (Horos may still be writing them: wait, but not for ever); else EXPORT, or
+    PARTIAL without the missing files."""
+    if not present:
+        return FAIL
+    if not missing:
+        return EXPORT
+    return DEFER if missing_deferrals(previous) < missing_retries else PARTIAL
+
+
 def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
                    changed: Iterable[str], failures: Mapping[str, Failure],
                    wanted: Sequence[str], order_by: str, now: float,
@@ -1999,8 +2021,8 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str) -> HorosS
         if high_water is not None and high_water < top:
             touched = {row[0] for row in conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
                                                       (high_water,))}
-        newly_changed = sorted(s.uid for s in studies
-                               if s.uid in exported and touched.intersection(s.pks))
+        newly_changed = sorted(s.uid for s in studies if s.uid in exported
+                               and touched.intersection(s.pks)) if touched else []
         # Spares: a study that fails before it is written gives its slot to the next.
         selection = plan_selection(studies, exported, view.changed.union(newly_changed),
                                    view.failures, cfg.modalities, cfg.order_by, now,
@@ -2067,20 +2089,18 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
     """Write, verify and record one study's ZIP; returns EXPORTED, FAILED or DEFERRED."""
     uid = plan.info.uid
     present, missing, source_bytes = stat_files(plan.files)
-    if not present:
+    previous = failures.get(uid)
+    decision = files_decision(len(present), len(missing), previous, cfg.missing_retries)
+    if decision == FAIL:
         record_failure(cfg, state, plan, "NO_FILES", "none of its %d files exist"
                        % len(plan.files), now, missing[0] if missing else "")
         return DEFERRED
-    if missing:
-        previous = failures.get(uid)
-        deferrals = previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
-        if deferrals < cfg.missing_retries:
-            # Horos may still be writing them: wait, but not for ever.
-            record_failure(cfg, state, plan, "MISSING_FILES", "%d of %d files missing "
-                           "(deferral %d of %d before a partial export)"
-                           % (len(missing), len(plan.files), deferrals + 1,
-                              cfg.missing_retries), now, missing[0])
-            return DEFERRED
+    if decision == DEFER:
+        record_failure(cfg, state, plan, "MISSING_FILES", "%d of %d files missing "
+                       "(deferral %d of %d before a partial export)"
+                       % (len(missing), len(plan.files), missing_deferrals(previous) + 1,
+                          cfg.missing_retries), now, missing[0])
+        return DEFERRED
     final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
     check_free_space(cfg, os.path.dirname(final_path), source_bytes, len(present))
     old = state.exported_row(uid)
@@ -2407,17 +2427,15 @@ def dry_run(cfg: Config) -> int:
         if used >= cfg.batch_size:
             break
         present, missing, size = stat_files(plan.files)
-        previous = view.failures.get(plan.info.uid)
-        deferrals = previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
-        if not present:
-            action, label = "fail", "-"      # NO_FILES: its slot goes to the next study
-        elif missing and deferrals < cfg.missing_retries:
-            action, label = "defer", "-"     # MISSING_FILES: the same
+        action = files_decision(len(present), len(missing), view.failures.get(plan.info.uid),
+                                cfg.missing_retries)
+        if action in (FAIL, DEFER):
+            label = "-"                      # its slot goes to the next study
         else:
             used += 1
             label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)))
-            action = "partial" if missing else (
-                "reexport" if plan.reason == "changed" else "export")
+            if action == EXPORT and plan.reason == "changed":
+                action = "reexport"
         day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
             else UNKNOWN
         print("%-7s %-8s  %s  %s  %s  %s  %s  %s" % (

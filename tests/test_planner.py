@@ -423,3 +423,15 @@ def test_bad_flags_are_refused_with_usage(argv, capsys):
         hbe.parse_args(argv)
     assert stopped.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_files_decision_for_the_cycle_and_the_dry_run():
+    missing = hbe.Failure("u", "MISSING_FILES", 2, 0.0, "f")
+    other = hbe.Failure("u", "FILE_CHANGED", 5, 0.0, "f")
+    assert hbe.files_decision(0, 3, None, 3) == hbe.FAIL
+    assert hbe.files_decision(3, 0, missing, 3) == hbe.EXPORT
+    assert hbe.files_decision(2, 1, None, 3) == hbe.DEFER
+    assert hbe.files_decision(2, 1, missing, 3) == hbe.DEFER        # 2 deferrals of 3
+    assert hbe.files_decision(2, 1, missing, 2) == hbe.PARTIAL      # used up
+    assert hbe.files_decision(2, 1, other, 1) == hbe.DEFER          # other failures don't count
+    assert hbe.files_decision(2, 1, None, 0) == hbe.PARTIAL
