@@ -1481,11 +1481,14 @@ ORDER BY id DESC
 LIMIT ?
 """
 
-# Oldest-verified first; never-verified (NULL) before all.
+# Oldest-verified first; never-verified (NULL) before all. UTC ISO times compare as
+# text, so the age filter and the limit stay in SQLite (LIMIT -1: no limit).
 VERIFY_QUEUE_SQL = """
-SELECT study_uid, zip_path, zip_bytes, verified_at
+SELECT study_uid, zip_path, zip_bytes
 FROM exported_studies
+WHERE verified_at IS NULL OR verified_at < :verified_before
 ORDER BY verified_at IS NOT NULL, verified_at, zip_path
+LIMIT :limit
 """
 
 MARK_VERIFIED_SQL = "UPDATE exported_studies SET verified_at = ? WHERE study_uid = ?"
@@ -1664,8 +1667,13 @@ class ExportState:
                     cleared.append(uid)
         return cleared
 
-    def verify_queue(self) -> List[Tuple[str, str, int, Optional[str]]]:
-        return list(self.conn.execute(VERIFY_QUEUE_SQL))
+    def verify_queue(self, verified_before: Optional[float] = None,
+                     limit: Optional[int] = None) -> List[Tuple[str, str, int]]:
+        """(study_uid, zip_path, zip_bytes), longest unverified first."""
+        # "~" sorts after every ISO time: no age filter.
+        before = utc_iso(verified_before) if verified_before is not None else "~"
+        return list(self.conn.execute(VERIFY_QUEUE_SQL, {
+            "verified_before": before, "limit": -1 if limit is None else limit}))
 
     def mark_verified(self, study_uid: str, now: float) -> None:
         with self.transaction() as conn:
@@ -2203,19 +2211,14 @@ def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
     has it; the damaged file itself is left where it is.
     """
     result = VerifyResult()
-    queue = state.verify_queue()
-    if verified_before is not None:
-        queue = [row for row in queue if parse_utc_iso(row[3]) < verified_before]
-    for index, (uid, relpath, zip_bytes, _verified_at) in enumerate(queue, 1):
-        if limit is not None and index > limit:
-            break
+    queue = state.verify_queue(verified_before, limit)
+    for index, (uid, relpath, zip_bytes) in enumerate(queue, 1):
         if max_bytes is not None and result.bytes_read >= max_bytes:
             break
         if started is not None and over_time(cfg, started):
             break
         path = os.path.join(cfg.backup_root, relpath)
-        progress.start("verify %d/%d %s" % (index, min(len(queue), limit or len(queue)),
-                                            relpath), zip_bytes)
+        progress.start("verify %d/%d %s" % (index, len(queue), relpath), zip_bytes)
         if os.path.exists(path):
             problem, _ = verify_zip(path, Throttle(cfg.max_mbps))
             result.bytes_read += os.path.getsize(path)
