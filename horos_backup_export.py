@@ -1922,22 +1922,13 @@ def count_files_up_to(folder: str, limit: int) -> int:
     return count
 
 
-def remove_tree(path: str) -> None:
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            remove_if_present(os.path.join(root, name))
-        for name in dirs:
-            os.rmdir(os.path.join(root, name))
-    os.rmdir(path)
-
-
 def clean_tmp_dir(cfg: Config) -> None:
     """Remove what a killed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
     for entry in os.scandir(cfg.tmp_dir):
         if entry.name in (LOCK_FILE, DB_COPY_DIR):
             continue
         if entry.is_dir(follow_symlinks=False):
-            remove_tree(entry.path)
+            shutil.rmtree(entry.path)
         else:
             remove_if_present(entry.path)
         log.info("removed leftover %s", entry.path)
@@ -2690,7 +2681,7 @@ def restore_zip(zip_path: str, parent: str, staging_parent: str) -> Tuple[str, i
                 os.utime(destination, (stamp, stamp))
             os.rename(staging, target)
         except BaseException:
-            remove_tree(staging)
+            shutil.rmtree(staging)
             raise
     return target, len(members)
 
