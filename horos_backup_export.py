@@ -11,8 +11,9 @@ Python 3.8+ standard library only: the file is copied to /Volumes/PACS/Backup/ a
 run by macOS's /usr/bin/python3.
 
 Sections, in the order data flows:
-  constants - data types - planner (pure) - Horos reader - archive writer -
-  state store - issues, logs and progress - cycle - operator commands - CLI
+  constants - data types - planner (pure) - Horos reader - Horos preferences -
+  archive writer - state store - issues, logs and progress - cycle - operator
+  commands - doctor - CLI
 """
 
 import argparse
@@ -27,11 +28,14 @@ import heapq
 import json
 import logging
 import logging.handlers
+import math
 import os
+import plistlib
 import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 import unicodedata
@@ -39,6 +43,7 @@ import urllib.parse
 import zipfile
 import zlib
 from dataclasses import dataclass
+from xml.parsers.expat import ExpatError
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # =====================================================================================
@@ -80,6 +85,8 @@ MAX_MBPS = 0.0                                                  # --max-mbps
 # Stop starting new studies after this long, so a cycle of big CT studies ends before
 # launchd's next tick (600 s); the lock would make that tick skip anyway.
 MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
+# Horos's settings, of the user who runs Horos (expanded with that user's HOME).
+HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
@@ -177,6 +184,8 @@ class Config:
     max_mbps: float = MAX_MBPS
     max_run_seconds: float = MAX_RUN_SECONDS
     verbose: bool = False
+    folder_size: int = DB_FOLDER_SIZE                 # Horos's DefaultFolderSizeForDB
+    horos_prefs: Optional["HorosPreferences"] = None  # None: Horos's defaults
 
     @property
     def database_path(self) -> str:
@@ -895,7 +904,8 @@ def read_candidates(conn: sqlite3.Connection) -> List[HorosStudy]:
 
 
 def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
-                    files_dir: str, reason: str = "new") -> StudyPlan:
+                    files_dir: str, reason: str = "new",
+                    folder_size: int = DB_FOLDER_SIZE) -> StudyPlan:
     """Metadata, series and files of one study (all its ZSTUDY rows)."""
     info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
     info_rows = [r for r in info_rows if r is not None]
@@ -918,7 +928,7 @@ def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: Ho
         study_datetime=coredata_to_local(study.study_date),
         accession_number=as_text(first[6]), description=as_text(first[7]),
         modalities=study.modalities)
-    ordered_series, files = plan_study_files(series, images, files_dir)
+    ordered_series, files = plan_study_files(series, images, files_dir, folder_size)
     return StudyPlan(info=info, series=ordered_series, files=files,
                      zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
                      reason=reason)
@@ -984,6 +994,254 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     write_small_file(stamp_path, json.dumps(stamp))
     log.info("database copy refreshed in %.2f s: %s", time.monotonic() - started, copy_path)
     return copy_path
+
+
+# =====================================================================================
+# Horos preferences: folder size, library location, auto-cleaning (read, never written)
+# =====================================================================================
+#
+# Horos keeps its settings in the macOS defaults domain org.horosproject.horos, a binary
+# plist in ~/Library/Preferences of the user who runs it; an absent key means Horos's
+# built-in default (DefaultsOsiriX.m). Two settings decide whether this backup works
+# and whether it destroys data: DefaultFolderSizeForDB moves every file of the library
+# (the path rule), and Database Auto-Cleaning deletes studies when the library's volume
+# has less free space than its threshold, so a backup on that volume must never write
+# below it. Values set from Horos's settings window may be numbers or strings ("1024"),
+# booleans true/false, 1/0 or "YES"/"NO": all are accepted.
+
+PREF_FOLDER_SIZE = "DefaultFolderSizeForDB"
+PREF_LOCATION = "DATABASELOCATION"
+PREF_LOCATION_URL = "DATABASELOCATIONURL"
+PREF_AUTO_CLEANING = "AUTOCLEANINGSPACE"
+PREF_AUTO_CLEANING_SIZE = "AUTOCLEANINGSPACESIZE"
+HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default threshold, in MB (MiB)
+HOROS_WARNING_FACTOR = 1.2        # Horos warns once free space is within 20 % above it
+HOROS_DATA_NAME = "Horos Data"
+MIB = 1024 * 1024                 # Horos's "MB"
+RESERVE_MIN_FREE = "min_free_gb"                  # Reserve.source values (status --json)
+RESERVE_AUTO_CLEANING = "horos_auto_cleaning"
+
+
+class HorosPreferencesUnreadable(CannotRun):
+    """Horos's preferences file exists but cannot be read, or holds a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class HorosPreferences:
+    """What Horos's settings say; Horos's defaults for what the file does not hold."""
+    path: str
+    found: bool = False              # False: no file at the default path
+    folder_size: int = DB_FOLDER_SIZE
+    database_location: int = 0       # 0: ~/Documents/Horos Data; 1: DATABASELOCATIONURL
+    database_location_url: str = ""
+    auto_cleaning: bool = True
+    auto_cleaning_size: int = HOROS_AUTO_CLEANING_SIZE   # MB, or -N: N % of the volume
+    problem: str = ""                # doctor only: why the file could not be used
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Free space a cycle leaves on the backup volume, and why that much."""
+    bytes: int
+    source: str                      # RESERVE_MIN_FREE or RESERVE_AUTO_CLEANING
+    detail: str                      # for people: where the figure comes from
+    horos_threshold: Optional[int]   # Horos's threshold on this volume; None: it does not apply
+
+
+def preference_int(values: Mapping, key: str, default: int) -> int:
+    value = values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, (bool, int)):
+        return int(value)
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise HorosPreferencesUnreadable("Horos preference %s is %r, not a number"
+                                         % (key, value))
+    return int(number)
+
+
+def preference_bool(values: Mapping, key: str, default: bool) -> bool:
+    value = values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, (bool, int, float)):
+        return bool(value)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("yes", "true", "y", "t"):
+        return True
+    if text in ("no", "false", "n", "f", ""):
+        return False
+    try:
+        if text is None:
+            raise ValueError(value)
+        return float(text) != 0
+    except ValueError:
+        raise HorosPreferencesUnreadable("Horos preference %s is %r, not true or false"
+                                         % (key, value)) from None
+
+
+def preferences_from_values(path: str, values: Mapping) -> HorosPreferences:
+    """HorosPreferences from the plist's top-level dictionary."""
+    folder_size = preference_int(values, PREF_FOLDER_SIZE, 0)
+    if folder_size < 0:
+        raise HorosPreferencesUnreadable("Horos preference %s is %d, not a folder size"
+                                         % (PREF_FOLDER_SIZE, folder_size))
+    url = values.get(PREF_LOCATION_URL, "")
+    if not isinstance(url, str):
+        raise HorosPreferencesUnreadable("Horos preference %s is %r, not a folder"
+                                         % (PREF_LOCATION_URL, url))
+    return HorosPreferences(
+        path=path, found=True, folder_size=folder_size or DB_FOLDER_SIZE,
+        database_location=preference_int(values, PREF_LOCATION, 0),
+        database_location_url=url,
+        auto_cleaning=preference_bool(values, PREF_AUTO_CLEANING, True),
+        auto_cleaning_size=preference_int(values, PREF_AUTO_CLEANING_SIZE,
+                                          HOROS_AUTO_CLEANING_SIZE))
+
+
+def read_horos_preferences(path: str) -> HorosPreferences:
+    """Horos's preferences from its plist (binary or XML).
+
+    FileNotFoundError when there is no file; HorosPreferencesUnreadable when there is
+    one that cannot be used.
+    """
+    try:
+        with open(path, "rb") as handle:
+            values = plistlib.load(handle)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, ExpatError) as error:
+        raise HorosPreferencesUnreadable("Horos preferences %s cannot be read (%s)"
+                                         % (path, error)) from None
+    if not isinstance(values, dict):
+        raise HorosPreferencesUnreadable("Horos preferences %s hold no dictionary" % path)
+    try:
+        return preferences_from_values(path, values)
+    except HorosPreferencesUnreadable as error:
+        raise HorosPreferencesUnreadable("%s (in %s)" % (error, path)) from None
+
+
+def load_horos_preferences(path: str, explicit: bool, tolerant: bool = False
+                           ) -> HorosPreferences:
+    """The preferences a run uses. No file at the default path: Horos's defaults. A
+    path given with --horos-prefs must be there. tolerant (doctor): a file that cannot
+    be used gives Horos's defaults and its problem, instead of CannotRun."""
+    try:
+        return read_horos_preferences(path)
+    except FileNotFoundError:
+        if explicit:
+            raise HorosPreferencesUnreadable(
+                "Horos preferences %s (--horos-prefs) do not exist" % path) from None
+        return HorosPreferences(path=path)
+    except HorosPreferencesUnreadable as error:
+        if tolerant and not explicit:
+            return HorosPreferences(path=path, problem=str(error))
+        raise
+
+
+def location_url_path(url: str) -> str:
+    """DATABASELOCATIONURL as a path: a file:// URL (percent-encoded) or a plain path."""
+    text = url.strip()
+    if text.lower().startswith("file:"):
+        return urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    return text
+
+
+def horos_data_folder(prefs: HorosPreferences, home: str) -> str:
+    """The Horos Data folder Horos uses, by DATABASELOCATION and DATABASELOCATIONURL."""
+    if prefs.database_location == 1 and prefs.database_location_url.strip():
+        folder = location_url_path(prefs.database_location_url).rstrip("/") or "/"
+        if os.path.basename(folder) == HOROS_DATA_NAME:
+            return folder
+        return os.path.join(folder, HOROS_DATA_NAME)
+    return os.path.join(home, "Documents", HOROS_DATA_NAME)
+
+
+def auto_cleaning_threshold(size: int, total_bytes: int) -> int:
+    """Horos's threshold in bytes: size MB, or -N: N % of the volume's total size."""
+    if size > 0:
+        return size * MIB
+    return total_bytes * -size // 100
+
+
+def describe_auto_cleaning(prefs: HorosPreferences) -> str:
+    if not prefs.auto_cleaning:
+        return "auto-cleaning off"
+    if prefs.auto_cleaning_size < 0:
+        return "auto-cleaning on below %d %% of the volume" % -prefs.auto_cleaning_size
+    return "auto-cleaning on below %d MB" % prefs.auto_cleaning_size
+
+
+def effective_reserve(min_free_gb: float, prefs: HorosPreferences, total_bytes: int,
+                      same_disk: bool) -> Reserve:
+    """MIN_FREE_GB, or 1.2 x Horos's auto-cleaning threshold when that is larger, the
+    threshold counting only when auto-cleaning is on and the backup shares the volume
+    that holds the library (Horos deletes studies below it)."""
+    minimum = int(min_free_gb * GB)
+    threshold = None
+    if prefs.auto_cleaning and same_disk:
+        threshold = auto_cleaning_threshold(prefs.auto_cleaning_size, total_bytes)
+    horos = int(math.ceil(threshold * HOROS_WARNING_FACTOR)) if threshold else 0
+    if horos > minimum:
+        return Reserve(horos, RESERVE_AUTO_CLEANING, "%g x Horos's auto-cleaning threshold "
+                       "of %s on the volume it shares with the library (%s; Horos deletes "
+                       "studies below it)" % (HOROS_WARNING_FACTOR, format_bytes(threshold),
+                                              describe_auto_cleaning(prefs)),
+                       threshold)
+    if not prefs.auto_cleaning:
+        why = "Horos's auto-cleaning is off"
+    elif not same_disk:
+        why = "the backup is on another disk than the library"
+    else:
+        why = "more than %g x Horos's auto-cleaning threshold of %s" % (
+            HOROS_WARNING_FACTOR, format_bytes(threshold or 0))
+    return Reserve(minimum, RESERVE_MIN_FREE, "--min-free-gb %g, %s" % (
+        min_free_gb, why if why.startswith("more") else "as " + why), threshold)
+
+
+def same_disk(path: str, other: str) -> bool:
+    """Whether two paths (or the folders that would hold them) are on one file system."""
+    return os.stat(nearest_existing(path)).st_dev == os.stat(nearest_existing(other)).st_dev
+
+
+def backup_space(cfg: Config, folder: str) -> Tuple[Reserve, int, int]:
+    """(the reserve, free bytes, total bytes) of the volume that holds `folder`."""
+    existing = nearest_existing(folder)
+    usage = os.statvfs(existing)
+    total = usage.f_blocks * usage.f_frsize
+    reserve = effective_reserve(cfg.min_free_gb, cfg.horos_prefs or HorosPreferences(""),
+                                total, same_disk(existing, cfg.horos_data))
+    return reserve, usage.f_bavail * usage.f_frsize, total
+
+
+def log_horos_preferences(cfg: Config) -> None:
+    """Once per cycle: which Horos settings apply."""
+    prefs = cfg.horos_prefs or HorosPreferences("")
+    if prefs.found:
+        log.debug("Horos preferences %s: folder size %d, %s", prefs.path, prefs.folder_size,
+                  describe_auto_cleaning(prefs))
+    else:
+        log.info("no Horos preferences at %s: Horos's defaults apply (folder size %d, %s)",
+                 prefs.path, prefs.folder_size, describe_auto_cleaning(prefs))
+
+
+def preferences_status(cfg: Config) -> dict:
+    """The `horos_preferences` and `reserve` entries of `status --json`."""
+    prefs = cfg.horos_prefs or HorosPreferences("")
+    reserve, _free, _total = backup_space(cfg, cfg.backup_root)
+    return {
+        "horos_preferences": {
+            "path": prefs.path, "found": prefs.found, "folder_size": prefs.folder_size,
+            "auto_cleaning": prefs.auto_cleaning,
+            "auto_cleaning_size": prefs.auto_cleaning_size},
+        "reserve": {"bytes": reserve.bytes, "source": reserve.source,
+                    "detail": reserve.detail,
+                    "horos_threshold_bytes": reserve.horos_threshold},
+    }
 
 
 # =====================================================================================
@@ -2026,7 +2284,8 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str) -> HorosS
         selection = plan_selection(studies, exported, view.changed.union(newly_changed),
                                    view.failures, cfg.modalities, cfg.order_by, now,
                                    cfg.settle_minutes * 60, limit=cfg.batch_size * 2)
-        plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason)
+        plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason,
+                                 cfg.folder_size)
                  for c in selection.queue]
     held = time.monotonic() - started
     log.debug("read %d studies from %s in %.3f s", len(studies), db_path, held)
@@ -2050,17 +2309,17 @@ def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str]
 
 
 def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int) -> None:
-    """Room for the study plus MIN_FREE_GB, so Horos can still receive studies."""
-    if cfg.min_free_gb <= 0:
+    """Room for the study plus the reserve: MIN_FREE_GB, so Horos can still receive
+    studies, or more, so Horos's auto-cleaning never starts (effective_reserve)."""
+    reserve, free, _total = backup_space(cfg, folder)
+    if reserve.bytes <= 0:
         return
-    usage = os.statvfs(nearest_existing(folder))
-    free = usage.f_bavail * usage.f_frsize
-    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + int(cfg.min_free_gb * GB)
+    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + reserve.bytes
     if free < needed:
         raise DiskSpaceProblem("DISK_LOW", "backup volume low: %s free, the next study needs "
-                               "%s plus the %s reserve (--min-free-gb)"
+                               "%s plus the %s reserve (%s)"
                                % (format_bytes(free), format_bytes(study_bytes),
-                                  format_bytes(cfg.min_free_gb * GB)))
+                                  format_bytes(reserve.bytes), reserve.detail))
 
 
 def record_failure(cfg: Config, state: ExportState, plan: StudyPlan, kind: str,
@@ -2250,6 +2509,7 @@ def run_cycle(cfg: Config) -> int:
     check_sentinels(cfg)
     os.makedirs(cfg.tmp_dir, exist_ok=True)
     setup_file_logging(cfg)
+    log_horos_preferences(cfg)
     with run_lock(cfg.lock_path) as held:
         if not held:
             log.info("another run holds %s; skipping this cycle", cfg.lock_path)
@@ -2536,6 +2796,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "sentinel": {"path": cfg.sentinel, "present": os.path.isfile(cfg.sentinel)},
         "backup_free_bytes": usage.f_bavail * usage.f_frsize,
         "horos_read_seconds": round(horos_seconds, 3),
+        **preferences_status(cfg),
     }
 
 
@@ -2560,6 +2821,9 @@ def print_status(status: Mapping) -> None:
     lock = status["lock"]
     line("lock", "held by a running cycle (pid %s)" % lock["pid"] if lock["held"] else "free")
     line("free space", format_bytes(status["backup_free_bytes"]))
+    if "reserve" in status:
+        line("reserve", "%s (%s)" % (format_bytes(status["reserve"]["bytes"]),
+                                     status["reserve"]["detail"]))
     print("Studies")
     line("eligible", "%d CT/MR studies in Horos" % status["eligible"])
     line("exported", "%d (%s of ZIPs)" % (status["exported"], format_bytes(status["bytes"])))
@@ -2817,6 +3081,408 @@ def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
 
 
 # =====================================================================================
+# Doctor: a read-only check of the installation, end to end
+# =====================================================================================
+#
+# Meant for the day the script is installed and for any day something looks wrong. It
+# writes nothing at all (no folder, log, lock, state or database snapshot), so it is
+# safe on a volume that is not mounted and next to a running cycle; Database.sql is
+# read in one short read transaction of index lookups.
+
+CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP = "ok", "warn", "fail", "skip"
+PATH_SAMPLE_SIZE = 200            # image rows whose files the path rule must find
+FOLDER_SIZES_TRIED = (1000, 5000, 10000, 20000, 50000, 100000)
+FAT_FILE_SYSTEMS = frozenset({"msdos", "vfat", "fat", "fat12", "fat16", "fat32", "umsdos"})
+LAUNCHD_LABEL = "com.horos.backup"
+MIN_PYTHON = (3, 8)
+LAUNCH_AGENT_PLIST = "~/Library/LaunchAgents/com.horos.backup.plist"
+# A successful cycle older than this means launchd is not running the job.
+LAST_CYCLE_LATE_SECONDS = 3 * LAUNCHD_INTERVAL_SECONDS + MAX_RUN_SECONDS
+
+IMAGE_PK_RANGE_SQL = "SELECT MIN(Z_PK), MAX(Z_PK) FROM ZIMAGE"
+
+# One primary-key lookup per sampled row: the cost does not grow with the library.
+IMAGE_AT_OR_AFTER_SQL = """
+SELECT Z_PK, ZPATHNUMBER, ZPATHSTRING
+FROM ZIMAGE
+WHERE Z_PK >= ?
+ORDER BY Z_PK
+LIMIT 1
+"""
+
+STUDY_PK_RANGE_SQL = "SELECT MIN(Z_PK), MAX(Z_PK) FROM ZSTUDY"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str                      # CHECK_OK, CHECK_WARN, CHECK_FAIL or CHECK_SKIP
+    detail: str
+
+
+def sample_targets(low: int, high: int, count: int) -> List[int]:
+    """Up to count Z_PK values spread evenly from low to high, both included."""
+    if high - low + 1 <= count:
+        return list(range(low, high + 1))
+    return sorted({low + (high - low) * i // (count - 1) for i in range(count)})
+
+
+def sentinel_checks(cfg: Config) -> List[Check]:
+    checks = []
+    if os.path.isfile(cfg.sentinel):
+        checks.append(Check("pacs_sentinel", CHECK_OK, "%s present" % cfg.sentinel))
+    else:
+        checks.append(Check("pacs_sentinel", CHECK_FAIL, "%s is missing: mount the PACS "
+                            "volume; on a new install create it with `touch %s`"
+                            % (cfg.sentinel, cfg.sentinel)))
+    parent = os.path.dirname(cfg.backup_root)
+    backup_sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
+    if not os.path.isdir(parent):
+        checks.append(Check("backup_sentinel", CHECK_FAIL, "%s does not exist: is the backup "
+                            "disk mounted? (a cycle never creates it)" % parent))
+    elif same_disk(cfg.backup_root, cfg.pacs_root):
+        checks.append(Check("backup_sentinel", CHECK_SKIP, "BACKUP_ROOT is on the PACS "
+                            "volume: no %s needed" % BACKUP_SENTINEL_NAME))
+    elif os.path.isfile(backup_sentinel):
+        checks.append(Check("backup_sentinel", CHECK_OK, "%s present" % backup_sentinel))
+    else:
+        checks.append(Check("backup_sentinel", CHECK_FAIL, "%s is on another disk than %s "
+                            "and %s is missing: mount the backup disk; on a new install "
+                            "create it with `touch %s`" % (cfg.backup_root, cfg.pacs_root,
+                                                           backup_sentinel, backup_sentinel)))
+    return checks
+
+
+def preferences_check(cfg: Config, prefs: HorosPreferences) -> Check:
+    if prefs.problem:
+        return Check("horos_preferences", CHECK_FAIL, "%s; fix the file or pass --horos-prefs "
+                     "with the preferences of the user who runs Horos" % prefs.problem)
+    usage = os.statvfs(nearest_existing(cfg.horos_data))
+    threshold = auto_cleaning_threshold(prefs.auto_cleaning_size,
+                                        usage.f_blocks * usage.f_frsize)
+    cleaning = describe_auto_cleaning(prefs)
+    if prefs.auto_cleaning:
+        cleaning += " (%s on the library's volume)" % format_bytes(threshold)
+    settings = "folder size %d, library %s, %s" % (
+        prefs.folder_size, horos_data_folder(prefs, os.path.expanduser("~")), cleaning)
+    if not prefs.found:
+        return Check("horos_preferences", CHECK_WARN, "no Horos preferences at %s: Horos's "
+                     "defaults assumed (%s); if Horos runs as another user, pass "
+                     "--horos-prefs /Users/<that user>/Library/Preferences/"
+                     "org.horosproject.horos.plist" % (prefs.path, settings))
+    return Check("horos_preferences", CHECK_OK, "%s: %s" % (prefs.path, settings))
+
+
+def horos_data_check(cfg: Config, prefs: HorosPreferences) -> Check:
+    used = horos_data_folder(prefs, os.path.expanduser("~"))
+    if not os.path.isdir(cfg.horos_data):
+        hint = (" (Horos's preferences name %s)" % used) if prefs.found else ""
+        return Check("horos_data", CHECK_FAIL, "%s does not exist: is the volume mounted, or "
+                     "is --horos-data/--pacs-root wrong?%s" % (cfg.horos_data, hint))
+    if prefs.found and os.path.normpath(used) != os.path.normpath(cfg.horos_data):
+        return Check("horos_data", CHECK_WARN, "this backup reads %s, but Horos's preferences "
+                     "name %s: drop --horos-data/--pacs-root to follow Horos, or check "
+                     "Horos → Settings → Database" % (cfg.horos_data, used))
+    return Check("horos_data", CHECK_OK, "%s%s" % (cfg.horos_data, " (as Horos's preferences "
+                                                    "say)" if prefs.found else ""))
+
+
+def read_path_sample(cfg: Config) -> Tuple[List[Tuple[int, object, object]], str]:
+    """(sampled ZIMAGE rows, what the read saw), in one short read transaction."""
+    started = time.monotonic()
+    with horos_read_transaction(cfg.database_path, cfg.busy_timeout) as (conn, _columns):
+        studies_low, studies_high = conn.execute(STUDY_PK_RANGE_SQL).fetchone()
+        low, high = conn.execute(IMAGE_PK_RANGE_SQL).fetchone()
+        rows: List[Tuple[int, object, object]] = []
+        if low is not None:
+            seen = set()
+            for target in sample_targets(low, high, PATH_SAMPLE_SIZE):
+                row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
+                if row is not None and row[0] not in seen:
+                    seen.add(row[0])
+                    rows.append(tuple(row))
+    seen_text = "readable, with every table and column needed; study rows Z_PK %s to %s, " \
+                "image rows %s to %s; read in %.3f s" % (
+                    studies_low, studies_high, low, high, time.monotonic() - started)
+    return rows, seen_text
+
+
+def unmounted_volume(path: str, exists) -> Optional[str]:
+    """/Volumes/X for a path on a macOS volume that is not mounted, else None."""
+    parts = path.split("/")
+    if len(parts) > 2 and parts[1] == "Volumes" and parts[2]:
+        volume = "/Volumes/" + parts[2]
+        if not exists(volume):
+            return volume
+    return None
+
+
+def missing_files_cause(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+                        folder_size: int, exists, prefs_files_dir: Optional[str]) -> str:
+    """The likely reason sampled files are not where the path rule puts them."""
+    in_place = [r for r in rows if _as_int(r[1]) is None and as_text(r[2]).startswith("/")]
+    in_database = [r for r in rows if r not in in_place]
+    missing_in_place = [as_text(r[2]) for r in in_place if not exists(as_text(r[2]))]
+
+    def found_with(folder: str, size: int) -> int:
+        return sum(1 for _pk, number, text in in_database
+                   if exists(resolve_image_path(folder, number, text, size) or ""))
+
+    missing_in_database = len(in_database) - found_with(files_dir, folder_size)
+    if len(missing_in_place) > missing_in_database:
+        volumes = sorted({v for v in (unmounted_volume(p, exists) for p in missing_in_place)
+                          if v})
+        if volumes:
+            return ("files added to Horos in place (not copied into the database) are on "
+                    "%s, which is not mounted: mount it" % ", ".join(volumes))
+        return ("files added to Horos in place (not copied into the database) are missing, "
+                "e.g. %s: they were moved or deleted outside Horos" % missing_in_place[0])
+    sizes = sorted(set(FOLDER_SIZES_TRIED) | {folder_size})
+    found = {size: found_with(files_dir, size) for size in sizes}
+    best = max(sizes, key=lambda size: (found[size], size == folder_size))
+    if found[best] > found[folder_size]:
+        return ("the files are laid out with folder size %d (%d of %d sampled files found "
+                "that way) but the preference DefaultFolderSizeForDB says %d: pass "
+                "--horos-prefs with the preferences of the user who runs Horos"
+                % (best, found[best], len(in_database), folder_size))
+    if prefs_files_dir and os.path.normpath(prefs_files_dir) != os.path.normpath(files_dir) \
+            and found_with(prefs_files_dir, folder_size) > found[folder_size]:
+        return ("the files are in %s, the Horos Data folder Horos's preferences name: drop "
+                "--horos-data/--pacs-root or point it there" % os.path.dirname(prefs_files_dir))
+    if not exists(files_dir):
+        return ("there is no %s: is %s the Horos Data folder Horos uses?"
+                % (files_dir, os.path.dirname(files_dir)))
+    return ("they are not in %s: is %s the Horos Data folder that belongs to this "
+            "Database.sql?" % (files_dir, os.path.dirname(files_dir)))
+
+
+def path_rule_check(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+                    folder_size: int, exists=os.path.exists,
+                    prefs_files_dir: Optional[str] = None) -> Check:
+    """Whether the files of sampled image rows are where the path rule says."""
+    if not rows:
+        return Check("path_rule", CHECK_SKIP, "Database.sql holds no image rows yet")
+    paths = [resolve_image_path(files_dir, number, text, folder_size)
+             for _pk, number, text in rows]
+    missing = [p or "(no path)" for p in paths if not p or not exists(p)]
+    span = "Z_PK %d to %d" % (rows[0][0], rows[-1][0])
+    if not missing:
+        return Check("path_rule", CHECK_OK, "all %d sampled image rows (%s) have their file, "
+                     "with folder size %d" % (len(rows), span, folder_size))
+    cause = missing_files_cause(rows, files_dir, folder_size, exists, prefs_files_dir)
+    if len(missing) * 2 > len(rows):
+        return Check("path_rule", CHECK_FAIL, "%d of %d sampled image rows (%s) have no file "
+                     "(e.g. %s): nothing would be backed up; %s"
+                     % (len(missing), len(rows), span, missing[0], cause))
+    return Check("path_rule", CHECK_WARN, "%d of %d sampled image rows (%s) have no file "
+                 "(e.g. %s); their studies would be exported without them; %s"
+                 % (len(missing), len(rows), span, missing[0], cause))
+
+
+def horos_checks(cfg: Config, prefs: HorosPreferences) -> List[Check]:
+    try:
+        rows, seen = read_path_sample(cfg)
+    except HorosUnreadable as error:
+        return [Check("horos_database", CHECK_FAIL, str(error)),
+                Check("path_rule", CHECK_SKIP, "Database.sql could not be read")]
+    prefs_files_dir = os.path.join(horos_data_folder(prefs, os.path.expanduser("~")),
+                                   HOROS_FILES_DIR) if prefs.found else None
+    return [Check("horos_database", CHECK_OK, "%s %s" % (cfg.database_path, seen)),
+            path_rule_check(rows, cfg.horos_files_dir, cfg.folder_size,
+                            prefs_files_dir=prefs_files_dir)]
+
+
+def mount_table() -> List[Tuple[str, str]]:
+    """(mount point, file system type) of every mount; empty when unknown."""
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        lines = None
+    if lines is not None:
+        mounts = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 3:
+                # /proc/mounts writes a space in a mount point as \040.
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+                mounts.append((point, fields[2]))
+        return mounts
+    try:
+        output = subprocess.run(["mount"], capture_output=True, text=True, timeout=10,
+                                check=False).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("cannot list mounts: %s", error)
+        return []
+    # macOS: "/dev/disk4s1 on /Volumes/BACKUP (msdos, local, nodev, nosuid, noowners)"
+    return [(m.group(1), m.group(2)) for m in
+            (re.match(r"^.+? on (.+) \(([^,()]+)", line) for line in output.splitlines())
+            if m]
+
+
+def file_system_type(path: str, mounts: Sequence[Tuple[str, str]]) -> Optional[str]:
+    """The type of the file system holding path, by the longest mount point above it."""
+    real = os.path.realpath(nearest_existing(path))
+    best: Optional[Tuple[str, str]] = None
+    for point, kind in mounts:
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, kind)
+    return best[1] if best else None
+
+
+def disk_checks(cfg: Config, now: float) -> List[Check]:
+    checks = []
+    reserve, free, _total = backup_space(cfg, cfg.backup_root)
+    if free < reserve.bytes:
+        checks.append(Check("free_space", CHECK_FAIL, "%s free on the backup volume, below the "
+                            "%s reserve (%s): cycles stop with DISK_LOW until there is room"
+                            % (format_bytes(free), format_bytes(reserve.bytes),
+                               reserve.detail)))
+    else:
+        checks.append(Check("free_space", CHECK_OK, "%s free on the backup volume; reserve "
+                            "%s (%s)" % (format_bytes(free), format_bytes(reserve.bytes),
+                                         reserve.detail)))
+    if same_disk(cfg.backup_root, cfg.horos_data):
+        checks.append(Check("same_disk", CHECK_WARN, "%s is on the same disk as the Horos "
+                            "library: a disk failure loses both; put the backup on another "
+                            "disk (--backup-root /Volumes/BACKUP/Horos)" % cfg.backup_root))
+    else:
+        checks.append(Check("same_disk", CHECK_OK, "%s is on another disk than the Horos "
+                            "library" % cfg.backup_root))
+    kind = file_system_type(cfg.backup_root, mount_table())
+    if kind is None:
+        checks.append(Check("file_system", CHECK_SKIP, "cannot tell the backup volume's file "
+                            "system on this system"))
+    elif kind.lower() in FAT_FILE_SYSTEMS:
+        checks.append(Check("file_system", CHECK_FAIL, "the backup volume is %s (FAT32): no "
+                            "file can exceed 4 GiB, and big studies need ZIP64 files; "
+                            "reformat it as APFS or Mac OS Extended" % kind))
+    else:
+        checks.append(Check("file_system", CHECK_OK, "the backup volume is %s" % kind))
+    existing = nearest_existing(cfg.backup_root)
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    where = ("%s" % cfg.backup_root if existing == cfg.backup_root
+             else "%s does not exist yet; the first cycle creates it in %s"
+             % (cfg.backup_root, existing))
+    checks.append(Check("backup_writable", CHECK_OK if writable else CHECK_FAIL,
+                        "%s%s" % (where, ": writable" if writable else
+                                  ": not writable by this user; fix its owner or "
+                                  "permissions")))
+    checks.extend(state_checks(cfg, now))
+    return checks
+
+
+def state_checks(cfg: Config, now: float) -> List[Check]:
+    if not os.path.exists(cfg.state_path):
+        return [Check("state", CHECK_OK, "no %s yet: the first cycle creates it"
+                      % cfg.state_path),
+                Check("last_cycle", CHECK_WARN, "no cycle has run yet: load the launchd job "
+                      "(README: Install on the Mac mini)")]
+    try:
+        state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+        try:
+            exported = len(state.exported_fingerprints())
+            runs = state.last_runs(RUNS_KEPT)
+        finally:
+            state.close()
+    except (CannotRun, sqlite3.Error) as error:
+        return [Check("state", CHECK_FAIL, str(error)),
+                Check("last_cycle", CHECK_SKIP, "the state database could not be read")]
+    checks = [Check("state", CHECK_OK, "%s readable: %s exported"
+                    % (cfg.state_path, plural(exported, "study", "studies")))]
+    good = next((run for run in runs if run["outcome"] == "ok"), None)
+    latest = runs[0] if runs else None
+    if good is None:
+        checks.append(Check("last_cycle", CHECK_WARN, "no successful cycle recorded%s" % (
+            "; the last one ended %s: %s" % (latest["outcome"], latest["detail"] or "-")
+            if latest else "")))
+        return checks
+    age = now - parse_utc_iso(good["started_at"])
+    text = "last successful cycle %s, %s ago" % (local_time_text(good["started_at"]),
+                                                 format_duration(max(age, 0)))
+    if latest is not None and latest is not good:
+        text += "; the last one ended %s: %s" % (latest["outcome"], latest["detail"] or "-")
+    late = age > LAST_CYCLE_LATE_SECONDS
+    if late:
+        text += ": launchd should run one every %d minutes; is the job loaded?" % (
+            LAUNCHD_INTERVAL_SECONDS // 60)
+    checks.append(Check("last_cycle", CHECK_WARN if late or latest is not good else CHECK_OK,
+                        text))
+    return checks
+
+
+def python_check() -> Check:
+    version = "%d.%d.%d" % sys.version_info[:3]
+    if sys.version_info < MIN_PYTHON:
+        return Check("python", CHECK_FAIL, "Python %s at %s: %d.%d or newer is needed"
+                     % ((version, sys.executable) + MIN_PYTHON))
+    return Check("python", CHECK_OK, "Python %s at %s" % (version, sys.executable))
+
+
+def launchd_check() -> Check:
+    if sys.platform != "darwin":
+        return Check("launchd", CHECK_SKIP, "not macOS: no launchd job to check")
+    plist_path = os.path.expanduser(LAUNCH_AGENT_PLIST)
+    install = "cp com.horos.backup.plist ~/Library/LaunchAgents/ && launchctl bootstrap " \
+              "gui/$(id -u) %s" % plist_path
+    try:
+        with open(plist_path, "rb") as handle:
+            job = plistlib.load(handle)
+    except FileNotFoundError:
+        return Check("launchd", CHECK_FAIL, "no launchd job at %s: %s" % (plist_path, install))
+    except (OSError, ValueError, ExpatError) as error:
+        return Check("launchd", CHECK_FAIL, "%s cannot be read (%s)" % (plist_path, error))
+    arguments = job.get("ProgramArguments", []) if isinstance(job, dict) else []
+    scripts = [a for a in arguments if isinstance(a, str) and a.endswith(".py")]
+    this_script = os.path.realpath(os.path.abspath(__file__))
+    if not scripts or not os.path.isfile(scripts[0]):
+        return Check("launchd", CHECK_FAIL, "%s runs %s, which does not exist: fix its "
+                     "ProgramArguments" % (plist_path, scripts[0] if scripts else arguments))
+    result = subprocess.run(["launchctl", "print", "gui/%d/%s" % (os.getuid(), LAUNCHD_LABEL)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        return Check("launchd", CHECK_FAIL, "%s is not loaded: launchctl bootstrap gui/%d %s"
+                     % (LAUNCHD_LABEL, os.getuid(), plist_path))
+    if os.path.realpath(scripts[0]) != this_script:
+        return Check("launchd", CHECK_WARN, "%s is loaded but runs %s, not this copy (%s): "
+                     "run doctor from the copy launchd runs" % (LAUNCHD_LABEL, scripts[0],
+                                                                this_script))
+    return Check("launchd", CHECK_OK, "%s is loaded and runs %s" % (LAUNCHD_LABEL,
+                                                                 scripts[0]))
+
+
+def run_doctor(cfg: Config, now: float) -> List[Check]:
+    """Every check, in the order a person would fix them."""
+    prefs = cfg.horos_prefs or HorosPreferences("")
+    checks = [python_check()]
+    checks.extend(sentinel_checks(cfg))
+    checks.append(preferences_check(cfg, prefs))
+    checks.append(horos_data_check(cfg, prefs))
+    checks.extend(horos_checks(cfg, prefs))
+    checks.extend(disk_checks(cfg, now))
+    checks.append(launchd_check())
+    return checks
+
+
+def doctor_command(cfg: Config, as_json: bool) -> int:
+    """Check the installation; exit 1 when any check fails (warnings are allowed)."""
+    checks = run_doctor(cfg, time.time())
+    if as_json:
+        print(json.dumps({"checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            print("%-5s %-18s %s" % (check.status, check.name, check.detail))
+        counts = {status: sum(1 for c in checks if c.status == status)
+                  for status in (CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP)}
+        print("doctor: %d ok, %d warn, %d fail, %d skip: %s" % (
+            counts[CHECK_OK], counts[CHECK_WARN], counts[CHECK_FAIL], counts[CHECK_SKIP],
+            "fix what failed before relying on the backup" if counts[CHECK_FAIL]
+            else "the backup can run here"))
+    return EXIT_FAILED if any(c.status == CHECK_FAIL for c in checks) else EXIT_OK
+
+
+# =====================================================================================
 # CLI
 # =====================================================================================
 
@@ -2893,6 +3559,8 @@ COMMON_FLAGS = (
                                    "this long; 0: no limit (default %g)" % MAX_RUN_SECONDS),
      MAX_RUN_SECONDS),
     (("--verbose",), dict(action="store_true", help="debug logging"), False),
+    (("--horos-prefs",), dict(metavar="PLIST", help="Horos's preferences (default %s)"
+                               % HOROS_PREFS), None),
 )
 
 COMMANDS = {
@@ -2901,6 +3569,7 @@ COMMANDS = {
     "restore": "extract study ZIPs into a folder, or back into Horos",
     "reindex": "rebuild export_state.sqlite from the ZIPs' manifests",
     "retry": "clear the back-off of failed studies",
+    "doctor": "check the installation end to end; writes nothing (--json for scripts)",
 }
 
 
@@ -2943,6 +3612,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="into INCOMING.noindex, for Horos to import")
     sub["retry"].add_argument("study_uids", nargs="*", metavar="STUDY_UID",
                               help="the studies to retry (default: every failed study)")
+    sub["doctor"].add_argument("--json", action="store_true", help="machine-readable")
     return parser
 
 
@@ -2957,7 +3627,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Flags over constants. Without --pacs-root the path constants apply as edited at
-    the top of this file; with it, paths derive from it unless given on their own."""
+    the top of this file (but Horos Data follows Horos's preferences when they exist);
+    with it, paths derive from it unless given on their own."""
     if args.pacs_root:
         pacs_root = os.path.abspath(args.pacs_root)
         sentinel = os.path.join(pacs_root, SENTINEL_NAME)
@@ -2966,6 +3637,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     else:
         pacs_root, sentinel, horos_data, backup_root = (PACS_ROOT, SENTINEL, HOROS_DATA_DIR,
                                                         BACKUP_ROOT)
+    prefs = load_horos_preferences(os.path.abspath(os.path.expanduser(
+        args.horos_prefs or HOROS_PREFS)), explicit=args.horos_prefs is not None,
+        tolerant=args.command == "doctor")
+    if not args.pacs_root and prefs.found:
+        horos_data = horos_data_folder(prefs, os.path.expanduser("~"))
     return Config(
         pacs_root=pacs_root,
         sentinel=sentinel,
@@ -2986,6 +3662,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_mbps=args.max_mbps,
         max_run_seconds=args.max_run_seconds,
         verbose=args.verbose,
+        folder_size=prefs.folder_size,
+        horos_prefs=prefs,
     )
 
 
@@ -3002,6 +3680,8 @@ def run_command(args: argparse.Namespace, cfg: Config) -> int:
         return restore_command(cfg, args.zips, args.to, args.into_horos)
     if args.command == "reindex":
         return reindex_command(cfg)
+    if args.command == "doctor":
+        return doctor_command(cfg, args.json)
     return retry_command(cfg, args.study_uids)
 
 
