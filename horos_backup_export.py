@@ -3292,32 +3292,41 @@ def horos_checks(cfg: Config, prefs: HorosPreferences) -> List[Check]:
                             prefs_files_dir=prefs_files_dir)]
 
 
+def parse_proc_mounts(text: str) -> List[Tuple[str, str]]:
+    """(mount point, type) from Linux's /proc/mounts."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            # /proc/mounts writes a space in a mount point as \040.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            mounts.append((point, fields[2]))
+    return mounts
+
+
+def parse_mount_output(text: str) -> List[Tuple[str, str]]:
+    """(mount point, type) from macOS's `mount`:
+    `/dev/disk4s1 on /Volumes/BACKUP (msdos, local, nodev, nosuid, noowners)`."""
+    matches = (re.match(r"^.+? on (.+) \(([^,()]+)", line) for line in text.splitlines())
+    return [(m.group(1), m.group(2).strip()) for m in matches if m]
+
+
 def mount_table() -> List[Tuple[str, str]]:
     """(mount point, file system type) of every mount; empty when unknown."""
-    try:
-        with open("/proc/mounts", encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        lines = None
-    if lines is not None:
-        mounts = []
-        for line in lines:
-            fields = line.split()
-            if len(fields) >= 3:
-                # /proc/mounts writes a space in a mount point as \040.
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-                mounts.append((point, fields[2]))
-        return mounts
+    if os.path.isfile("/proc/mounts"):             # Linux; macOS has mount(8) only
+        try:
+            with open("/proc/mounts", encoding="utf-8", errors="replace") as handle:
+                return parse_proc_mounts(handle.read())
+        except OSError as error:
+            log.debug("cannot read /proc/mounts: %s", error)
+            return []
     try:
         output = subprocess.run(["mount"], capture_output=True, text=True, timeout=10,
                                 check=False).stdout
     except (OSError, subprocess.SubprocessError) as error:
         log.debug("cannot list mounts: %s", error)
         return []
-    # macOS: "/dev/disk4s1 on /Volumes/BACKUP (msdos, local, nodev, nosuid, noowners)"
-    return [(m.group(1), m.group(2)) for m in
-            (re.match(r"^.+? on (.+) \(([^,()]+)", line) for line in output.splitlines())
-            if m]
+    return parse_mount_output(output)
 
 
 def file_system_type(path: str, mounts: Sequence[Tuple[str, str]]) -> Optional[str]:

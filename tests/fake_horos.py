@@ -17,12 +17,14 @@ import argparse
 import datetime as dt
 import hashlib
 import os
+import plistlib
 import sqlite3
 import sys
 import time
 
 COREDATA_EPOCH_OFFSET = 978307200  # 2001-01-01 00:00:00 UTC in Unix time
 FOLDER_SIZE = 10000  # Horos preference DefaultFolderSizeForDB
+HOROS_PREFS_PATH = os.path.join("Library", "Preferences", "org.horosproject.horos.plist")
 
 # Core Data entity numbers as Z_PRIMARYKEY lists them (alphabetical, as Core Data does).
 ENTITIES = {"Album": 1, "Image": 2, "LogEntry": 3, "Series": 4, "Study": 5}
@@ -84,6 +86,19 @@ def database_path_for_number(database_dir, number, folder_size=FOLDER_SIZE):
     """Where Horos keeps DATABASE.noindex file number N (DicomImage.m)."""
     folder = (number // folder_size + 1) * folder_size
     return os.path.join(database_dir, str(folder), "%d.dcm" % number)
+
+
+def write_horos_preferences(values, home=None, path=None):
+    """Horos's settings as macOS keeps them: a binary plist, at
+    HOME/Library/Preferences/org.horosproject.horos.plist or at `path`. Values go in as
+    given, so a test can store numbers, strings ("1024", "-10") or booleans, as Horos's
+    settings window does. Returns the path."""
+    if path is None:
+        path = os.path.join(home, HOROS_PREFS_PATH)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        plistlib.dump(dict(values), handle, fmt=plistlib.FMT_BINARY)
+    return path
 
 
 def fake_dicom_bytes(seed, size):
@@ -286,13 +301,14 @@ class FakeHorosLibrary:
             self.conn = None
 
 
-def build_sample_library(pacs_root):
+def build_sample_library(pacs_root, folder_size=FOLDER_SIZE):
     """The sample library of the README's first command; returns the FakeHorosLibrary.
 
     Expected result: 14 studies are CT or MR and get exported; 4 are not (RT-only,
-    ultrasound, OCT, SR-only).
+    ultrasound, OCT, SR-only). folder_size: Horos's DefaultFolderSizeForDB, which
+    decides the DATABASE.noindex subfolder of every file.
     """
-    lib = FakeHorosLibrary(pacs_root)
+    lib = FakeHorosLibrary(pacs_root, folder_size=folder_size)
     day = dt.timedelta(days=1)
     # Near a month boundary: 2019-03-01 05:30 in Tokyo is 2019-02-28 in UTC.
     ct = lib.add_study("1.2.392.200036.9116.2.6.1.48.1215.1551385800.1", "YAMADA^TARO",
