@@ -1187,10 +1187,12 @@ def effective_reserve(min_free_gb: float, prefs: HorosPreferences, total_bytes: 
         threshold = auto_cleaning_threshold(prefs.auto_cleaning_size, total_bytes)
     horos = int(math.ceil(threshold * HOROS_WARNING_FACTOR)) if threshold else 0
     if horos > minimum:
+        size = prefs.auto_cleaning_size
+        setting = "%d %% of the volume" % -size if size < 0 else "%d MB" % size
         return Reserve(horos, RESERVE_AUTO_CLEANING, "%g x Horos's auto-cleaning threshold "
-                       "of %s on the volume it shares with the library (%s; Horos deletes "
-                       "studies below it)" % (HOROS_WARNING_FACTOR, format_bytes(threshold),
-                                              describe_auto_cleaning(prefs)),
+                       "of %s, %s; below it Horos deletes studies from the library's volume, "
+                       "which the backup shares" % (HOROS_WARNING_FACTOR,
+                                                    format_bytes(threshold), setting),
                        threshold)
     if not prefs.auto_cleaning:
         why = "Horos's auto-cleaning is off"
@@ -3161,7 +3163,7 @@ def preferences_check(cfg: Config, prefs: HorosPreferences) -> Check:
     threshold = auto_cleaning_threshold(prefs.auto_cleaning_size,
                                         usage.f_blocks * usage.f_frsize)
     cleaning = describe_auto_cleaning(prefs)
-    if prefs.auto_cleaning:
+    if prefs.auto_cleaning and prefs.auto_cleaning_size < 0:
         cleaning += " (%s on the library's volume)" % format_bytes(threshold)
     settings = "folder size %d, library %s, %s" % (
         prefs.folder_size, horos_data_folder(prefs, os.path.expanduser("~")), cleaning)
