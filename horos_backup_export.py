@@ -3450,8 +3450,13 @@ def launchd_check() -> Check:
     if not scripts or not os.path.isfile(scripts[0]):
         return Check("launchd", CHECK_FAIL, "%s runs %s, which does not exist: fix its "
                      "ProgramArguments" % (plist_path, scripts[0] if scripts else arguments))
-    result = subprocess.run(["launchctl", "print", "gui/%d/%s" % (os.getuid(), LAUNCHD_LABEL)],
-                            capture_output=True, text=True, timeout=30, check=False)
+    try:
+        result = subprocess.run(["launchctl", "print", "gui/%d/%s" % (os.getuid(),
+                                                                     LAUNCHD_LABEL)],
+                                capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        return Check("launchd", CHECK_FAIL, "cannot ask launchctl whether %s is loaded: %s"
+                     % (LAUNCHD_LABEL, error))
     if result.returncode != 0:
         return Check("launchd", CHECK_FAIL, "%s is not loaded: launchctl bootstrap gui/%d %s"
                      % (LAUNCHD_LABEL, os.getuid(), plist_path))
