@@ -289,3 +289,28 @@ def test_doctor_without_a_library_reports_instead_of_crashing(tmp_path):
     assert "fail  horos_data" in result.stdout
     assert "fail  horos_database" in result.stdout
     assert not os.path.exists(tmp_path / "not-mounted")
+
+
+def test_the_launchd_job_on_macos(tmp_path, monkeypatch):
+    # Runs on any system: the plist branches need no launchctl; where launchctl does not
+    # exist (not a Mac), asking it is a failed check, never a crash.
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check = hbe.launchd_check()
+    assert check.status == "fail" and "launchctl bootstrap" in check.detail
+    agents = tmp_path / "Library" / "LaunchAgents"
+    agents.mkdir(parents=True)
+    job = {"Label": "com.horos.backup",
+           "ProgramArguments": ["/usr/bin/python3", str(tmp_path / "gone.py")]}
+    with open(str(agents / "com.horos.backup.plist"), "wb") as handle:
+        hbe.plistlib.dump(job, handle)
+    check = hbe.launchd_check()
+    assert check.status == "fail" and "gone.py, which does not exist" in check.detail
+    job["ProgramArguments"][1] = hbe.__file__
+    with open(str(agents / "com.horos.backup.plist"), "wb") as handle:
+        hbe.plistlib.dump(job, handle)
+    check = hbe.launchd_check()
+    if shutil.which("launchctl") is None:
+        assert check.status == "fail" and "cannot ask launchctl" in check.detail
+    else:
+        assert check.status in ("ok", "fail")
