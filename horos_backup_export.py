@@ -3101,7 +3101,12 @@ LAUNCH_AGENT_PLIST = "~/Library/LaunchAgents/com.horos.backup.plist"
 # A successful cycle older than this means launchd is not running the job.
 LAST_CYCLE_LATE_SECONDS = 3 * LAUNCHD_INTERVAL_SECONDS + MAX_RUN_SECONDS
 
-IMAGE_PK_RANGE_SQL = "SELECT MIN(Z_PK), MAX(Z_PK) FROM ZIMAGE"
+# Two statements, not MIN and MAX in one: SQLite answers a lone MIN() or MAX() of the
+# primary key from the b-tree's edge, but scans the whole table for both at once.
+FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) FROM ZSTUDY"
+LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) FROM ZSTUDY"
+FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) FROM ZIMAGE"
+LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
 
 # One primary-key lookup per sampled row: the cost does not grow with the library.
 IMAGE_AT_OR_AFTER_SQL = """
@@ -3111,8 +3116,6 @@ WHERE Z_PK >= ?
 ORDER BY Z_PK
 LIMIT 1
 """
-
-STUDY_PK_RANGE_SQL = "SELECT MIN(Z_PK), MAX(Z_PK) FROM ZSTUDY"
 
 
 @dataclass(frozen=True)
@@ -3193,8 +3196,9 @@ def read_path_sample(cfg: Config) -> Tuple[List[Tuple[int, object, object]], str
     """(sampled ZIMAGE rows, what the read saw), in one short read transaction."""
     started = time.monotonic()
     with horos_read_transaction(cfg.database_path, cfg.busy_timeout) as (conn, _columns):
-        studies_low, studies_high = conn.execute(STUDY_PK_RANGE_SQL).fetchone()
-        low, high = conn.execute(IMAGE_PK_RANGE_SQL).fetchone()
+        studies_low, studies_high, low, high = (
+            conn.execute(sql).fetchone()[0] for sql in (
+                FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL, LAST_IMAGE_PK_SQL))
         rows: List[Tuple[int, object, object]] = []
         if low is not None:
             seen = set()
