@@ -1070,18 +1070,16 @@ def preference_bool(values: Mapping, key: str, default: bool) -> bool:
         return default
     if isinstance(value, (bool, int, float)):
         return bool(value)
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text in ("yes", "true", "y", "t"):
-        return True
-    if text in ("no", "false", "n", "f", ""):
-        return False
-    try:
-        if text is None:
-            raise ValueError(value)
-        return float(text) != 0
-    except ValueError:
-        raise HorosPreferencesUnreadable("Horos preference %s is %r, not true or false"
-                                         % (key, value)) from None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("yes", "true", "y", "t"):
+            return True
+        if text in ("no", "false", "n", "f", ""):
+            return False
+        if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
+            return float(text) != 0
+    raise HorosPreferencesUnreadable("Horos preference %s is %r, not true or false"
+                                     % (key, value))
 
 
 def preferences_from_values(path: str, values: Mapping) -> HorosPreferences:
