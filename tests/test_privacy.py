@@ -241,8 +241,9 @@ def test_issues_csv_rotates_at_10_mb_like_the_log(library):
     # Under the limit: the row is added to the same file.
     assert os.path.getsize(issues) > ISSUES_LIMIT
     assert issues_rows(root)[-1]["study_uid"] == "1.2.111.1"
-    full = file_digest(issues)
     assert file_digest(issues + ".1") == older[1]
+    fill_issues_csv(issues, ISSUES_LIMIT)          # exactly 10 MB: the next row rotates
+    full = file_digest(issues)
     make_failures_due(root)
     assert run_umask_022("--pacs-root", library.pacs_root).returncode == 0
     # At the limit: renamed to .1, .1 to .2 ... .4 to .5, the old .5 dropped, and a new
