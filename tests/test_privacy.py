@@ -112,7 +112,7 @@ def test_the_state_journal_is_as_private_as_the_state(sample):
 
 def loosen_like_the_old_version(root):
     """What the previous version left under umask 022: folders 0755, files 0644."""
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o755)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o644)
