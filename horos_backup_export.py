@@ -1768,7 +1768,8 @@ def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
         if size >= ISSUES_MAX_BYTES:
             # Renamed, never truncated: `tail -F issues.csv` follows the new file.
             rotate_numbered(path, ISSUES_BACKUP_COUNT)
-            log.info("%s reached %s: now %s.1", path, format_bytes(size), ISSUES_FILE)
+            log.info("%s reached %s: renamed to %s.1, a new one begins", path,
+                     format_bytes(size), ISSUES_FILE)
             size = 0
         with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
