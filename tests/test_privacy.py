@@ -258,3 +258,22 @@ def test_issues_csv_rotates_at_10_mb_like_the_log(library):
     assert [(line[1], line[2]) for line in lines[1:]] == [("NO_FILES", "1.2.111.1")]
     assert open_to_others(root) == {}
     assert state_rows(root, "SELECT attempts FROM failures") == [{"attempts": 2}]
+
+
+def test_a_group_umask_keeps_the_groups_read_access(tmp_path, monkeypatch):
+    """README "Giving a second account access": BACKUP_UMASK = 0o027 is left alone."""
+    monkeypatch.setattr(hbe, "BACKUP_UMASK", 0o027)
+    root = tmp_path / "Backup"
+    (root / "2019_03").mkdir(parents=True)
+    zip_path = root / "2019_03" / "X.zip"
+    zip_path.write_bytes(b"zip")
+    os.chmod(zip_path, 0o666)
+    for folder in (root, root / "2019_03"):
+        os.chmod(folder, 0o777)
+    hbe.make_backup_root_private(str(root))
+    assert {p: oct(stat.S_IMODE(os.stat(p).st_mode)) for p in (root, root / "2019_03",
+                                                               zip_path)} == {
+        root: "0o750", root / "2019_03": "0o750", zip_path: "0o640"}
+    os.chmod(zip_path, 0o644)            # readable by others, but the root is closed:
+    hbe.make_backup_root_private(str(root))   # no walk
+    assert oct(stat.S_IMODE(os.stat(zip_path).st_mode)) == "0o644"
