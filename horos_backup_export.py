@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -35,6 +36,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -93,6 +95,15 @@ LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for 
 LOCK_WAIT_SECONDS = 900      # how long an operator command waits for a running cycle
 LOG_MAX_BYTES = 100 * 1024 * 1024
 LOG_BACKUP_COUNT = 10
+# issues.csv rotates like the log: an INCOMING that stays over the limit adds 144 rows a
+# day for as long as it lasts.
+ISSUES_MAX_BYTES = 10 * 1024 * 1024
+ISSUES_BACKUP_COUNT = 5
+# The ZIPs, the state, issues.csv and the logs hold patient data: what we create under
+# BACKUP_ROOT grants group and others nothing (folders 0700, files 0600), whatever the
+# umask of launchd or of the person's shell. 0o027 lets the folder's group read (README,
+# "File modes").
+BACKUP_UMASK = 0o077
 
 ORDER_CHOICES = ("study_date", "date_added")
 COMPRESSION_CHOICES = ("stored", "deflate")
@@ -1987,17 +1998,43 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
 # Issues, logs and progress
 # =====================================================================================
 
+# Excel and Numbers run a cell that starts with one of these as a formula
+# (`=HYPERLINK(...)` in a study UID from a hostile DICOM file).
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe_cell(text: str) -> str:
+    """A cell a spreadsheet shows as text: a leading `'` before a formula start."""
+    return "'" + text if text.startswith(CSV_FORMULA_STARTS) else text
+
+
+def rotate_numbered(path: str, count: int) -> None:
+    """path -> path.1 -> ... -> path.<count>; the oldest is dropped (as the log's)."""
+    for number in range(count - 1, 0, -1):
+        older = "%s.%d" % (path, number)
+        if os.path.exists(older):
+            os.replace(older, "%s.%d" % (path, number + 1))
+    os.replace(path, path + ".1")
+
+
 def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
                  extra: str = "") -> None:
     """One row in BACKUP_ROOT/issues.csv (README: issues.csv kinds)."""
     path = cfg.issues_path
     try:
-        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if size >= ISSUES_MAX_BYTES:
+            # Renamed, never truncated: `tail -F issues.csv` follows the new file.
+            rotate_numbered(path, ISSUES_BACKUP_COUNT)
+            log.info("%s reached %s: renamed to %s.1, a new one begins", path,
+                     format_bytes(size), ISSUES_FILE)
+            size = 0
         with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            if new_file:
+            if size == 0:
                 writer.writerow(ISSUES_HEADER)
-            writer.writerow((utc_iso(time.time()), kind, study_uid, detail, extra))
+            writer.writerow([csv_safe_cell(as_text(cell)) for cell in (
+                utc_iso(time.time()), kind, study_uid, detail, extra)])
     except OSError as error:  # a full disk must not turn one problem into a crash
         log.error("cannot add %s row to %s: %s", kind, path, error)
 
@@ -2107,6 +2144,66 @@ def format_bytes(count: float) -> str:
 
 
 # =====================================================================================
+# File modes: the backup is private to the account that runs it
+# =====================================================================================
+#
+# One mechanism: each command that writes under BACKUP_ROOT (a cycle, verify, reindex,
+# retry) and `restore --to` set the process umask to BACKUP_UMASK before creating
+# anything. Every folder, `.part` (renamed with its mode), state database, issues.csv,
+# log, lock and database copy is then born private, rotations included: a rename keeps
+# the mode, and SQLite creates its journal with the database file's own mode. Nothing
+# is chmod-ed after the fact, except a backup an older version made 0755/0644, which
+# the next run tightens once.
+
+
+def use_backup_umask() -> None:
+    """From here on this process creates folders 0700 and files 0600 (BACKUP_UMASK)."""
+    os.umask(BACKUP_UMASK)
+
+
+def remove_forbidden_access(path: str) -> bool:
+    """Clear the mode bits BACKUP_UMASK forbids (never through a symlink); True if any."""
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or not mode & BACKUP_UMASK:
+        return False
+    os.chmod(path, mode & ~BACKUP_UMASK)
+    return True
+
+
+def make_backup_root_private(backup_root: str) -> None:
+    """Tighten a backup whose files group or others can read (an older version's).
+
+    Walks BACKUP_ROOT only while BACKUP_ROOT itself grants too much, and changes it
+    last: an idle cycle costs one stat, and a walk that was killed runs again.
+    """
+    if not stat.S_IMODE(os.stat(backup_root).st_mode) & BACKUP_UMASK:
+        return
+    changed = 0
+    refused: List[OSError] = []
+    for folder, dirs, files in os.walk(backup_root, onerror=refused.append):
+        for name in dirs + files:
+            try:
+                changed += remove_forbidden_access(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue        # a `.part` a running cycle removed meanwhile
+            except OSError as error:
+                refused.append(error)
+    try:
+        changed += remove_forbidden_access(backup_root)
+    except OSError as error:
+        refused.append(error)
+    log.info("made %s under %s private to this account (folders 0700, files 0600: they "
+             "hold patient data)", plural(changed, "file or folder", "files and folders"),
+             backup_root)
+    if refused:
+        # Whatever stays open inside is out of other accounts' reach once BACKUP_ROOT is
+        # 0700; if BACKUP_ROOT itself refused, the next run walks again.
+        log.warning("could not change the mode of %s under %s, e.g. %s",
+                    plural(len(refused), "entry", "entries"), backup_root, refused[0])
+
+
+# =====================================================================================
 # Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
 # =====================================================================================
 
@@ -2146,7 +2243,7 @@ def check_sentinels(cfg: Config) -> None:
 @contextlib.contextmanager
 def run_lock(lock_path: str):
     """Yields True while this process holds BACKUP_ROOT/.tmp/.run.lock, else False."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2240,8 +2337,11 @@ def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) ->
         log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
         return True
     remove_if_present(final_path)
-    log.warning("removed %s: left by an interrupted run and not verifiable (%s)",
-                relpath, problem or "its manifest names another study")
+    problem = problem or "its manifest names another study"
+    log.warning("removed %s: left by an interrupted run and not verifiable (%s); the study "
+                "will be exported again", relpath, problem)
+    # Mostly it was verified before its rename: damage now means the disk lost data.
+    append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
     if row is not None and row.zip_path == relpath:
         state.forget_export(uid)
     return False
@@ -2507,8 +2607,10 @@ def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
 
 def run_cycle(cfg: Config) -> int:
     check_sentinels(cfg)
+    use_backup_umask()
     os.makedirs(cfg.tmp_dir, exist_ok=True)
     setup_file_logging(cfg)
+    make_backup_root_private(cfg.backup_root)
     log_horos_preferences(cfg)
     with run_lock(cfg.lock_path) as held:
         if not held:
@@ -2645,8 +2747,10 @@ def operator_lock(cfg: Config):
 def prepare_backup_root(cfg: Config) -> None:
     """What commands that write need: the sentinels, BACKUP_ROOT/.tmp and the log."""
     check_sentinels(cfg)
+    use_backup_umask()
     os.makedirs(cfg.tmp_dir, exist_ok=True)
     setup_file_logging(cfg)
+    make_backup_root_private(cfg.backup_root)
 
 
 def read_state_view(cfg: Config) -> StateView:
@@ -2969,6 +3073,9 @@ def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
         # Next to INCOMING.noindex (same disk, so the rename is atomic), not inside it.
         staging_parent = os.path.join(cfg.horos_data, ".horos-backup-restore")
     else:
+        # Into Horos, files get the user's usual modes, as Horos's own files do; a
+        # copy anywhere else stays as private as the backup it came from.
+        use_backup_umask()
         parent = staging_parent = os.path.abspath(to_dir)
         os.makedirs(parent, exist_ok=True)
     failed = 0
@@ -3634,8 +3741,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def option_names(parser: argparse.ArgumentParser) -> set:
+    """Every option string the parser and its commands' parsers take."""
+    names = set()
+    for action in parser._actions:
+        names.update(action.option_strings)
+        if isinstance(action.choices, dict):          # the commands' subparsers
+            for subparser in action.choices.values():
+                names.update(option_names(subparser))
+    return names
+
+
+def reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Name a mistyped flag, one line, exit 2. Left to argparse, `--pacs-rot X` reads X
+    as the command and reports "invalid choice: 'X'", which hides the typo."""
+    known = option_names(parser)
+    for token in argv:
+        if token == "--":
+            return
+        if not re.match(r"--?[A-Za-z]", token):     # values, negative numbers
+            continue
+        name = token.split("=", 1)[0]
+        # argparse takes a unique abbreviation (`--pacs` for --pacs-root).
+        if any(option.startswith(name) for option in known if option.startswith("--")) \
+                or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        print("%s: error: unrecognized option %s%s" % (
+            parser.prog, name, " (did you mean %s?)" % close[0] if close else ""),
+            file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    reject_unknown_options(parser, sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     for flags, _options, default in COMMON_FLAGS:
         name = flags[0].lstrip("-").replace("-", "_")
         if not hasattr(args, name):
