@@ -2953,22 +2953,23 @@ def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
                 "birth_date": None}
 
 
-def backfill_search_fields(cfg: Config, state: ExportState, deadline: float) -> int:
+def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
+                           clock=time.monotonic) -> int:
     """Fill patient ID, accession number and birth date of the rows an older version
-    wrote, from their ZIPs' manifests, until `deadline` (time.monotonic()).
+    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
 
     Rows are committed a step at a time, so a killed cycle keeps what it read and the
     next one goes on from there. Returns how many rows were filled.
     """
     filled = 0
-    while time.monotonic() < deadline:
+    while clock() < deadline:
         rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
         if not rows:
             break
         updates = []
         for uid, relpath in rows:
             updates.append(search_fields_from_zip(cfg, uid, relpath))
-            if time.monotonic() >= deadline:
+            if clock() >= deadline:
                 break
         with state.transaction() as conn:
             conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
