@@ -2895,7 +2895,7 @@ SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
 FROM exported_studies
 """
 
-RESTORED_UIDS_SQL = "SELECT study_uid FROM restores WHERE target = ?"
+RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
 
 RECORD_RESTORE_SQL = """
 INSERT INTO restores (target, study_uid, zip_path, restored_at)
@@ -3030,6 +3030,9 @@ class BackupStudy:
 
 def read_backup_studies(cfg: Config) -> List[BackupStudy]:
     """Every study in BACKUP_ROOT's state, read without writing anything."""
+    if not os.path.isdir(cfg.backup_root):
+        raise CannotRun("no backup at %s: is the backup disk mounted? (check --backup-root)"
+                        % cfg.backup_root)
     if not os.path.isfile(cfg.state_path):
         raise CannotRun("%s has no %s: run `horos_backup_export.py reindex --backup-root %s` "
                         "(on a writable disk) to rebuild it from the ZIPs' manifests"
@@ -3216,10 +3219,9 @@ def item_for_zip(cfg: Config, text: str) -> RestoreItem:
 def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
                   months: Sequence[str], find_texts: Sequence[str]
                   ) -> Tuple[List[RestoreItem], int]:
-    """(the studies to restore, in order, each once; how many named ZIPs are unreadable).
-
-    Named ZIPs come first, in the order given; then the selection from the state.
-    """
+    """(the studies to restore, in order, each ZIP once; how many named ZIPs are
+    unreadable). Named ZIPs come first, in the order given; then the selection from the
+    state."""
     items: List[RestoreItem] = []
     failed = 0
     for text in zips:
@@ -3246,8 +3248,8 @@ def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
     seen: set = set()
     unique = []
     for item in items:
-        if item.study_uid not in seen:
-            seen.add(item.study_uid)
+        if os.path.realpath(item.zip_file) not in seen:
+            seen.add(os.path.realpath(item.zip_file))
             unique.append(item)
     return unique, failed
 
@@ -3433,8 +3435,19 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
         try:
             finish_interrupted_restores(state, target, cfg.incoming_dir, staging_parent)
             items, failed = restore_items(cfg, zips, select_all, months, find_texts)
-            done = {row[0] for row in state.conn.execute(RESTORED_UIDS_SQL, (target,))}
-            todo = [item for item in items if item.study_uid not in done]
+            done = dict(state.conn.execute(RESTORED_UIDS_SQL, (target,)))
+            todo = []
+            earlier = 0
+            for item in items:
+                if item.study_uid in done:
+                    earlier += bool(done[item.study_uid])
+                    if item.zip_path in zips:
+                        print("skipped %s: its study went to %s on %s (a study is restored "
+                              "once per library; --to DIR restores it again)"
+                              % (item.zip_path, target, local_time_text(done[item.study_uid])))
+                    continue
+                done[item.study_uid] = ""          # two ZIPs of one study: the first
+                todo.append(item)
             waiting = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
             batch = plan_feeding(todo, waiting, cfg.incoming_max_files)
             progress = RestoreProgress(sys.stdout, batch)
@@ -3444,6 +3457,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
                     folder, count = restore_into_target(state, item, target, cfg.incoming_dir,
                                                         staging_parent, progress.advance)
                 except (RestoreRefused, *ZIP_READ_ERRORS) as error:
+                    stop_if_disk_full(error, cfg.incoming_dir)
                     failed += 1
                     progress.clear()
                     log.error("restore of %s failed: %s", item.zip_path, error)
@@ -3461,8 +3475,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
                                                          utc_iso(time.time())))
         finally:
             state.close()
-    print(feeding_summary(cfg, restored, files, size, len(items) - len(todo), left,
-                          waiting + files))
+    print(feeding_summary(cfg, restored, files, size, earlier, left, waiting + files))
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -3493,6 +3506,7 @@ def restore_to_folder(cfg: Config, zips: Sequence[str], to_dir: str, select_all:
         try:
             folder, count = restore_zip(item.zip_file, parent, parent, progress.advance)
         except (RestoreRefused, *ZIP_READ_ERRORS) as error:
+            stop_if_disk_full(error, parent)
             failed += 1
             progress.clear()
             print("horos_backup_export: restore of %s failed: %s" % (item.zip_path, error),
@@ -3503,6 +3517,14 @@ def restore_to_folder(cfg: Config, zips: Sequence[str], to_dir: str, select_all:
         print("restored %s: %s into %s" % (os.path.basename(item.zip_file),
                                            plural(count, "file"), folder))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def stop_if_disk_full(error: BaseException, folder: str) -> None:
+    """A full disk fails every study after it: stop at the first (its staging folder is
+    gone already)."""
+    if is_disk_full(error):
+        raise CannotRun("the disk of %s is full (%s): free some space and run restore again; "
+                        "it goes on where it stopped" % (folder, error)) from None
 
 
 def restore_targets_status(state: ExportState) -> List[dict]:

@@ -607,3 +607,21 @@ def test_selection_order_is_newest_first_unknown_dates_last():
     assert [s.uid for s in hbe.select_studies(studies, False, ["M"], ())] == \
         ["c", "d", "a", "b"]
     assert hbe.select_studies(studies, False, ["2019_01"], ()) == []
+
+
+def test_a_named_zip_goes_to_a_library_once_without_the_pacs_sentinel(recovered):
+    rec = recovered
+    new = rec.tmp / "Horos Data"
+    incoming = new / "INCOMING.noindex"
+    incoming.mkdir(parents=True)
+    first = restore(rec, rec.zips[YAMADA], "--into-horos", "--horos-data", str(new))
+    assert first.returncode == 0, first.stderr
+    assert "restored 1 study (7 files" in first.stdout
+    assert folder_files(incoming / study_folder(rec, YAMADA)) == rec.originals[YAMADA]
+    shutil.rmtree(incoming / study_folder(rec, YAMADA))          # Horos imported it
+    again = restore(rec, rec.zips[YAMADA], "--into-horos", "--horos-data", str(new))
+    assert again.returncode == 0
+    assert "skipped %s: its study went to %s" % (rec.zips[YAMADA], os.path.realpath(incoming)) \
+        in again.stdout
+    assert "restored 0 studies" in again.stdout
+    assert os.listdir(incoming) == []
