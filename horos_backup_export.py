@@ -33,6 +33,7 @@ import shutil
 import signal
 import sqlite3
 import sys
+import tempfile
 import time
 import unicodedata
 import urllib.parse
@@ -1606,8 +1607,7 @@ class ExportState:
         memory = sqlite3.connect(":memory:", isolation_level=None)
         if not os.path.exists(path):
             return memory
-        conn = sqlite3.connect(state_read_uri(path), uri=True,
-                               timeout=busy_timeout, isolation_level=None)
+        conn = connect_state_read_only(path, busy_timeout)
         if conn.execute("PRAGMA user_version").fetchone()[0] >= STATE_SCHEMA_VERSION:
             memory.close()
             return conn
@@ -2925,13 +2925,34 @@ SELECT target, selection, left_count, last_run_at FROM restore_targets
 """
 
 
-def state_read_uri(path: str) -> str:
-    """The state opened read-only; immutable on a disk nobody can write (a recovery
-    disk mounted read-only), where SQLite could not take even a read lock."""
-    uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-        uri += "&immutable=1"
-    return uri
+def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """The state opened for reading, never written, even on a read-only disk.
+
+    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
+    the file, so it is opened immutable: no lock is taken (some read-only file systems
+    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
+    mounted read-only), the file holds half a transaction and only its `-journal` can
+    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
+    """
+    path = os.path.abspath(path)
+    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
+    if os.access(os.path.dirname(path), os.W_OK):
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    journal = path + "-journal"
+    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+    memory = sqlite3.connect(":memory:", isolation_level=None)
+    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
+        copy = os.path.join(scratch, STATE_FILE)
+        shutil.copyfile(path, copy)
+        shutil.copyfile(journal, copy + "-journal")
+        recovered = sqlite3.connect(copy, isolation_level=None)
+        try:
+            recovered.backup(memory)
+        finally:
+            recovered.close()
+    log.debug("read %s through a copy: its hot journal was rolled back there", path)
+    return memory
 
 
 def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:

@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import types
 import zipfile
 
@@ -625,3 +626,36 @@ def test_a_named_zip_goes_to_a_library_once_without_the_pacs_sentinel(recovered)
         in again.stdout
     assert "restored 0 studies" in again.stdout
     assert os.listdir(incoming) == []
+
+
+TORN_WRITER = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode = DELETE")
+conn.execute("PRAGMA cache_size = 1")       # spill changed pages into the file itself
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("UPDATE exported_studies SET patient_name = 'TORN^WRITE'")
+conn.execute("CREATE TABLE filler (x)")
+conn.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 1000,) for _ in range(2000)])
+os._exit(0)                                  # killed mid-transaction: a hot journal
+"""
+
+
+def test_find_on_a_read_only_disk_left_mid_write_reads_the_last_commit(recovered):
+    rec = recovered
+    state = os.path.join(rec.backup, "export_state.sqlite")
+    subprocess.run([sys.executable, "-c", TORN_WRITER, state], check=True)
+    assert os.path.getsize(state + "-journal") > 0
+    mount = rec.tmp / "readonly"
+    mount_tmpfs(mount)
+    try:
+        shutil.copytree(rec.backup, str(mount / "Backup"))
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        ro = types.SimpleNamespace(backup=str(mount / "Backup"), gone_pacs=rec.gone_pacs)
+        before = tree_snapshot(ro.backup)
+        assert found_uids(ro, "joao") == {JOAO}
+        assert found_uids(ro, "torn") == set()       # the cut-off write is not seen
+        assert len(json.loads(find(ro, "--json", "1").stdout)) == EXPORTED
+        assert tree_snapshot(ro.backup) == before
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
