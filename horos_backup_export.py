@@ -39,6 +39,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import unicodedata
 import urllib.parse
@@ -1591,7 +1592,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 3
+STATE_SCHEMA_VERSION = 4
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
@@ -1668,6 +1669,37 @@ STATE_MIGRATIONS = {
         """,
         "CREATE INDEX exported_studies_verified ON exported_studies (verified_at)",
     ),
+    4: (
+        # What `find` searches besides name, UID, date and modalities. NULL in rows of an
+        # older version until their ZIP's manifest is read (a cycle's backfill, or
+        # reindex); the partial index finds those rows without a scan.
+        "ALTER TABLE exported_studies ADD COLUMN patient_id TEXT",
+        "ALTER TABLE exported_studies ADD COLUMN accession_number TEXT",
+        "ALTER TABLE exported_studies ADD COLUMN birth_date TEXT",
+        """
+        CREATE INDEX exported_studies_unread ON exported_studies (study_uid)
+        WHERE patient_id IS NULL
+        """,
+        # One row per study restored --into-horos, per target (the real path of the
+        # INCOMING.noindex it went into): a study is never fed twice to one library.
+        """
+        CREATE TABLE restores (
+            target       TEXT NOT NULL,
+            study_uid    TEXT NOT NULL,
+            zip_path     TEXT NOT NULL,
+            restored_at  TEXT NOT NULL,
+            PRIMARY KEY (target, study_uid)
+        )
+        """,
+        """
+        CREATE TABLE restore_targets (
+            target       TEXT PRIMARY KEY,
+            selection    TEXT NOT NULL,
+            left_count   INTEGER NOT NULL,
+            last_run_at  TEXT NOT NULL
+        )
+        """,
+    ),
 }
 
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
@@ -1696,6 +1728,14 @@ ON CONFLICT (study_uid) DO UPDATE SET
 """
 
 DELETE_EXPORTED_SQL = "DELETE FROM exported_studies WHERE study_uid = ?"
+
+# Apart from UPSERT_EXPORTED_SQL so that rows of an older version can be filled alone.
+SET_SEARCH_FIELDS_SQL = """
+UPDATE exported_studies
+SET patient_id = :patient_id, accession_number = :accession_number,
+    birth_date = :birth_date
+WHERE study_uid = :study_uid
+"""
 
 BEGIN_WRITE_SQL = """
 INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at, replaces)
@@ -1836,8 +1876,7 @@ class ExportState:
         memory = sqlite3.connect(":memory:", isolation_level=None)
         if not os.path.exists(path):
             return memory
-        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True,
-                               timeout=busy_timeout, isolation_level=None)
+        conn = connect_state_read_only(path, busy_timeout)
         if conn.execute("PRAGMA user_version").fetchone()[0] >= STATE_SCHEMA_VERSION:
             memory.close()
             return conn
@@ -1904,6 +1943,7 @@ class ExportState:
         """
         with self.transaction() as conn:
             conn.execute(UPSERT_EXPORTED_SQL, dict(record))
+            conn.execute(SET_SEARCH_FIELDS_SQL, dict(record))
             conn.execute(CLEAR_FAILURE_SQL, (record["study_uid"],))
             conn.execute(CLEAR_CHANGED_SQL, (record["study_uid"],))
             if not keep_write:
@@ -1991,6 +2031,9 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
         "modalities": "\\".join(study.get("modalities", [])),
         "exported_at": manifest["exported_at"],
         "verified_at": verified_at,
+        "patient_id": as_text(study.get("patient_id")),
+        "accession_number": as_text(study.get("accession_number")),
+        "birth_date": study.get("birth_date"),
     }
 
 
@@ -2156,9 +2199,20 @@ def format_bytes(count: float) -> str:
 # the next run tightens once.
 
 
-def use_backup_umask() -> None:
-    """From here on this process creates folders 0700 and files 0600 (BACKUP_UMASK)."""
-    os.umask(BACKUP_UMASK)
+def use_backup_umask() -> int:
+    """From here on this process creates folders 0700 and files 0600 (BACKUP_UMASK);
+    returns the umask it replaced."""
+    return os.umask(BACKUP_UMASK)
+
+
+@contextlib.contextmanager
+def umask_of(mask: int):
+    """What is created inside gets `mask`'s modes (restore into Horos: the user's own)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def remove_forbidden_access(path: str) -> bool:
@@ -2695,6 +2749,7 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
                  progress: Progress, started: float) -> None:
     """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
     recover_interrupted_writes(cfg, state)
+    backfill_search_fields(cfg, state, time.monotonic() + BACKFILL_SECONDS)
     view = state.view()
     try:
         snapshot = read_horos(cfg, view, now, database_for_cycle(cfg))
@@ -2844,6 +2899,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         exported_count, zip_bytes, partial = state.conn.execute(STATE_TOTALS_SQL).fetchone()
         exported_by_month = dict(state.conn.execute(STATE_MONTHS_SQL))
         runs = state.last_runs(50)
+        restores = restore_targets_status(state)
     finally:
         state.close()
     started = time.monotonic()
@@ -2901,6 +2957,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "backup_free_bytes": usage.f_bavail * usage.f_frsize,
         "horos_read_seconds": round(horos_seconds, 3),
         **preferences_status(cfg),
+        "restores": restores,
     }
 
 
@@ -2966,6 +3023,13 @@ def print_status(status: Mapping) -> None:
             "  (%d failed)" % run["failed"] if run["failed"] else ""))
     if not status["last_runs"]:
         print("  (no cycle has run yet)")
+    if status["restores"]:
+        print("Restores into Horos (restore --into-horos)")
+        for feeding in status["restores"]:
+            print("  %s: %d studies restored, %s (%s), last run %s" % (
+                feeding["target"], feeding["restored"],
+                "%d left" % feeding["left"] if feeding["in_progress"] else "done",
+                feeding["selection"], local_time_text(feeding["last_run_at"])))
 
 
 def status_command(cfg: Config, as_json: bool) -> int:
@@ -3013,12 +3077,14 @@ def safe_member_path(name: str) -> List[str]:
     return parts
 
 
-def restore_zip(zip_path: str, parent: str, staging_parent: str) -> Tuple[str, int]:
+def restore_zip(zip_path: str, parent: str, staging_parent: str, on_bytes=None,
+                before_rename=None) -> Tuple[str, int]:
     """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
 
     The files are written in a staging folder next to it and the folder is renamed
     into place whole, so nobody (Horos included) sees half a study, and nothing that
-    exists is overwritten.
+    exists is overwritten. on_bytes(count) follows the bytes written; before_rename
+    (manifest) runs once the study is staged in full.
     """
     folder_name = os.path.basename(zip_path)
     if folder_name.endswith(".zip"):
@@ -3034,19 +3100,27 @@ def restore_zip(zip_path: str, parent: str, staging_parent: str) -> Tuple[str, i
         for info in members:
             safe_member_path(info.filename)
         os.makedirs(staging_parent, exist_ok=True)
-        staging = os.path.join(staging_parent, ".restoring-%d-%s" % (os.getpid(),
-                                                                     folder_name))
+        staging = os.path.join(staging_parent, "%s%d-%s" % (RESTORE_STAGING_PREFIX,
+                                                             os.getpid(), folder_name))
         os.mkdir(staging)
         try:
             for info in members:
                 destination = os.path.join(staging, *safe_member_path(info.filename))
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
                 with archive.open(info) as src, open(destination, "xb") as dst:
-                    shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)   # CRC checked at EOF
+                    while True:                                      # CRC checked at EOF
+                        chunk = src.read(COPY_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
                 if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
                     raise RestoreRefused("%s: size differs from the manifest" % info.filename)
                 stamp = time.mktime(info.date_time + (0, 0, -1))
                 os.utime(destination, (stamp, stamp))
+            if before_rename is not None:
+                before_rename(manifest)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging)
@@ -3062,37 +3136,16 @@ def resolve_zip_argument(cfg: Config, text: str) -> str:
 
 
 def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
-                    into_horos: bool) -> int:
-    """restore ZIP... --to DIR | --into-horos; exit 1 if any ZIP was not restored."""
+                    into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
+                    find_texts: Sequence[str] = ()) -> int:
+    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
+    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
+    if not (zips or select_all or months or find_texts):
+        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
+                        "--find TEXT")
     if into_horos:
-        check_sentinels(cfg)
-        if not os.path.isdir(cfg.incoming_dir):
-            raise CannotRun("no INCOMING.noindex at %s (check --horos-data)"
-                            % cfg.incoming_dir)
-        parent = cfg.incoming_dir
-        # Next to INCOMING.noindex (same disk, so the rename is atomic), not inside it.
-        staging_parent = os.path.join(cfg.horos_data, ".horos-backup-restore")
-    else:
-        # Into Horos, files get the user's usual modes, as Horos's own files do; a
-        # copy anywhere else stays as private as the backup it came from.
-        use_backup_umask()
-        parent = staging_parent = os.path.abspath(to_dir)
-        os.makedirs(parent, exist_ok=True)
-    failed = 0
-    for text in zips:
-        zip_path = resolve_zip_argument(cfg, text)
-        try:
-            folder, count = restore_zip(zip_path, parent, staging_parent)
-        except (RestoreRefused, *ZIP_READ_ERRORS) as error:
-            failed += 1
-            print("horos_backup_export: restore of %s failed: %s" % (text, error),
-                  file=sys.stderr)
-            continue
-        print("restored %s: %s into %s" % (os.path.basename(zip_path),
-                                           plural(count, "file"), folder))
-    if into_horos and not failed:
-        print("Horos imports them from INCOMING.noindex within a minute or two.")
-    return EXIT_FAILED if failed else EXIT_OK
+        return feed_horos(cfg, zips, select_all, months, find_texts)
+    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
 
 
 MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
@@ -3105,7 +3158,7 @@ def reindex_command(cfg: Config) -> int:
     every member: the rebuilt rows have no verified_at, so `verify` and the cycles'
     re-reads take them first.
     """
-    prepare_backup_root(cfg)
+    prepare_backup_alone(cfg, "reindex")
     started = time.monotonic()
     with operator_lock(cfg):
         rows: Dict[str, dict] = {}
@@ -3150,6 +3203,8 @@ def reindex_command(cfg: Config) -> int:
         try:
             with state.transaction() as conn:
                 conn.executemany(UPSERT_EXPORTED_SQL, list(rows.values()))
+                conn.executemany(SET_SEARCH_FIELDS_SQL, list(rows.values()))
+            carry_over_restores(cfg.state_path, state)
         finally:
             state.close()
         if os.path.exists(cfg.state_path):
@@ -3608,6 +3663,709 @@ def doctor_command(cfg: Config, as_json: bool) -> int:
 
 
 # =====================================================================================
+# Find and disaster recovery: search the backup alone, feed a new Horos at its pace
+# =====================================================================================
+#
+# The day these are needed the Horos disk may be dead: `find` and `restore` read
+# BACKUP_ROOT (its state and ZIPs) and nothing else, with no PACS sentinel and no
+# Database.sql. `find` and `restore --to DIR` never write there, so they work on a
+# read-only recovery disk.
+
+# Manifests of rows an older version wrote are read for at most this long per cycle
+# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
+BACKFILL_SECONDS = 60
+BACKFILL_ROWS_PER_STEP = 200
+RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
+RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
+
+UNREAD_ROWS_SQL = """
+SELECT study_uid, zip_path
+FROM exported_studies
+WHERE patient_id IS NULL
+ORDER BY study_uid
+LIMIT ?
+"""
+
+UNREAD_COUNT_SQL = "SELECT COUNT(*) FROM exported_studies WHERE patient_id IS NULL"
+
+BACKUP_STUDIES_SQL = """
+SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
+       patient_name, patient_id, accession_number, birth_date, modalities
+FROM exported_studies
+"""
+
+RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
+
+RECORD_RESTORE_SQL = """
+INSERT INTO restores (target, study_uid, zip_path, restored_at)
+VALUES (?, ?, ?, ?)
+"""
+
+FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
+
+RESTORED_ZIP_NAMES_SQL = "SELECT study_uid, zip_path FROM restores WHERE target = ?"
+
+RECORD_RESTORE_TARGET_SQL = """
+INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
+VALUES (?, ?, ?, ?)
+"""
+
+RESTORE_TARGETS_SQL = """
+SELECT t.target, t.selection, t.left_count, t.last_run_at,
+       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target)
+FROM restore_targets AS t
+ORDER BY t.last_run_at DESC
+"""
+
+ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
+
+ALL_RESTORE_TARGETS_SQL = """
+SELECT target, selection, left_count, last_run_at FROM restore_targets
+"""
+
+
+def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """The state opened for reading, never written, even on a read-only disk.
+
+    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
+    the file, so it is opened immutable: no lock is taken (some read-only file systems
+    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
+    mounted read-only), the file holds half a transaction and only its `-journal` can
+    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
+    """
+    path = os.path.abspath(path)
+    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
+    if os.access(os.path.dirname(path), os.W_OK):
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    journal = path + "-journal"
+    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+    memory = sqlite3.connect(":memory:", isolation_level=None)
+    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
+        copy = os.path.join(scratch, STATE_FILE)
+        shutil.copyfile(path, copy)
+        shutil.copyfile(journal, copy + "-journal")
+        recovered = sqlite3.connect(copy, isolation_level=None)
+        try:
+            recovered.backup(memory)
+        finally:
+            recovered.close()
+    log.debug("read %s through a copy: its hot journal was rolled back there", path)
+    return memory
+
+
+def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
+    """The find fields of one ZIP, read from its manifest only (not its members).
+
+    An unreadable ZIP gets empty fields, so no cycle reads it again; `verify` is what
+    finds and replaces damaged ZIPs.
+    """
+    path = os.path.join(cfg.backup_root, relpath)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = export_record(read_manifest(archive), relpath, 0, None)
+        return dict(record, study_uid=study_uid)
+    except ZIP_READ_ERRORS as error:
+        log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
+                    "and birth date stay unknown to find", relpath, error)
+        append_issue(cfg, "UNREADABLE_ZIP", study_uid, str(error), relpath)
+        return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
+                "birth_date": None}
+
+
+def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
+                           clock=time.monotonic) -> int:
+    """Fill patient ID, accession number and birth date of the rows an older version
+    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
+
+    Rows are committed a step at a time, so a killed cycle keeps what it read and the
+    next one goes on from there. Returns how many rows were filled.
+    """
+    filled = 0
+    while clock() < deadline:
+        rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
+        if not rows:
+            break
+        updates = []
+        for uid, relpath in rows:
+            updates.append(search_fields_from_zip(cfg, uid, relpath))
+            if clock() >= deadline:
+                break
+        with state.transaction() as conn:
+            conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
+        filled += len(updates)
+    if filled:
+        left = state.conn.execute(UNREAD_COUNT_SQL).fetchone()[0]
+        log.info("find: read patient IDs from %s written by an older version (%s)",
+                 plural(filled, "manifest"),
+                 "%d left for the next cycles" % left if left else "all done")
+    return filled
+
+
+def carry_over_restores(old_path: str, state: ExportState) -> None:
+    """Keep the restore progress of the state reindex replaces: without it, a feeding
+    under way would give Horos every study a second time."""
+    if not os.path.exists(old_path):
+        return
+    try:
+        old = ExportState(old_path, read_only=True)
+    except CannotRun as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+        return
+    try:
+        restores = list(old.conn.execute(ALL_RESTORES_SQL))
+        targets = list(old.conn.execute(ALL_RESTORE_TARGETS_SQL))
+    except sqlite3.Error as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+        return
+    finally:
+        old.close()
+    with state.transaction() as conn:
+        conn.executemany(RECORD_RESTORE_SQL, restores)
+        conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
+
+
+@dataclass
+class BackupStudy:
+    """One study of the backup as its state row tells it (find, restore).
+
+    find makes one per study of the backup (50,000+) each time it runs: slots keep
+    that cheap, as for HorosStudy. Nothing changes one once made.
+    """
+    __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
+                 "patient_name", "patient_id", "accession_number", "birth_date",
+                 "modalities")
+    uid: str
+    zip_path: str                      # relative to BACKUP_ROOT
+    zip_bytes: int
+    file_count: int
+    source_bytes: int
+    study_date: Optional[str]          # YYYY-MM-DD
+    patient_name: str
+    patient_id: Optional[str]          # None: written by an older version, not read yet
+    accession_number: Optional[str]
+    birth_date: Optional[str]
+    modalities: Tuple[str, ...]
+
+
+def read_backup_studies(cfg: Config) -> List[BackupStudy]:
+    """Every study in BACKUP_ROOT's state, read without writing anything."""
+    if not os.path.isdir(cfg.backup_root):
+        raise CannotRun("no backup at %s: is the backup disk mounted? (check --backup-root)"
+                        % cfg.backup_root)
+    if not os.path.isfile(cfg.state_path):
+        raise CannotRun("%s has no %s: run `horos_backup_export.py reindex --backup-root %s` "
+                        "(on a writable disk) to rebuild it from the ZIPs' manifests"
+                        % (cfg.backup_root, STATE_FILE, cfg.backup_root))
+    state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+    try:
+        rows = list(state.conn.execute(BACKUP_STUDIES_SQL))
+    except sqlite3.Error as error:
+        raise CannotRun("state database %s cannot be read (%s); run `reindex` to rebuild it"
+                        % (cfg.state_path, error)) from None
+    finally:
+        state.close()
+    parsed: Dict[object, Tuple[str, ...]] = {}     # `CT`, `MR\SR` repeat thousands of times
+    studies = []
+    for r in rows:
+        modalities = parsed.get(r[10])
+        if modalities is None:
+            modalities = parsed[r[10]] = modality_tokens(r[10])
+        studies.append(BackupStudy(as_text(r[0]), as_text(r[1]), r[2] or 0, r[3] or 0,
+                                   r[4] or 0, r[5], as_text(r[6]), r[7], r[8], r[9],
+                                   modalities))
+    return studies
+
+
+def search_text(value) -> str:
+    """Text as find compares it: accents dropped (NFKD, combining marks removed) and
+    case folded, so `joao` finds `JOÃO` and `muller` finds `Müller`."""
+    text = as_text(value)
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def search_terms(texts: Sequence[str]) -> List[str]:
+    """The words of find's arguments (`"yamada 2019"` is two terms)."""
+    return [search_text(word) for text in texts for word in text.split()]
+
+
+def study_matches(terms: Sequence[str], study: BackupStudy) -> bool:
+    """Every term matches: part of the patient name, ID or accession number, the start
+    of the study UID or of the study date, or a whole modality token. Never the inside
+    of a UID or a date: `2019` does not find a UID that merely contains 2019."""
+    texts = (search_text(study.patient_name), search_text(study.patient_id),
+             search_text(study.accession_number))
+    uid = study.uid.lower()
+    day = study.study_date or ""
+    compact_day = day.replace("-", "")
+    modalities = {m.lower() for m in study.modalities}
+    for term in terms:
+        if any(term in text for text in texts) or uid.startswith(term) or term in modalities:
+            continue
+        date_term = term.replace("_", "-").replace("/", "-")
+        if day and (day.startswith(date_term) or compact_day.startswith(date_term)):
+            continue
+        return False
+    return True
+
+
+def find_studies(studies: Sequence[BackupStudy], terms: Sequence[str]
+                 ) -> List[BackupStudy]:
+    """The studies every term matches, by patient, then study date, then UID."""
+    found = [study for study in studies if study_matches(terms, study)]
+    return sorted(found, key=lambda s: (search_text(s.patient_name), s.study_date is None,
+                                        s.study_date or "", s.uid))
+
+
+def printable(text) -> str:
+    """A name as one safe line on a terminal (no control characters)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
+
+
+def find_result(cfg: Config, study: BackupStudy) -> dict:
+    """One object of `find --json` (README: find)."""
+    return {
+        "study_uid": study.uid,
+        "zip_path": study.zip_path,
+        "zip_file": os.path.join(cfg.backup_root, study.zip_path),
+        "patient_name": study.patient_name,
+        "patient_id": study.patient_id,
+        "accession_number": study.accession_number,
+        "birth_date": study.birth_date,
+        "study_date": study.study_date,
+        "modalities": list(study.modalities),
+        "file_count": study.file_count,
+        "zip_bytes": study.zip_bytes,
+    }
+
+
+def find_line(cfg: Config, study: BackupStudy) -> str:
+    patient = printable(study.patient_name) or UNKNOWN
+    if study.patient_id:
+        patient += " (%s)" % printable(study.patient_id)
+    return "%-10s  %s  born %s  %s  %s  %s  %s" % (
+        study.study_date or UNKNOWN, patient, study.birth_date or UNKNOWN,
+        "\\".join(study.modalities) or UNKNOWN, plural(study.file_count, "file"),
+        format_bytes(study.zip_bytes), os.path.join(cfg.backup_root, study.zip_path))
+
+
+def say_what_find_lacks(studies: Sequence[BackupStudy]) -> None:
+    unread = sum(1 for study in studies if study.patient_id is None)
+    if unread:
+        print("horos_backup_export: note: %d of %d studies were backed up by an older "
+              "version: their patient ID, accession number and birth date are not searched "
+              "yet; `reindex` (or the next backup cycles) adds them"
+              % (unread, len(studies)), file=sys.stderr)
+
+
+def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
+    """Studies of the backup that match every term; exit 1 when none does."""
+    terms = search_terms(texts)
+    if not terms:
+        raise CannotRun("find needs a word to search for (a name, ID, date or modality)")
+    studies = read_backup_studies(cfg)
+    found = find_studies(studies, terms)
+    say_what_find_lacks(studies)
+    if as_json:
+        lines = [json.dumps([find_result(cfg, study) for study in found], indent=1,
+                            ensure_ascii=False)]
+    else:
+        lines = [find_line(cfg, study) for study in found]
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `find … | head` closed the pipe: what it wanted is printed. Point stdout at
+        # /dev/null so the interpreter's last flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK if found else EXIT_FAILED
+    if not found:
+        print("horos_backup_export: no study of the %d in %s matches %s"
+              % (len(studies), cfg.backup_root, " ".join(texts)), file=sys.stderr)
+        return EXIT_FAILED
+    if not as_json:
+        print(plural(len(found), "study", "studies"))
+    return EXIT_OK
+
+
+# -- restore by selection, and feeding a new Horos ------------------------------------
+
+@dataclass(frozen=True)
+class RestoreItem:
+    """One study to restore: its ZIP, and what it holds (for the feeding and the ETA)."""
+    study_uid: str
+    zip_file: str          # the ZIP's path
+    zip_path: str          # as the state names it (or as given)
+    files: int
+    source_bytes: int
+
+
+def month_argument(text: str) -> str:
+    """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
+    month = text.strip().replace("-", "_")
+    if not MONTH_FOLDER.match(month):
+        raise argparse.ArgumentTypeError("%r is not a month: use YYYY_MM, e.g. 2019_03, "
+                                         "or %s" % (text, UNKNOWN_DATE_FOLDER))
+    return month
+
+
+def select_studies(studies: Sequence[BackupStudy], select_all: bool,
+                   months: Sequence[str], terms: Sequence[str]) -> List[BackupStudy]:
+    """The studies of --all, --month and --find, newest study date first (unknown
+    dates last): the patients a practice sees again come back to Horos first."""
+    wanted_months = set(months)
+    chosen = sorted((s for s in studies if select_all
+                     or s.zip_path.split("/")[0] in wanted_months
+                     or (terms and study_matches(terms, s))), key=lambda s: s.zip_path)
+    dated = sorted((s for s in chosen if s.study_date), key=lambda s: s.study_date,
+                   reverse=True)
+    return dated + [s for s in chosen if not s.study_date]
+
+
+def item_for_zip(cfg: Config, text: str) -> RestoreItem:
+    """A ZIP named on the command line, described by its manifest."""
+    zip_file = resolve_zip_argument(cfg, text)
+    with zipfile.ZipFile(zip_file) as archive:
+        manifest = read_manifest(archive)
+    return RestoreItem(study_uid=as_text(manifest.get("study", {}).get("study_uid")),
+                       zip_file=zip_file, zip_path=text, files=len(manifest["files"]),
+                       source_bytes=sum(int(f["size"]) for f in manifest["files"]))
+
+
+def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
+                  months: Sequence[str], find_texts: Sequence[str]
+                  ) -> Tuple[List[RestoreItem], int]:
+    """(the studies to restore, in order, each ZIP once; how many named ZIPs are
+    unreadable). Named ZIPs come first, in the order given; then the selection from the
+    state."""
+    items: List[RestoreItem] = []
+    failed = 0
+    for text in zips:
+        try:
+            items.append(item_for_zip(cfg, text))
+        except ZIP_READ_ERRORS as error:
+            failed += 1
+            print("horos_backup_export: restore of %s failed: %s" % (text, error),
+                  file=sys.stderr)
+    if select_all or months or find_texts:
+        terms = search_terms(find_texts)
+        if find_texts and not terms:
+            raise CannotRun("--find needs a word to search for")
+        studies = read_backup_studies(cfg)
+        chosen = select_studies(studies, select_all, months, terms)
+        if not chosen:
+            raise CannotRun("no study of the %d in %s is selected by %s"
+                            % (len(studies), cfg.backup_root,
+                               describe_selection(select_all, months, find_texts)))
+        items.extend(RestoreItem(study_uid=s.uid,
+                                 zip_file=os.path.join(cfg.backup_root, s.zip_path),
+                                 zip_path=s.zip_path, files=s.file_count,
+                                 source_bytes=s.source_bytes) for s in chosen)
+    seen: set = set()
+    unique = []
+    for item in items:
+        if os.path.realpath(item.zip_file) not in seen:
+            seen.add(os.path.realpath(item.zip_file))
+            unique.append(item)
+    return unique, failed
+
+
+def describe_selection(select_all: bool, months: Sequence[str],
+                       find_texts: Sequence[str], zips: Sequence[str] = ()) -> str:
+    parts = ["--all"] if select_all else []
+    parts += ["--month %s" % month for month in months]
+    if find_texts:
+        parts.append("--find %s" % " ".join(find_texts))
+    if zips:
+        parts.append(plural(len(zips), "named ZIP"))
+    return " ".join(parts)
+
+
+def plan_feeding(items: Sequence[RestoreItem], files_in_incoming: int,
+                 max_files: int) -> List[RestoreItem]:
+    """The head of `items` one run adds to INCOMING.noindex.
+
+    A study is added only while INCOMING holds fewer than max_files files (so a run can
+    end up to one study over). A study bigger than max_files goes alone, once INCOMING
+    is empty; until then the run stops before it, keeping the order.
+    """
+    taken: List[RestoreItem] = []
+    count = files_in_incoming
+    for item in items:
+        if count >= max_files:
+            break
+        if item.files > max_files:
+            if count == 0:
+                taken.append(item)
+            break
+        taken.append(item)
+        count += item.files
+    return taken
+
+
+class RestoreProgress:
+    """The live line of a long restore: studies, files, MB, MB/s, time left.
+
+    Drawn only on a terminal, like the cycle's Progress.
+    """
+
+    def __init__(self, stream, items: Sequence[RestoreItem]):
+        self.stream = stream if stream is not None and stream.isatty() else None
+        self.studies, self.files = len(items), sum(i.files for i in items)
+        self.total = sum(i.source_bytes for i in items)
+        self.studies_done = self.files_done = self.done = 0
+        self.started = self.drawn = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.stream is not None and time.monotonic() - self.drawn >= 0.25:
+            self.draw()
+
+    def study_done(self, files: int) -> None:
+        self.studies_done += 1
+        self.files_done += files
+        self.draw()
+
+    def draw(self) -> None:
+        if self.stream is None:
+            return
+        self.drawn = time.monotonic()
+        rate = self.done / max(self.drawn - self.started, 1e-6)
+        left = "%s left" % format_duration(max(self.total - self.done, 0) / rate) \
+            if rate > 0 and self.done else "time left unknown"
+        line = "restore %d/%d studies  %d/%d files  %.1f of %.1f MB  %.1f MB/s  %s" % (
+            self.studies_done, self.studies, self.files_done, self.files, self.done / 1e6,
+            self.total / 1e6, rate / 1e6, left)
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write(CLEAR_LINE + line[:width])
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.stream is not None:
+            self.stream.write(CLEAR_LINE)
+            self.stream.flush()
+
+
+def prepare_backup_alone(cfg: Config, purpose: str) -> int:
+    """What reindex and restore --into-horos need: a writable BACKUP_ROOT, its .tmp and
+    log, private as a cycle makes them. The PACS volume may be gone (a backup moved to a
+    recovery disk): with its sentinel the usual checks apply; without it BACKUP_ROOT must
+    already exist, so nothing is ever created on a disk that is not mounted. Returns
+    the umask the user had."""
+    if os.path.isfile(cfg.sentinel):
+        check_sentinels(cfg)
+    elif not os.path.isdir(cfg.backup_root):
+        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
+                        "the backup disk mounted? (check --backup-root; nothing was done)"
+                        % (cfg.sentinel, cfg.backup_root))
+    if os.path.isdir(cfg.backup_root) and not os.access(cfg.backup_root, os.W_OK):
+        raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
+                        "backup to a writable disk (find and restore --to DIR work on a "
+                        "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
+    user_umask = use_backup_umask()
+    os.makedirs(cfg.tmp_dir, exist_ok=True)
+    setup_file_logging(cfg)
+    make_backup_root_private(cfg.backup_root)
+    return user_umask
+
+
+def staged_folder_name(entry_name: str) -> Optional[str]:
+    """`.restoring-<pid>-<folder>` -> (pid, folder), None for any other name."""
+    match = re.match(r"^%s(\d+)-(.+)$" % re.escape(RESTORE_STAGING_PREFIX), entry_name)
+    return match.groups() if match else None
+
+
+def finish_interrupted_restores(state: ExportState, target: str, incoming: str,
+                                staging_parent: str) -> None:
+    """A restore killed between recording a study and renaming it into INCOMING left
+    it complete in its staging folder: it is renamed in now (recorded means staged in
+    full). A staging folder with no record is a half-written study: removed."""
+    if not os.path.isdir(staging_parent):
+        return
+    recorded = {os.path.basename(relpath)[:-len(".zip")]
+                if relpath.endswith(".zip") else os.path.basename(relpath)
+                for _uid, relpath in state.conn.execute(RESTORED_ZIP_NAMES_SQL, (target,))}
+    for entry in sorted(os.listdir(staging_parent)):
+        parsed = staged_folder_name(entry)
+        if parsed is None:
+            continue
+        pid, folder = int(parsed[0]), parsed[1]
+        if pid != os.getpid() and process_exists(pid):
+            continue            # another restore (of another backup) is writing it
+        staged = os.path.join(staging_parent, entry)
+        destination = os.path.join(incoming, folder)
+        if folder in recorded and not os.path.lexists(destination):
+            os.rename(staged, destination)
+            log.info("restore: moved %s, staged in full by an interrupted run, into %s",
+                     folder, incoming)
+        else:
+            shutil.rmtree(staged)
+            log.info("restore: removed %s, left half-written by an interrupted run", staged)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def restore_into_target(state: ExportState, item: RestoreItem, target: str,
+                        incoming: str, staging_parent: str, on_bytes
+                        ) -> Tuple[str, int]:
+    """Restore one study into INCOMING.noindex and record it, crash-safely: the record
+    is committed after the study is staged in full and before the rename that makes it
+    visible (finish_interrupted_restores completes a run killed in between)."""
+    def record(manifest: Mapping) -> None:
+        found = as_text(manifest.get("study", {}).get("study_uid"))
+        if found != item.study_uid:
+            raise RestoreRefused("the ZIP holds study %s, not %s" % (found, item.study_uid))
+        with state.transaction() as conn:
+            conn.execute(RECORD_RESTORE_SQL, (target, item.study_uid, item.zip_path,
+                                              utc_iso(time.time())))
+
+    try:
+        return restore_zip(item.zip_file, incoming, staging_parent, on_bytes, record)
+    except BaseException:
+        with state.transaction() as conn:
+            conn.execute(FORGET_RESTORE_SQL, (target, item.study_uid))
+        raise
+
+
+def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
+               months: Sequence[str], find_texts: Sequence[str]) -> int:
+    """restore … --into-horos: add studies to INCOMING.noindex while it holds fewer
+    than --incoming-max-files files, each study once per library; exit 0 when every
+    ZIP it tried was restored, saying how many studies are left."""
+    if not os.path.isdir(cfg.horos_data):
+        raise CannotRun("no Horos Data folder at %s (check --horos-data)" % cfg.horos_data)
+    if not os.path.isdir(cfg.incoming_dir):
+        raise CannotRun("no %s in %s: for a new library create it (mkdir \"%s\"), otherwise "
+                        "check --horos-data" % (HOROS_INCOMING_DIR, cfg.horos_data,
+                                                cfg.incoming_dir))
+    user_umask = prepare_backup_alone(cfg, "restore --into-horos")
+    selection = describe_selection(select_all, months, find_texts, zips)
+    target = os.path.realpath(cfg.incoming_dir)
+    staging_parent = os.path.join(cfg.horos_data, RESTORE_STAGING_DIR)
+    with operator_lock(cfg):
+        state = ExportState(cfg.state_path, cfg.busy_timeout)
+        try:
+            # Into Horos, files get the user's usual modes, as Horos's own files do (the
+            # state keeps its own: a journal takes its database file's mode).
+            with umask_of(user_umask):
+                finish_interrupted_restores(state, target, cfg.incoming_dir, staging_parent)
+            items, failed = restore_items(cfg, zips, select_all, months, find_texts)
+            done = dict(state.conn.execute(RESTORED_UIDS_SQL, (target,)))
+            todo = []
+            earlier = 0
+            for item in items:
+                if item.study_uid in done:
+                    earlier += bool(done[item.study_uid])
+                    if item.zip_path in zips:
+                        print("skipped %s: its study went to %s on %s (a study is restored "
+                              "once per library; --to DIR restores it again)"
+                              % (item.zip_path, target, local_time_text(done[item.study_uid])))
+                    continue
+                done[item.study_uid] = ""          # two ZIPs of one study: the first
+                todo.append(item)
+            waiting = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
+            batch = plan_feeding(todo, waiting, cfg.incoming_max_files)
+            progress = RestoreProgress(sys.stdout, batch)
+            restored = files = size = 0
+            for item in batch:
+                try:
+                    with umask_of(user_umask):
+                        folder, count = restore_into_target(state, item, target,
+                                                            cfg.incoming_dir, staging_parent,
+                                                            progress.advance)
+                except (RestoreRefused, *ZIP_READ_ERRORS) as error:
+                    stop_if_disk_full(error, cfg.incoming_dir)
+                    failed += 1
+                    progress.clear()
+                    log.error("restore of %s failed: %s", item.zip_path, error)
+                    print("horos_backup_export: restore of %s failed: %s"
+                          % (item.zip_path, error), file=sys.stderr)
+                    continue
+                restored, files, size = restored + 1, files + count, size + item.source_bytes
+                progress.study_done(count)
+                log.info("restored %s: %s into %s", os.path.basename(item.zip_file),
+                         plural(count, "file"), folder)
+            progress.clear()
+            left = len(todo) - restored
+            with state.transaction() as conn:
+                conn.execute(RECORD_RESTORE_TARGET_SQL, (target, selection, left,
+                                                         utc_iso(time.time())))
+        finally:
+            state.close()
+    print(feeding_summary(cfg, restored, files, size, earlier, left, waiting + files))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def feeding_summary(cfg: Config, restored: int, files: int, size: int, earlier: int,
+                    left: int, in_incoming: int) -> str:
+    text = "restored %s (%s, %s) into %s" % (plural(restored, "study", "studies"),
+                                             plural(files, "file"), format_bytes(size),
+                                             cfg.incoming_dir)
+    if earlier:
+        text += "; %s restored there before" % plural(earlier, "study was", "studies were")
+    if not left:
+        return text + "; nothing left: every selected study has gone to this library."
+    return text + ("; %s left: %s holds about %d files (--incoming-max-files %d); run this "
+                   "again once Horos has imported them"
+                   % (plural(left, "study", "studies"), HOROS_INCOMING_DIR, in_incoming,
+                      cfg.incoming_max_files))
+
+
+def restore_to_folder(cfg: Config, zips: Sequence[str], to_dir: str, select_all: bool,
+                      months: Sequence[str], find_texts: Sequence[str]) -> int:
+    """restore … --to DIR: every selected study as a new folder in DIR (not tracked: a
+    folder that exists is refused)."""
+    items, failed = restore_items(cfg, zips, select_all, months, find_texts)
+    # A copy outside Horos stays as private as the backup it came from.
+    use_backup_umask()
+    parent = os.path.abspath(to_dir)
+    os.makedirs(parent, exist_ok=True)
+    progress = RestoreProgress(sys.stdout, items)
+    for item in items:
+        try:
+            folder, count = restore_zip(item.zip_file, parent, parent, progress.advance)
+        except (RestoreRefused, *ZIP_READ_ERRORS) as error:
+            stop_if_disk_full(error, parent)
+            failed += 1
+            progress.clear()
+            print("horos_backup_export: restore of %s failed: %s" % (item.zip_path, error),
+                  file=sys.stderr)
+            continue
+        progress.study_done(count)
+        progress.clear()
+        print("restored %s: %s into %s" % (os.path.basename(item.zip_file),
+                                           plural(count, "file"), folder))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def stop_if_disk_full(error: BaseException, folder: str) -> None:
+    """A full disk fails every study after it: stop at the first (its staging folder is
+    gone already)."""
+    if is_disk_full(error):
+        raise CannotRun("the disk of %s is full (%s): free some space and run restore again; "
+                        "it goes on where it stopped" % (folder, error)) from None
+
+
+def restore_targets_status(state: ExportState) -> List[dict]:
+    """The `restores` of `status --json`: each library restore --into-horos feeds."""
+    return [{"target": row[0], "selection": row[1], "left": row[2], "last_run_at": row[3],
+             "restored": row[4], "in_progress": row[2] > 0}
+            for row in state.conn.execute(RESTORE_TARGETS_SQL)]
+
+
+# =====================================================================================
 # CLI
 # =====================================================================================
 
@@ -3695,6 +4453,7 @@ COMMANDS = {
     "reindex": "rebuild export_state.sqlite from the ZIPs' manifests",
     "retry": "clear the back-off of failed studies",
     "doctor": "check the installation end to end; writes nothing (--json for scripts)",
+    "find": "search the backup alone for studies by patient, ID, date or modality",
 }
 
 
@@ -3728,8 +4487,14 @@ def build_parser() -> argparse.ArgumentParser:
                           % VERIFY_DEFAULT_LIMIT)
     how_much.add_argument("--max-gb", type=non_negative_float, metavar="X",
                           help="longest-unverified ZIPs until X GB are read")
-    sub["restore"].add_argument("zips", nargs="+", metavar="ZIP",
+    sub["restore"].add_argument("zips", nargs="*", metavar="ZIP",
                                 help="study ZIPs (a path, or relative to BACKUP_ROOT)")
+    which = sub["restore"].add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every study of the backup")
+    which.add_argument("--month", action="append", type=month_argument, default=[],
+                       metavar="YYYY_MM", help="the studies of a month folder (repeatable)")
+    which.add_argument("--find", nargs="+", default=[], metavar="TEXT",
+                       help="the studies `find TEXT...` lists")
     where = sub["restore"].add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DIR", help="a folder (created if needed); each "
                        "study becomes a new folder in it")
@@ -3738,6 +4503,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub["retry"].add_argument("study_uids", nargs="*", metavar="STUDY_UID",
                               help="the studies to retry (default: every failed study)")
     sub["doctor"].add_argument("--json", action="store_true", help="machine-readable")
+    sub["find"].add_argument("texts", nargs="+", metavar="TEXT",
+                             help="words that must all match: part of the patient name, ID "
+                             "or accession number, the start of the study UID or date "
+                             "(2019, 2019-03), or a modality")
+    sub["find"].add_argument("--json", action="store_true", help="machine-readable")
     return parser
 
 
@@ -3798,7 +4568,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                                         BACKUP_ROOT)
     prefs = load_horos_preferences(os.path.abspath(os.path.expanduser(
         args.horos_prefs or HOROS_PREFS)), explicit=args.horos_prefs is not None,
-        tolerant=args.command == "doctor")
+        # find and restore read the backup alone (a recovery Mac may hold a Horos whose
+        # settings are damaged); doctor reports the problem as a check.
+        tolerant=args.command in ("doctor", "find", "restore"))
     if not args.pacs_root and prefs.found:
         horos_data = horos_data_folder(prefs, os.path.expanduser("~"))
     return Config(
@@ -3836,11 +4608,14 @@ def run_command(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "verify":
         return verify_command(cfg, args.all, args.limit, args.max_gb)
     if args.command == "restore":
-        return restore_command(cfg, args.zips, args.to, args.into_horos)
+        return restore_command(cfg, args.zips, args.to, args.into_horos, args.all,
+                               args.month, args.find)
     if args.command == "reindex":
         return reindex_command(cfg)
     if args.command == "doctor":
         return doctor_command(cfg, args.json)
+    if args.command == "find":
+        return find_command(cfg, args.texts, args.json)
     return retry_command(cfg, args.study_uids)
 
 

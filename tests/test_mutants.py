@@ -175,10 +175,16 @@ def test_status_json_keys_are_the_readme_list(tmp_path):
     lib.add_image(lib.add_series(pk, "CT", "gone", 1), create_file=False)   # a failure
     lib.finish()
     assert run_cycle(lib).returncode == 0
+    new_library = tmp_path / "NewMac" / "Horos Data"       # a restore in progress
+    os.makedirs(str(new_library / "INCOMING.noindex"))
+    fed = run_cycle(lib, "restore", "--all", "--into-horos", "--horos-data", new_library,
+                    "--incoming-max-files", "3")
+    assert fed.returncode == 0, fed.stderr
     result = run_cycle(lib, "status", "--json")
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["failures"] and status["months"] and status["last_runs"]
+    assert status["restores"][0]["in_progress"]
     documented = readme_status_keys()
     assert len(documented) > 20
     assert key_paths(status) == documented
