@@ -8,6 +8,7 @@ a pure function, tested with an injected clock at the end of this file.
 import datetime as dt
 import email
 import email.policy
+import fcntl
 import http.server
 import json
 import os
@@ -230,6 +231,30 @@ def test_no_successful_cycle_waits_for_alert_after_hours(tmp_path, home, smtp_se
     assert "no successful backup cycle since" in message["Subject"]
     assert "25.0 h ago" in message.get_content()
 
+
+
+def test_skipped_cycles_ping_the_heartbeat_but_are_no_success(tmp_path, home, smtp_server,
+                                                             heartbeat):
+    lib = small_library(str(tmp_path / "PACS"))
+    flags = email_flags(smtp_server) + ["--heartbeat-url", heartbeat.url]
+    assert cycle(lib, home, *flags, "--min-free-gb", "1000000").returncode == 1
+    assert len(smtp_server.received) == 1                        # DISK_LOW
+    # Lock held by a long cycle, then Horos busy importing: both skip on purpose.
+    with open(os.path.join(backup_root(lib), ".tmp", ".run.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cycle(lib, home, *flags)
+    assert result.returncode == 0 and "another run holds" in result.stdout
+    for i in range(3):
+        open(os.path.join(lib.incoming_dir, "f%d.dcm" % i), "w").close()
+    assert cycle(lib, home, *flags, "--incoming-max-files", "2").returncode == 0
+    assert heartbeat.paths == ["/ping/3f1c/fail", "/ping/3f1c", "/ping/3f1c"]
+    book = json.load(open(book_path(home)))
+    assert book["last_success"] is None and book["failed_cycles"] == 1
+    assert list(book["problems"]) == ["DISK_LOW"]                # not resolved by a skip
+    assert len(smtp_server.received) == 1
+    assert cycle(lib, home, *flags).returncode == 0
+    assert "RESOLVED" in subjects(smtp_server)[1]
+    assert json.load(open(book_path(home)))["last_success"] is not None
 
 # -- Done when: test-alert --------------------------------------------------------------
 
