@@ -2587,22 +2587,24 @@ def observe_run(book: dict, report: RunReport, now: float,
     free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
             if report.free_bytes is not None else "")
     texts = {
-        "DISK_LOW": "The backup volume has less free space than the next study needs plus "
-                    "the reserve (--min-free-gb): cycles stop before writing." + free,
-        "DISK_FULL": "The backup volume filled up while a ZIP was written: the cycle "
-                     "stopped and removed the partial file." + free,
-        "VERIFY_FAILED": "%d ZIPs were missing or damaged when read back; their studies "
-                         "are exported again while Horos still has them.",
-        "ZIP_BAD": "%d studies could not be backed up: their ZIP failed verification 3 "
-                   "times as it was written (a failing backup disk or memory?).",
+        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
+                                  "study needs plus the reserve (--min-free-gb): cycles "
+                                  "stop before writing." + free,
+        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
+                                   "the cycle stopped and removed the partial file." + free,
+        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
+                                       "studies are exported again while Horos still has "
+                                       "them." % plural(count, "ZIP was", "ZIPs were"),
+        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification 3 "
+                                 "times as it was written (a failing backup disk or "
+                                 "memory?)." % plural(count, "study could", "studies could"),
     }
     for kind in AT_ONCE_KINDS:
         count = report.kinds.get(kind, 0)
         if kind == "ZIP_BAD":
             count = max(count, report.zip_bad_waiting or 0)
-        text = texts[kind] % count if "%d" in texts[kind] else texts[kind]
         if count:
-            seen[kind] = (count, text)
+            seen[kind] = (count, texts[kind](count))
         elif report.status == RUN_OK and (kind != "ZIP_BAD"
                                           or report.zip_bad_waiting is not None):
             seen[kind] = (0, "")
@@ -2610,9 +2612,10 @@ def observe_run(book: dict, report: RunReport, now: float,
         total = sum(report.failing_week.values())
         by_kind = ", ".join("%s %d" % (kind, count)
                             for kind, count in sorted(report.failing_week.items()) if count)
-        seen[STUDIES_FAILING] = (total, "%d studies have failed to export for %d days or "
-                                 "more and are still retried: %s." % (
-                                     total, STUDY_FAILING_DAYS, by_kind)) if total else (0, "")
+        seen[STUDIES_FAILING] = (total, "%s failing to export for %d days or more, and "
+                                 "still retried: %s." % (
+                                     plural(total, "study", "studies"), STUDY_FAILING_DAYS,
+                                     by_kind)) if total else (0, "")
     return seen
 
 
@@ -2711,14 +2714,6 @@ def alert_footer(cfg: Config, host: str) -> List[str]:
 
 # -- what a run was: read from what the cycle wrote ------------------------------------
 
-ALERT_RUN_OUTCOME_SQL = """
-SELECT outcome
-FROM runs
-WHERE started_at >= ?
-ORDER BY id DESC
-LIMIT 1
-"""
-
 # Failed studies by their last kind, and those failing for a week that are still retried
 # (a study Horos deleted keeps its row but is no longer tried).
 ALERT_FAILURES_SQL = """
@@ -2736,14 +2731,17 @@ def issues_size(path: str) -> int:
         return 0
 
 
+SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
+
+
 def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
-    """{kind: rows} of the AT_ONCE_KINDS rows appended to issues.csv after offset."""
+    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset."""
     counts: Dict[str, int] = {}
     try:
         with open(path, newline="", encoding="utf-8", errors="replace") as handle:
             handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
             for row in csv.reader(handle):
-                if len(row) > 1 and row[1] in AT_ONCE_KINDS:
+                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
                     counts[row[1]] = counts.get(row[1], 0) + 1
     except FileNotFoundError:
         return counts
@@ -2760,19 +2758,18 @@ def free_bytes_of(path: str) -> Optional[int]:
     return usage.f_bavail * usage.f_frsize
 
 
-def read_run_facts(cfg: Config, started: float, now: float
-                   ) -> Tuple[Optional[str], Optional[int], Optional[Dict[str, int]]]:
-    """(this cycle's `runs` outcome, ZIP_BAD studies, studies failing for a week by kind)
-    from the state, or Nones when it cannot be read."""
+def read_failure_facts(cfg: Config, now: float
+                       ) -> Tuple[Optional[int], Optional[Dict[str, int]]]:
+    """(studies whose last failure is ZIP_BAD, studies failing for a week by kind) from
+    the state, or Nones when it cannot be read."""
     if not os.path.isfile(cfg.sentinel) or not os.path.isfile(cfg.state_path):
-        return None, None, None
+        return None, None
     try:
         state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     except CannotRun as error:
         log.debug("alerts cannot read the state: %s", error)
-        return None, None, None
+        return None, None
     try:
-        row = state.conn.execute(ALERT_RUN_OUTCOME_SQL, (utc_iso(started),)).fetchone()
         zip_bad, failing = 0, {}
         for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
                 "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
@@ -2783,10 +2780,10 @@ def read_run_facts(cfg: Config, started: float, now: float
                 failing[kind] = old
     except sqlite3.Error as error:
         log.debug("alerts cannot read the state: %s", error)
-        return None, None, None
+        return None, None
     finally:
         state.close()
-    return (row[0] if row else ""), zip_bad, failing
+    return zip_bad, failing
 
 
 def failure_reason(cfg: Config, error: BaseException) -> str:
@@ -2807,19 +2804,18 @@ def failure_reason(cfg: Config, error: BaseException) -> str:
     return "unexpected error %s (the log has the details)" % type(error).__name__
 
 
-def cycle_report(cfg: Config, started: float, kinds: Dict[str, int],
+def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
                  error: Optional[BaseException]) -> RunReport:
-    now = time.time()
-    outcome, zip_bad, failing = (read_run_facts(cfg, started, now) if cfg.alerts.channels
-                                 else (None, None, None))
+    zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
+                        else (None, None))
     if error is not None:
         if isinstance(error, DiskSpaceProblem):
             kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
         status, reason = RUN_FAILED, failure_reason(cfg, error)
-    elif outcome == "":
+    elif lock_was_held:
         status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
-    elif outcome is not None and outcome.startswith("skipped"):
-        status, reason = RUN_SKIPPED, "skipped (%s): Horos is busy importing" % outcome
+    elif kinds.get("INCOMING_OVER_LIMIT"):
+        status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
     else:
         status, reason = RUN_OK, ""
     free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
@@ -2997,8 +2993,10 @@ def cycle_with_alerts(cfg: Config) -> int:
     """One cycle, then alerts and the heartbeat, whatever its outcome."""
     if not alerting(cfg):
         return run_cycle(cfg)
-    started = time.time()
     offset = issues_size(cfg.issues_path)
+    # The cycle skips quietly while another holds the lock (and writes nothing to tell):
+    # if the holder ends in between, a good cycle counts as skipped, which changes nothing.
+    lock_was_held = os.path.isfile(cfg.sentinel) and lock_holder(cfg.lock_path)[0]
     try:
         code = run_cycle(cfg)
     except Terminated:
@@ -3006,10 +3004,10 @@ def cycle_with_alerts(cfg: Config) -> int:
     except Exception as error:   # re-raised: main() prints and logs it as before
         kinds = issue_kinds_since(cfg.issues_path, offset) if os.path.isfile(cfg.sentinel) \
             else {}
-        alert_after_run(cfg, cycle_report(cfg, started, kinds, error), heartbeat=True)
+        alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, error), heartbeat=True)
         raise
     kinds = issue_kinds_since(cfg.issues_path, offset)
-    alert_after_run(cfg, cycle_report(cfg, started, kinds, None), heartbeat=True)
+    alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, None), heartbeat=True)
     return code
 
 

@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -81,12 +82,33 @@ def heartbeat():
 
 
 @pytest.fixture
-def silent_server():
-    """Accepts connections (the kernel's backlog) and never says a word."""
+def tarpit():
+    """A server that answers one byte every half second, for ever: every read returns
+    well within a socket timeout, so only a deadline on the whole exchange stops it."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
+    stop = threading.Event()
+
+    def trickle(conn):
+        with conn:
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"2")
+                except OSError:
+                    return
+                stop.wait(0.5)
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
     yield listener.getsockname()[1]
+    stop.set()
     listener.close()
 
 
@@ -256,6 +278,32 @@ def test_skipped_cycles_ping_the_heartbeat_but_are_no_success(tmp_path, home, sm
     assert "RESOLVED" in subjects(smtp_server)[1]
     assert json.load(open(book_path(home)))["last_success"] is not None
 
+
+def test_studies_failing_for_a_week_get_a_daily_digest(tmp_path, home, smtp_server):
+    lib = small_library(str(tmp_path / "PACS"))
+    for uid in ("1.2.81.1", "1.2.81.2"):          # files gone: NO_FILES, retried daily
+        pk = lib.add_study(uid, "GONE^FILES", study_date=dt.datetime(2018, 1, 1))
+        lib.add_image(lib.add_series(pk, "CT", "Axial", 1), create_file=False)
+    lib.finish()
+    assert cycle(lib, home, *email_flags(smtp_server)).returncode == 0
+    assert smtp_server.received == []
+    # A week passes (the state is a documented format): 1.2.81.1 is still retried, the
+    # other was last tried 3 days ago (Horos deleted it, so it is no longer tried).
+    conn = sqlite3.connect(os.path.join(backup_root(lib), "export_state.sqlite"))
+    conn.execute("UPDATE failures SET first_failed_at = ?, last_failed_at = ?",
+                 (hbe.utc_iso(time.time() - 8 * 86400), hbe.utc_iso(time.time() - 3600)))
+    conn.execute("UPDATE failures SET last_failed_at = ? WHERE study_uid = '1.2.81.2'",
+                 (hbe.utc_iso(time.time() - 3 * 86400),))
+    conn.commit()
+    conn.close()
+    assert cycle(lib, home, *email_flags(smtp_server)).returncode == 0
+    assert cycle(lib, home, *email_flags(smtp_server)).returncode == 0
+    assert len(smtp_server.received) == 1
+    message = parsed(smtp_server.received[0][2])
+    assert message["Subject"].endswith(": studies failing for a week")
+    assert ("1 study failing to export for 7 days or more, and still retried: "
+            "NO_FILES 1.") in message.get_content()
+
 # -- Done when: test-alert --------------------------------------------------------------
 
 def test_test_alert_sends_by_email_and_command_and_never_pings(tmp_path, home, smtp_server,
@@ -352,26 +400,26 @@ def test_no_alert_carries_patient_data(tmp_path, home, smtp_server):
 
 # -- Done when: an unreachable server never fails or slows a cycle ----------------------
 
-def test_unreachable_smtp_and_heartbeat_cost_at_most_the_budget(tmp_path, home,
-                                                                silent_server, smtp_server):
+def test_unreachable_smtp_and_heartbeat_cost_at_most_the_budget(tmp_path, home, tarpit,
+                                                                smtp_server):
     lib = small_library(str(tmp_path / "PACS"))
     silent = ["--alert-email", "a@example.org", "--smtp-host", "127.0.0.1",
-              "--smtp-port", silent_server, "--alert-after-hours", "0",
-              "--heartbeat-url", "http://127.0.0.1:%d/ping" % silent_server]
+              "--smtp-port", tarpit, "--alert-after-hours", "0",
+              "--heartbeat-url", "http://127.0.0.1:%d/ping" % tarpit]
     os.remove(os.path.join(lib.pacs_root, ".pacs_sentinel"))
     started = time.monotonic()
-    result = cycle(lib, home, *silent)
+    result = run_with_home(home, "--pacs-root", lib.pacs_root, *silent, timeout=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 1 and "sentinel" in result.stderr
     assert "alert by email not sent" in result.stdout
-    assert "heartbeat http://127.0.0.1:%d/ping/fail not reached" % silent_server \
+    assert "heartbeat http://127.0.0.1:%d/ping/fail not reached" % tarpit \
         in result.stdout
     assert elapsed < hbe.ALERT_BUDGET_SECONDS + 8, elapsed   # the budget, plus start-up
     # The sentinel is back and the server too: a healthy cycle is not held up, and the
     # alert that could not go out goes with the next one.
     open(os.path.join(lib.pacs_root, ".pacs_sentinel"), "w").close()
     result = cycle(lib, home, "--alert-email", "a@example.org", "--smtp-host",
-                   "127.0.0.1", "--smtp-port", silent_server)
+                   "127.0.0.1", "--smtp-port", tarpit)
     assert result.returncode == 0 and len(zips_on_disk(backup_root(lib))) == 2
     os.remove(os.path.join(lib.pacs_root, ".pacs_sentinel"))
     result = cycle(lib, home, *email_flags(smtp_server), "--alert-after-hours", "0")
@@ -653,7 +701,7 @@ def test_zip_bad_lasts_while_studies_wait_with_it_and_the_week_digest_is_daily()
     seen, book = run_sequence([week] * 145)
     assert [i for i, (due, _r) in enumerate(seen) if due] == [0, 144]
     assert book["problems"][hbe.STUDIES_FAILING]["text"] == (
-        "3 studies have failed to export for 7 days or more and are still retried: "
+        "3 studies failing to export for 7 days or more, and still retried: "
         "FILE_CHANGED 1, NO_FILES 2.")
 
 
@@ -675,7 +723,7 @@ def test_the_message_names_kinds_counts_and_paths_only():
     assert subject == ("[Horos backup] 2 PROBLEMS on mini.local: VERIFY_FAILED (damaged or "
                        "missing ZIPs); ZIP_BAD (ZIPs failing verification as they are "
                        "written)")
-    assert "2 ZIPs were missing or damaged" in body and "3 studies could not" in body
+    assert "2 ZIPs were missing or damaged" in body and "3 studies could not be" in body
     assert "Details:      /Volumes/PACS/Backup/issues.csv" in body
     assert "Log:          /Volumes/PACS/Backup/logs/horos_backup.log" in body
 
