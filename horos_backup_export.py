@@ -39,6 +39,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import unicodedata
@@ -2399,6 +2400,7 @@ ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_back
 ALERT_BOOK_FILE = "alerts.json"
 ALERT_BOOK_VERSION = 1
 ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
+ALERT_LINE_WIDTH = 76
 
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
 NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
@@ -2689,14 +2691,17 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     for name in plan.due:
         problem = problems[name]
         lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
-                  "  " + problem["text"], ""]
+                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
+                                subsequent_indent="  ", break_long_words=False,
+                                break_on_hyphens=False), ""]
     for name in plan.resolved:
         lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
                                                    local_time_text(unsent[name]["cleared"])),
                   ""]
     if plan.due:
-        lines += ["A problem is repeated at most once a day while it lasts; one message "
-                  "says when it is resolved.", ""]
+        lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
+                                "one message says when it is resolved.", ALERT_LINE_WIDTH),
+                  ""]
     lines += alert_footer(cfg, host)
     return subject, "\n".join(lines) + "\n"
 
