@@ -2796,10 +2796,10 @@ def failure_reason(cfg: Config, error: BaseException) -> str:
     if isinstance(error, DiskSpaceProblem):
         return "stopped by %s (see issues.csv)" % error.kind
     if not os.path.isfile(cfg.sentinel):
-        return ("the PACS sentinel %s is missing: is the PACS volume mounted?"
+        return ("the PACS sentinel %s is missing (is the PACS volume mounted?)"
                 % cfg.sentinel)
     if not os.path.isdir(os.path.dirname(cfg.backup_root)):
-        return "%s does not exist: is the backup disk mounted?" % os.path.dirname(
+        return "%s does not exist (is the backup disk mounted?)" % os.path.dirname(
             cfg.backup_root)
     if isinstance(error, HorosUnreadable):
         return ("Horos's database %s could not be read (locked, a hot journal after a "
