@@ -2531,11 +2531,30 @@ def load_alert_book(path: str) -> dict:
     except (OSError, ValueError) as error:
         log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
         return empty_alert_book()
-    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
-        log.error("alert bookkeeping %s is not version %d; starting it afresh",
-                  path, ALERT_BOOK_VERSION)
+    if not alert_book_is_valid(book):
+        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
+                  "afresh", path, ALERT_BOOK_VERSION)
         return empty_alert_book()
     return dict(empty_alert_book(), **book)
+
+
+def alert_book_is_valid(book) -> bool:
+    """The shape decide_alerts relies on (a hand-edited file may have another)."""
+    def time_or_none(value) -> bool:
+        return value is None or isinstance(value, str)
+
+    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
+        return False
+    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
+    return (isinstance(problems, dict) and isinstance(unsent, dict)
+            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
+                    and time_or_none(p.get("last_alert")) for p in problems.values())
+            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
+                    and isinstance(u.get("cleared"), str) for u in unsent.values())
+            and time_or_none(book.get("last_success"))
+            and time_or_none(book.get("first_failure"))
+            and isinstance(book.get("failed_cycles", 0), int)
+            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
 
 
 def save_alert_book(path: str, book: dict) -> None:

@@ -445,6 +445,21 @@ def test_unwritable_bookkeeping_does_not_break_the_cycle(tmp_path, smtp_server):
     assert cycle(lib, str(home), *email_flags(smtp_server)).returncode == 0
 
 
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"version": 1, "problems": "x"}',
+                                     '{"version": 1, "problems": {"DISK_LOW": 3}}',
+                                     '{"version": 99}'])
+def test_damaged_bookkeeping_starts_afresh(tmp_path, home, smtp_server, content):
+    lib = small_library(str(tmp_path / "PACS"))
+    os.makedirs(os.path.dirname(book_path(home)))
+    with open(book_path(home), "w") as handle:
+        handle.write(content)
+    result = cycle(lib, home, *email_flags(smtp_server), "--min-free-gb", "1000000")
+    assert result.returncode == 1 and "backup volume low" in result.stderr
+    assert "starting it afresh" in result.stdout and "Traceback" not in result.stdout
+    assert len(smtp_server.received) == 1
+    assert list(json.load(open(book_path(home)))["problems"]) == ["DISK_LOW"]
+
 # -- configuration -----------------------------------------------------------------------
 
 def test_password_file_readable_by_others_is_refused(tmp_path, home, smtp_server):
