@@ -437,7 +437,8 @@ def test_unwritable_bookkeeping_does_not_break_the_cycle(tmp_path, smtp_server):
     lib = small_library(str(tmp_path / "PACS"))
     home = tmp_path / "home"
     home.mkdir()
-    (home / "Library").write_text("a file where a folder should be")
+    (home / "Library").mkdir()
+    (home / "Library" / "Application Support").write_text("a file where a folder should be")
     result = cycle(lib, str(home), *email_flags(smtp_server), "--min-free-gb", "1000000")
     assert result.returncode == 1 and "backup volume low" in result.stderr
     assert "cannot write alert bookkeeping" in result.stdout
