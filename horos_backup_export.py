@@ -2393,6 +2393,7 @@ SMTP_TIMEOUT_SECONDS = 6.0
 COMMAND_TIMEOUT_SECONDS = 5.0
 HEARTBEAT_TIMEOUT_SECONDS = 3.0
 ALERT_RESERVE_SECONDS = 2.0      # kept for each channel still to come
+ALERT_STATE_BUSY_SECONDS = 2.0   # the state's failures, read after a cycle
 ALERT_REPEAT_SECONDS = 24 * 3600     # one problem alerts at most once a day
 STUDY_FAILING_DAYS = 7               # "failing for a week" digest
 STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Horos)
@@ -2789,7 +2790,8 @@ def read_failure_facts(cfg: Config, now: float
     if not os.path.isfile(cfg.sentinel) or not os.path.isfile(cfg.state_path):
         return None, None
     try:
-        state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+        state = ExportState(cfg.state_path, min(cfg.busy_timeout, ALERT_STATE_BUSY_SECONDS),
+                            read_only=True)
     except CannotRun as error:
         log.debug("alerts cannot read the state: %s", error)
         return None, None
