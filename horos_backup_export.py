@@ -12,8 +12,8 @@ run by macOS's /usr/bin/python3.
 
 Sections, in the order data flows:
   constants - data types - planner (pure) - Horos reader - Horos preferences -
-  archive writer - state store - issues, logs and progress - cycle - operator
-  commands - doctor - CLI
+  archive writer - state store - issues, logs and progress - file modes - cycle -
+  alerts - operator commands - doctor - find and disaster recovery - CLI
 """
 
 import argparse
@@ -22,6 +22,8 @@ import csv
 import dataclasses
 import datetime as dt
 import difflib
+import email.message
+import email.utils
 import errno
 import fcntl
 import hashlib
@@ -35,14 +37,20 @@ import plistlib
 import re
 import shutil
 import signal
+import smtplib
+import socket
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 import unicodedata
 import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -198,6 +206,7 @@ class Config:
     verbose: bool = False
     folder_size: int = DB_FOLDER_SIZE                 # Horos's DefaultFolderSizeForDB
     horos_prefs: Optional["HorosPreferences"] = None  # None: Horos's defaults
+    alerts: Optional["AlertConfig"] = None    # None: no alerts (see Alerts)
 
     @property
     def database_path(self) -> str:
@@ -2777,6 +2786,759 @@ def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
 
 
 # =====================================================================================
+# Alerts: email, a command and a heartbeat URL, so the backup is never silent
+# =====================================================================================
+#
+# After every cycle (and after `verify`), what happened is reduced to a RunReport; a
+# pure function decides, from the bookkeeping kept in the user's Library (outside the
+# backup volume, so it works while that volume is missing), which problems to alert
+# about and which are resolved; thin edges send by SMTP, run a command, and request
+# the heartbeat URL, all within ALERT_BUDGET_SECONDS. Alerts carry no patient data.
+
+ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
+SMTP_HOST = ""               # --smtp-host
+SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
+SMTP_USER = ""               # --smtp-user; "" sends without logging in (a local relay)
+SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
+ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
+HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
+ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
+
+ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
+SMTP_TIMEOUT_SECONDS = 6.0
+COMMAND_TIMEOUT_SECONDS = 5.0
+HEARTBEAT_TIMEOUT_SECONDS = 3.0
+ALERT_RESERVE_SECONDS = 2.0      # kept for each channel still to come
+ALERT_STATE_BUSY_SECONDS = 2.0   # the state's failures, read after a cycle
+ALERT_REPEAT_SECONDS = 24 * 3600     # one problem alerts at most once a day
+STUDY_FAILING_DAYS = 7               # "failing for a week" digest
+STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Horos)
+ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
+ALERT_BOOK_FILE = "alerts.json"
+ALERT_BOOK_VERSION = 1
+ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
+ALERT_LINE_WIDTH = 76
+
+# Problems: each is one incident at a time, alerted at most once a day while it lasts.
+NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
+STUDIES_FAILING = "STUDIES_FAILING"
+AT_ONCE_KINDS = ("DISK_LOW", "DISK_FULL", "VERIFY_FAILED", "ZIP_BAD")   # issues.csv kinds
+PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
+
+# What a run was, as alerting sees it.
+RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
+
+PROBLEM_TITLES = {
+    NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
+    "DISK_LOW": "backup volume low on space",
+    "DISK_FULL": "backup volume full",
+    "VERIFY_FAILED": "damaged or missing ZIPs",
+    "ZIP_BAD": "ZIPs failing verification as they are written",
+    STUDIES_FAILING: "studies failing for a week",
+}
+
+
+class AlertNotSent(Exception):
+    """A channel refused or could not deliver; the text says why (no patient data)."""
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """The alert channels, from the flags; the password is read from its file."""
+    emails: Tuple[str, ...] = ()
+    smtp_host: str = SMTP_HOST
+    smtp_port: int = SMTP_PORT
+    smtp_user: str = SMTP_USER
+    smtp_password_file: str = SMTP_PASSWORD_FILE
+    smtp_password: str = dataclasses.field(default="", repr=False)
+    command: str = ALERT_COMMAND
+    heartbeat_url: str = HEARTBEAT_URL
+    after_hours: float = ALERT_AFTER_HOURS
+
+    @property
+    def channels(self) -> Tuple[str, ...]:
+        """The channels that carry messages (the heartbeat carries none)."""
+        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one cycle (or `verify`) found, in words and numbers free of patient data."""
+    status: str                                   # RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND
+    reason: str = ""                              # why it failed or was skipped
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # AT_ONCE_KINDS rows
+    zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
+    failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
+    free_bytes: Optional[int] = None              # on the backup volume
+
+
+@dataclass
+class AlertPlan:
+    """What decide_alerts found: problems to alert about now, resolved ones to announce."""
+    due: List[str]
+    resolved: List[str]
+    book: dict               # the bookkeeping after this run, deliveries not yet counted
+
+
+def parse_addresses(text: str) -> Tuple[str, ...]:
+    """--alert-email: comma-separated addresses, each with one @."""
+    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in addresses:
+        if address.count("@") != 1 or any(c in address for c in " <>\"\r\n"):
+            raise argparse.ArgumentTypeError("%r is not an email address" % address)
+    return addresses
+
+
+def read_password_file(path: str) -> str:
+    """The SMTP password: the first line of a file nobody but its owner can read."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise CannotRun("--smtp-password-file %s is readable by others (mode %03o); "
+                            "run: chmod 600 '%s'" % (path, st.st_mode & 0o777, path))
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CannotRun("--smtp-password-file %s cannot be read: %s" % (path, error)) \
+            from None
+    if not password:
+        raise CannotRun("--smtp-password-file %s is empty" % path)
+    return password
+
+
+def alert_config_from_args(args: argparse.Namespace) -> AlertConfig:
+    """The alert flags, checked: each mistake is one line and exit 1."""
+    emails = tuple(args.alert_email) if not isinstance(args.alert_email, str) \
+        else parse_addresses(args.alert_email)
+    if emails and not args.smtp_host:
+        raise CannotRun("--alert-email needs --smtp-host (the mail server to send through)")
+    if bool(args.smtp_user) != bool(args.smtp_password_file):
+        raise CannotRun("--smtp-user and --smtp-password-file go together")
+    url = args.heartbeat_url
+    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise CannotRun("--heartbeat-url %s is not an http:// or https:// URL" % url)
+    password = read_password_file(os.path.expanduser(args.smtp_password_file)) \
+        if args.smtp_password_file else ""
+    return AlertConfig(emails=emails, smtp_host=args.smtp_host, smtp_port=args.smtp_port,
+                       smtp_user=args.smtp_user,
+                       smtp_password_file=args.smtp_password_file, smtp_password=password,
+                       command=args.alert_command, heartbeat_url=url,
+                       after_hours=args.alert_after_hours)
+
+
+# -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
+
+def alert_book_path() -> str:
+    """Under the home folder (HOME), never on the backup volume."""
+    return os.path.join(os.path.expanduser(ALERT_BOOK_DIR), ALERT_BOOK_FILE)
+
+
+def empty_alert_book() -> dict:
+    return {"version": ALERT_BOOK_VERSION, "last_success": None, "first_failure": None,
+            "failed_cycles": 0, "problems": {}, "unsent_resolved": {}, "last_alert": None}
+
+
+def load_alert_book(path: str) -> dict:
+    """The bookkeeping, or a fresh one (logged) when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            book = json.load(handle)
+    except FileNotFoundError:
+        return empty_alert_book()
+    except (OSError, ValueError) as error:
+        log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
+        return empty_alert_book()
+    if not alert_book_is_valid(book):
+        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
+                  "afresh", path, ALERT_BOOK_VERSION)
+        return empty_alert_book()
+    return dict(empty_alert_book(), **book)
+
+
+def alert_book_is_valid(book) -> bool:
+    """The shape decide_alerts relies on (a hand-edited file may have another)."""
+    def time_or_none(value) -> bool:
+        return value is None or isinstance(value, str)
+
+    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
+        return False
+    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
+    return (isinstance(problems, dict) and isinstance(unsent, dict)
+            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
+                    and time_or_none(p.get("last_alert")) for p in problems.values())
+            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
+                    and isinstance(u.get("cleared"), str) for u in unsent.values())
+            and time_or_none(book.get("last_success"))
+            and time_or_none(book.get("first_failure"))
+            and isinstance(book.get("failed_cycles", 0), int)
+            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
+
+
+def save_alert_book(path: str, book: dict) -> None:
+    """Whole or not at all; a folder we cannot write costs one log line, not the cycle."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_small_file(path, json.dumps(book, indent=1, sort_keys=True) + "\n")
+    except OSError as error:
+        log.error("cannot write alert bookkeeping %s: %s (alerts may repeat every cycle "
+                  "until it can be written)", path, error)
+
+
+# -- the decision: pure -----------------------------------------------------------------
+
+def hours_text(seconds: float) -> str:
+    return "%.0f min" % (seconds / 60) if seconds < 3600 else "%.1f h" % (seconds / 3600)
+
+
+def observe_run(book: dict, report: RunReport, now: float,
+                after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
+    """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
+
+    Updates the cycle clock in `book` (last success, first failure). A skipped cycle
+    neither succeeds nor fails, but does not hide a success that is long overdue.
+    """
+    seen: Dict[str, Optional[Tuple[int, str]]] = {}
+    if report.status == RUN_OK:
+        book.update(last_success=utc_iso(now), first_failure=None, failed_cycles=0)
+        seen[NO_SUCCESSFUL_CYCLE] = (0, "")
+    elif report.status in (RUN_FAILED, RUN_SKIPPED):
+        if report.status == RUN_FAILED:
+            book["failed_cycles"] = book.get("failed_cycles", 0) + 1
+            if not book.get("first_failure"):
+                book["first_failure"] = utc_iso(now)
+        reference = book.get("last_success") or book.get("first_failure")
+        overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
+        if report.status == RUN_SKIPPED:
+            overdue = (NO_SUCCESSFUL_CYCLE in book["problems"]
+                       or (overdue and after_seconds > 0))
+        if overdue:
+            if book.get("last_success"):
+                since = "since %s (%s ago)" % (local_time_text(book["last_success"]),
+                                               hours_text(now - parse_utc_iso(reference)))
+            else:
+                since = ("since the first failed cycle at %s (none has succeeded since "
+                         "alerting began)" % local_time_text(book["first_failure"]))
+            seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
+                                         "%s. Failed cycles since: %d." % (
+                                             since, report.reason or report.status,
+                                             book.get("failed_cycles", 0)))
+    free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
+            if report.free_bytes is not None else "")
+    texts = {
+        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
+                                  "study needs plus the reserve (--min-free-gb): cycles "
+                                  "stop before writing." + free,
+        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
+                                   "the cycle stopped and removed the partial file." + free,
+        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
+                                       "studies are exported again while Horos still has "
+                                       "them." % plural(count, "ZIP was", "ZIPs were"),
+        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification 3 "
+                                 "times as it was written (a failing backup disk or "
+                                 "memory?)." % plural(count, "study could", "studies could"),
+    }
+    for kind in AT_ONCE_KINDS:
+        count = report.kinds.get(kind, 0)
+        if kind == "ZIP_BAD":
+            count = max(count, report.zip_bad_waiting or 0)
+        if count:
+            seen[kind] = (count, texts[kind](count))
+        elif report.status == RUN_OK and (kind != "ZIP_BAD"
+                                          or report.zip_bad_waiting is not None):
+            seen[kind] = (0, "")
+    if report.failing_week is not None and report.status != RUN_COMMAND:
+        total = sum(report.failing_week.values())
+        by_kind = ", ".join("%s %d" % (kind, count)
+                            for kind, count in sorted(report.failing_week.items()) if count)
+        seen[STUDIES_FAILING] = (total, "%s failing to export for %d days or more, and "
+                                 "still retried: %s." % (
+                                     plural(total, "study", "studies"), STUDY_FAILING_DAYS,
+                                     by_kind)) if total else (0, "")
+    return seen
+
+
+def decide_alerts(book: dict, report: RunReport, now: float,
+                  after_seconds: float) -> AlertPlan:
+    """Which problems to alert about now, and which to announce as resolved.
+
+    A problem alerts when its incident starts, then at most once every
+    ALERT_REPEAT_SECONDS while it lasts (and again each run until a delivery works);
+    when it clears, one resolved message (if it was ever alerted). A problem that
+    clears and comes back is a new incident.
+    """
+    book = json.loads(json.dumps(book))           # values in, values out
+    problems = book.setdefault("problems", {})
+    unsent = book.setdefault("unsent_resolved", {})
+    for name, seen in observe_run(book, report, now, after_seconds).items():
+        if seen is None:
+            continue
+        count, text = seen
+        current = problems.get(name)
+        if count:
+            if current is None:
+                current = problems[name] = {"since": utc_iso(now), "last_alert": None}
+                unsent.pop(name, None)
+            current.update(count=count, text=text)
+        elif current is not None:
+            del problems[name]
+            if current.get("last_alert"):
+                unsent[name] = {"since": current["since"], "cleared": utc_iso(now)}
+    due = [name for name in PROBLEM_ORDER if name in problems and (
+        not problems[name].get("last_alert")
+        or now - parse_utc_iso(problems[name]["last_alert"]) >= ALERT_REPEAT_SECONDS)]
+    resolved = [name for name in PROBLEM_ORDER if name in unsent]
+    return AlertPlan(due=due, resolved=resolved, book=book)
+
+
+def record_delivery(plan: AlertPlan, now: float, subject: str,
+                    channels: Sequence[str]) -> dict:
+    """The bookkeeping once a message went out by at least one channel."""
+    book = json.loads(json.dumps(plan.book))
+    for name in plan.due:
+        book["problems"][name]["last_alert"] = utc_iso(now)
+    for name in plan.resolved:
+        book["unsent_resolved"].pop(name, None)
+    book["last_alert"] = {"at": utc_iso(now), "subject": subject, "problems": plan.due,
+                          "resolved": plan.resolved, "channels": list(channels)}
+    return book
+
+
+def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
+    """(subject, body). Only kinds, counts, times, the host and our own paths: never a
+    patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
+    problems, unsent = plan.book["problems"], plan.book["unsent_resolved"]
+
+    def title(name: str) -> str:
+        if name == NO_SUCCESSFUL_CYCLE and plan.book.get("last_success"):
+            return "no successful backup cycle since %s" % local_time_text(
+                plan.book["last_success"])
+        return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
+            else "%s (%s)" % (name, PROBLEM_TITLES[name])
+
+    if plan.due:
+        subject = "[Horos backup] %s on %s: %s" % (
+            "PROBLEM" if len(plan.due) == 1 else "%d PROBLEMS" % len(plan.due), host,
+            "; ".join(title(name) for name in plan.due))
+        if plan.resolved:
+            subject += " (resolved: %s)" % ", ".join(plan.resolved)
+    else:
+        subject = "[Horos backup] RESOLVED on %s: %s" % (host, ", ".join(plan.resolved))
+    lines = []
+    for name in plan.due:
+        problem = problems[name]
+        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
+                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
+                                subsequent_indent="  ", break_long_words=False,
+                                break_on_hyphens=False), ""]
+    for name in plan.resolved:
+        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
+                                                   local_time_text(unsent[name]["cleared"])),
+                  ""]
+    if plan.due:
+        lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
+                                "one message says when it is resolved.", ALERT_LINE_WIDTH),
+                  ""]
+    lines += alert_footer(cfg, host)
+    return subject, "\n".join(lines) + "\n"
+
+
+def alert_footer(cfg: Config, host: str) -> List[str]:
+    return ["Host:         %s" % host,
+            "BACKUP_ROOT:  %s" % cfg.backup_root,
+            "Details:      %s" % cfg.issues_path,
+            "Log:          %s" % cfg.log_path,
+            "Status:       python3 %s status" % os.path.abspath(__file__),
+            "",
+            "This message carries no patient data (no names, IDs, birth dates, study UIDs",
+            "or ZIP names): issues.csv and the log on the Mac name the studies."]
+
+
+# -- what a run was: read from what the cycle wrote ------------------------------------
+
+# Failed studies by their last kind, and those failing for a week that are still retried
+# (a study Horos deleted keeps its row but is no longer tried).
+ALERT_FAILURES_SQL = """
+SELECT kind, COUNT(*),
+       SUM(first_failed_at <= :week_ago AND last_failed_at >= :retried_after)
+FROM failures
+GROUP BY kind
+"""
+
+
+def issues_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
+
+
+def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
+    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset.
+
+    A file shorter than offset was rotated during the run (append_issue): the rows
+    after offset are then in `issues.csv.1`, and the new file holds the rest."""
+    counts: Dict[str, int] = {}
+    if issues_size(path) < offset:
+        count_issue_kinds(path + ".1", offset, counts)
+        offset = 0
+    count_issue_kinds(path, offset, counts)
+    return counts
+
+
+def count_issue_kinds(path: str, offset: int, counts: Dict[str, int]) -> None:
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
+            for row in csv.reader(handle):
+                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
+                    counts[row[1]] = counts.get(row[1], 0) + 1
+    except FileNotFoundError:
+        return
+    except (OSError, csv.Error) as error:
+        log.error("cannot read %s for alerts: %s", path, error)
+
+
+def free_bytes_of(path: str) -> Optional[int]:
+    try:
+        usage = os.statvfs(nearest_existing(path))
+    except OSError:
+        return None
+    return usage.f_bavail * usage.f_frsize
+
+
+def read_failure_facts(cfg: Config, now: float
+                       ) -> Tuple[Optional[int], Optional[Dict[str, int]]]:
+    """(studies whose last failure is ZIP_BAD, studies failing for a week by kind) from
+    the state, or Nones when it cannot be read."""
+    if not os.path.isfile(cfg.sentinel) or not os.path.isfile(cfg.state_path):
+        return None, None
+    try:
+        state = ExportState(cfg.state_path, min(cfg.busy_timeout, ALERT_STATE_BUSY_SECONDS),
+                            read_only=True)
+    except CannotRun as error:
+        log.debug("alerts cannot read the state: %s", error)
+        return None, None
+    try:
+        zip_bad, failing = 0, {}
+        for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
+                "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
+                "retried_after": utc_iso(now - STUDY_RETRIED_WITHIN_DAYS * 86400)}):
+            if kind == "ZIP_BAD":
+                zip_bad = count
+            if old:
+                failing[kind] = old
+    except sqlite3.Error as error:
+        log.debug("alerts cannot read the state: %s", error)
+        return None, None
+    finally:
+        state.close()
+    return zip_bad, failing
+
+
+def failure_reason(cfg: Config, error: BaseException) -> str:
+    """Why a cycle failed, in fixed words: error texts may name a ZIP (a patient)."""
+    if isinstance(error, DiskSpaceProblem):
+        return "stopped by %s (see issues.csv)" % error.kind
+    if not os.path.isfile(cfg.sentinel):
+        return ("the PACS sentinel %s is missing (is the PACS volume mounted?)"
+                % cfg.sentinel)
+    if not os.path.isdir(os.path.dirname(cfg.backup_root)):
+        return "%s does not exist (is the backup disk mounted?)" % os.path.dirname(
+            cfg.backup_root)
+    if isinstance(error, HorosUnreadable):
+        return ("Horos's database %s could not be read (locked, a hot journal after a "
+                "crash, damaged or missing; the log says which)" % cfg.database_path)
+    if isinstance(error, CannotRun):
+        return "the cycle could not run (the log and stderr say why)"
+    return "unexpected error %s (the log has the details)" % type(error).__name__
+
+
+def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
+                 error: Optional[BaseException]) -> RunReport:
+    zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
+                        else (None, None))
+    if error is not None:
+        if isinstance(error, DiskSpaceProblem):
+            kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
+        status, reason = RUN_FAILED, failure_reason(cfg, error)
+    elif lock_was_held:
+        status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
+    elif kinds.get("INCOMING_OVER_LIMIT"):
+        status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
+    else:
+        status, reason = RUN_OK, ""
+    free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
+        else None
+    return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
+                     failing_week=failing, free_bytes=free)
+
+
+# -- the edges: SMTP, a command, an HTTP request ---------------------------------------
+
+class Deadline:
+    """ALERT_BUDGET_SECONDS shared by the channels, keeping time for those still to come."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.end = clock() + seconds
+
+    def timeout(self, cap: float, later: int) -> float:
+        return max(0.0, min(cap, self.end - self.clock() - ALERT_RESERVE_SECONDS * later))
+
+
+def within(seconds: float, action) -> None:
+    """action() in a thread, given at most `seconds` (a DNS lookup ignores socket
+    timeouts); AlertNotSent if it fails or is still at it."""
+    if seconds < 0.5:
+        raise AlertNotSent("no time left in the %g s alert budget" % ALERT_BUDGET_SECONDS)
+    failure: List[str] = []
+
+    def run() -> None:
+        try:
+            action()
+        except Exception as error:  # reported by the caller's log line, with its type
+            failure.append(str(error) if isinstance(error, AlertNotSent)
+                           else "%s: %s" % (type(error).__name__, error))
+    worker = threading.Thread(target=run, name="alert", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AlertNotSent("no answer within %.1f s" % seconds)
+    if failure:
+        raise AlertNotSent(failure[0])
+
+
+def alert_email_message(alerts: AlertConfig, subject: str, body: str,
+                        host: str) -> email.message.EmailMessage:
+    message = email.message.EmailMessage()
+    message["Subject"] = subject
+    message["From"] = alerts.smtp_user if "@" in alerts.smtp_user \
+        else "horos_backup_export@%s" % (host or "localhost")
+    message["To"] = ", ".join(alerts.emails)
+    message["Date"] = email.utils.formatdate(localtime=True)
+    message["Message-ID"] = email.utils.make_msgid(domain=host or None)
+    message.set_content(body)
+    return message
+
+
+def send_email(alerts: AlertConfig, message: email.message.EmailMessage,
+               timeout: float) -> None:
+    """STARTTLS when offered (port 465: TLS from the start); log in only over TLS."""
+    context = ssl.create_default_context()
+    if alerts.smtp_port == 465:
+        client = smtplib.SMTP_SSL(alerts.smtp_host, alerts.smtp_port, timeout=timeout,
+                                  context=context)
+    else:
+        client = smtplib.SMTP(alerts.smtp_host, alerts.smtp_port, timeout=timeout)
+    with client:
+        client.ehlo()
+        tls = alerts.smtp_port == 465
+        if not tls and client.has_extn("starttls"):
+            client.starttls(context=context)
+            client.ehlo()
+            tls = True
+        if alerts.smtp_user:
+            if not tls:
+                raise AlertNotSent("%s:%d offers no STARTTLS: the password is not sent in "
+                                   "clear" % (alerts.smtp_host, alerts.smtp_port))
+            client.login(alerts.smtp_user, alerts.smtp_password)
+        client.send_message(message)
+
+
+def run_alert_command(command: str, subject: str, body: str, timeout: float) -> None:
+    """/bin/sh -c COMMAND, the body on stdin, the subject in HOROS_BACKUP_ALERT_SUBJECT."""
+    env = dict(os.environ, **{ALERT_SUBJECT_ENV: subject})
+    # Its own process group, so a timeout ends what it started too (osascript, curl).
+    process = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                               start_new_session=True)
+    try:
+        _out, err = process.communicate(body.encode("utf-8"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AlertNotSent("still running after %.1f s; stopped" % timeout) from None
+    if process.returncode:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise AlertNotSent("exit status %d %s" % (process.returncode, last[0][:200]))
+
+
+def heartbeat_target(url: str, failed: bool) -> str:
+    """URL after a good cycle, URL/fail after a failed one (healthchecks.io's rule)."""
+    if not failed:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/fail"))
+
+
+def ping_heartbeat(url: str, timeout: float) -> None:
+    request = urllib.request.Request(url, headers={
+        "User-Agent": "horos_backup_export/%s" % TOOL_VERSION})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read(1024)
+
+
+def deliver(alerts: AlertConfig, subject: str, body: str, deadline: Deadline,
+            later: int) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Send by every configured channel: (channels that worked, [(channel, why not)])."""
+    host = socket.gethostname()
+    sent: List[str] = []
+    failed: List[Tuple[str, str]] = []
+    if alerts.emails:
+        message = alert_email_message(alerts, subject, body, host)
+        timeout = deadline.timeout(SMTP_TIMEOUT_SECONDS, later + len(alerts.channels) - 1)
+        try:
+            within(timeout, lambda: send_email(alerts, message, timeout))
+            sent.append("email")
+        except AlertNotSent as error:
+            failed.append(("email", "to %s via %s:%d: %s" % (
+                ", ".join(alerts.emails), alerts.smtp_host, alerts.smtp_port, error)))
+    if alerts.command:
+        timeout = deadline.timeout(COMMAND_TIMEOUT_SECONDS, later)
+        try:
+            if timeout < 0.5:
+                raise AlertNotSent("no time left in the %g s alert budget"
+                                   % ALERT_BUDGET_SECONDS)
+            run_alert_command(alerts.command, subject, body, timeout)
+            sent.append("command")
+        except (AlertNotSent, OSError) as error:
+            failed.append(("command", str(error)))
+    for channel, why in failed:
+        log.error("alert by %s not sent: %s", channel, why)
+    return sent, failed
+
+
+def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
+    """Decide, send, record; then ping the heartbeat. Never raises for a channel."""
+    alerts = cfg.alerts
+    deadline = Deadline(ALERT_BUDGET_SECONDS)
+    ping = heartbeat and bool(alerts.heartbeat_url)
+    if alerts.channels:
+        now = time.time()
+        path = alert_book_path()
+        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600)
+        book = plan.book
+        if plan.due or plan.resolved:
+            subject, body = compose_alert(cfg, plan, socket.gethostname())
+            sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
+            if sent:
+                book = record_delivery(plan, now, subject, sent)
+                log.info("alert sent by %s: %s", " and ".join(sent), subject)
+        save_alert_book(path, book)
+    if ping:
+        url = heartbeat_target(alerts.heartbeat_url, report.status == RUN_FAILED)
+        timeout = deadline.timeout(HEARTBEAT_TIMEOUT_SECONDS, 0)
+        try:
+            within(timeout, lambda: ping_heartbeat(url, timeout))
+        except AlertNotSent as error:
+            log.error("heartbeat %s not reached: %s", url, error)
+
+
+def alerting(cfg: Config) -> bool:
+    return cfg.alerts is not None and bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
+
+
+def cycle_with_alerts(cfg: Config) -> int:
+    """One cycle, then alerts and the heartbeat, whatever its outcome."""
+    if not alerting(cfg):
+        return run_cycle(cfg)
+    offset = issues_size(cfg.issues_path)
+    # The cycle skips quietly while another holds the lock (and writes nothing to tell):
+    # if the holder ends in between, a good cycle counts as skipped, which changes nothing.
+    lock_was_held = os.path.isfile(cfg.sentinel) and lock_holder(cfg.lock_path)[0]
+    try:
+        code = run_cycle(cfg)
+    except Terminated:
+        raise                    # launchd stopping the job: no outcome to report
+    except Exception as error:   # re-raised: main() prints and logs it as before
+        kinds = issue_kinds_since(cfg.issues_path, offset) if os.path.isfile(cfg.sentinel) \
+            else {}
+        alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, error), heartbeat=True)
+        raise
+    kinds = issue_kinds_since(cfg.issues_path, offset)
+    alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, None), heartbeat=True)
+    return code
+
+
+def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
+                       max_gb: Optional[float]) -> int:
+    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
+    if not (cfg.alerts is not None and cfg.alerts.channels):
+        return verify_command(cfg, verify_all, limit, max_gb)
+    offset = issues_size(cfg.issues_path)
+    code = verify_command(cfg, verify_all, limit, max_gb)
+    bad = issue_kinds_since(cfg.issues_path, offset).get("VERIFY_FAILED", 0)
+    if bad:
+        alert_after_run(cfg, RunReport(status=RUN_COMMAND, kinds={"VERIFY_FAILED": bad}),
+                        heartbeat=False)
+    return code
+
+
+def test_alert_command(cfg: Config) -> int:
+    """Send one test message by every configured channel; never the heartbeat."""
+    alerts = cfg.alerts
+    if alerts is None or not alerts.channels:
+        raise CannotRun("no alert channel configured: give --alert-email with --smtp-host, "
+                        "or --alert-command")
+    host = socket.gethostname()
+    subject = "[Horos backup] TEST on %s" % host
+    body = "\n".join(["A test of horos_backup_export's alerts: if you read this, alerts "
+                      "reach you.", ""] + alert_footer(cfg, host)) + "\n"
+    sent, failed = deliver(alerts, subject, body, Deadline(ALERT_BUDGET_SECONDS), 0)
+    for channel in sent:
+        print("test alert sent by %s%s" % (channel, " to " + ", ".join(alerts.emails)
+                                           if channel == "email" else ""))
+    for channel, why in failed:
+        print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
+              file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def alert_status(cfg: Config) -> dict:
+    """The `alerts` object of `status --json` (never the password)."""
+    alerts = cfg.alerts or AlertConfig()
+    path = alert_book_path()
+    book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
+    return {
+        "email": list(alerts.emails), "smtp_host": alerts.smtp_host or None,
+        "smtp_port": alerts.smtp_port, "smtp_user": alerts.smtp_user or None,
+        "smtp_password_file": alerts.smtp_password_file or None,
+        "command": alerts.command or None, "heartbeat_url": alerts.heartbeat_url or None,
+        "alert_after_hours": alerts.after_hours, "bookkeeping": path,
+        "last_success": book["last_success"],
+        "open_problems": {name: {"since": problem["since"], "count": problem.get("count"),
+                                 "last_alert": problem.get("last_alert")}
+                          for name, problem in sorted(book["problems"].items())},
+        "last_alert": book["last_alert"],
+    }
+
+
+def print_alert_status(status: Mapping) -> None:
+    print("Alerts")
+    channels = []
+    if status["email"]:
+        channels.append("email to %s via %s:%d%s" % (
+            ", ".join(status["email"]), status["smtp_host"], status["smtp_port"],
+            " as %s" % status["smtp_user"] if status["smtp_user"] else ""))
+    if status["command"]:
+        channels.append("command %s" % status["command"])
+    print("  %-16s %s" % ("channels", "; ".join(channels) or "none"))
+    print("  %-16s %s" % ("heartbeat", status["heartbeat_url"] or "none"))
+    print("  %-16s after %g h without a successful cycle" % ("no-success alert",
+                                                             status["alert_after_hours"]))
+    for name, problem in status["open_problems"].items():
+        print("  %-16s %s since %s" % ("open problem", name,
+                                       local_time_text(problem["since"])))
+    last = status["last_alert"]
+    print("  %-16s %s" % ("last alert", "%s by %s: %s" % (
+        local_time_text(last["at"]), " and ".join(last["channels"]), last["subject"])
+        if last else "none sent"))
+
+
+# =====================================================================================
 # Operator commands: dry run, status, verify, restore, reindex, retry
 # =====================================================================================
 
@@ -2958,6 +3720,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "horos_read_seconds": round(horos_seconds, 3),
         **preferences_status(cfg),
         "restores": restores,
+        "alerts": alert_status(cfg),
     }
 
 
@@ -3030,6 +3793,7 @@ def print_status(status: Mapping) -> None:
                 feeding["target"], feeding["restored"],
                 "%d left" % feeding["left"] if feeding["in_progress"] else "done",
                 feeding["selection"], local_time_text(feeding["last_run_at"])))
+    print_alert_status(status["alerts"])
 
 
 def status_command(cfg: Config, as_json: bool) -> int:
@@ -4444,6 +5208,26 @@ COMMON_FLAGS = (
     (("--verbose",), dict(action="store_true", help="debug logging"), False),
     (("--horos-prefs",), dict(metavar="PLIST", help="Horos's preferences (default %s)"
                                % HOROS_PREFS), None),
+    (("--alert-email",), dict(type=parse_addresses, metavar="ADDR[,ADDR...]",
+                              help="email alerts to these addresses (needs --smtp-host)"),
+     ALERT_EMAIL),
+    (("--smtp-host",), dict(help="mail server for --alert-email"), SMTP_HOST),
+    (("--smtp-port",), dict(type=bounded_number(int, 1, 65535), help="its port; STARTTLS "
+                             "when offered, 465 is TLS from the start (default %d)"
+                             % SMTP_PORT), SMTP_PORT),
+    (("--smtp-user",), dict(help="log in as this user (only over TLS)"), SMTP_USER),
+    (("--smtp-password-file",), dict(metavar="FILE", help="the password, first line of a "
+                                      "file only its owner can read (chmod 600)"),
+     SMTP_PASSWORD_FILE),
+    (("--alert-command",), dict(metavar="CMD", help="run by /bin/sh -c for each alert: "
+                                 "the message on stdin, the subject in $%s"
+                                 % ALERT_SUBJECT_ENV), ALERT_COMMAND),
+    (("--heartbeat-url",), dict(metavar="URL", help="requested after every cycle that ends "
+                                 "well, URL/fail after a failed one"), HEARTBEAT_URL),
+    (("--alert-after-hours",), dict(type=non_negative_float, help="alert when no cycle has "
+                                     "succeeded for this long; 0: at the first failed "
+                                     "cycle (default %g)" % ALERT_AFTER_HOURS),
+     ALERT_AFTER_HOURS),
 )
 
 COMMANDS = {
@@ -4454,6 +5238,7 @@ COMMANDS = {
     "retry": "clear the back-off of failed studies",
     "doctor": "check the installation end to end; writes nothing (--json for scripts)",
     "find": "search the backup alone for studies by patient, ID, date or modality",
+    "test-alert": "send one test message by every configured alert channel",
 }
 
 
@@ -4595,18 +5380,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         verbose=args.verbose,
         folder_size=prefs.folder_size,
         horos_prefs=prefs,
+        alerts=alert_config_from_args(args),
     )
 
 
 def run_command(args: argparse.Namespace, cfg: Config) -> int:
     if args.command is None:
-        return dry_run(cfg) if args.dry_run else run_cycle(cfg)
+        return dry_run(cfg) if args.dry_run else cycle_with_alerts(cfg)
     if args.dry_run:
         raise CannotRun("--dry-run applies to a backup cycle, not to `%s`" % args.command)
     if args.command == "status":
         return status_command(cfg, args.json)
     if args.command == "verify":
-        return verify_command(cfg, args.all, args.limit, args.max_gb)
+        return verify_with_alerts(cfg, args.all, args.limit, args.max_gb)
     if args.command == "restore":
         return restore_command(cfg, args.zips, args.to, args.into_horos, args.all,
                                args.month, args.find)
@@ -4616,7 +5402,9 @@ def run_command(args: argparse.Namespace, cfg: Config) -> int:
         return doctor_command(cfg, args.json)
     if args.command == "find":
         return find_command(cfg, args.texts, args.json)
-    return retry_command(cfg, args.study_uids)
+    if args.command == "retry":
+        return retry_command(cfg, args.study_uids)
+    return test_alert_command(cfg)
 
 
 class Terminated(Exception):
