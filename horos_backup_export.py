@@ -5429,6 +5429,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("horos_backup_export: interrupted; partial files are removed next run",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `status | head` closed the pipe: what was wanted is printed. Point stdout at
+        # /dev/null so the interpreter's last flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as error:  # last resort: the log keeps the traceback, not the terminal
         log.debug("unexpected error", exc_info=True)
         log.error("unexpected error: %s: %s", type(error).__name__, error,

@@ -39,3 +39,26 @@ def test_values_and_known_flags_still_parse_as_before(library):
     assert result.returncode == 0, result.stderr
     result = run_cycle(library, "retry", "--", "--not-a-flag")
     assert result.returncode == 1 and "--not-a-flag has no failure" in result.stderr
+
+
+def test_status_piped_into_head_ends_without_a_traceback(library):
+    """`status --json | head -1`: the reader goes away early; no traceback."""
+    import datetime as dt
+    import subprocess
+    import sys
+
+    from conftest import SCRIPT, TEST_TZ
+    # 1,200 months of JSON (about 100 KB) outgrow the pipe's buffer, so the script is
+    # still writing when head exits.
+    for i in range(1200):
+        library.add_simple_study("1.2.130.%d" % i, "CT", images=1,
+                                 study_date=dt.datetime(1900 + i // 12, 1 + i % 12, 1))
+    library.finish()
+    env = dict(os.environ, TZ=TEST_TZ)
+    pipeline = subprocess.run(
+        "%s %s --pacs-root '%s' status --json | head -1; exit ${PIPESTATUS[0]}"
+        % (sys.executable, SCRIPT, library.pacs_root), shell=True, executable="/bin/bash",
+        capture_output=True, text=True, env=env, timeout=120)
+    assert pipeline.stdout == "{\n"
+    assert pipeline.stderr == ""
+    assert pipeline.returncode == 0
