@@ -204,3 +204,20 @@ def test_a_cycle_reading_one_row_per_transaction_exports_and_sees_changes(tmp_pa
     assert result.returncode == 0
     assert "re-exported" in result.stdout and "cycle done: 1 study" in result.stdout
     lib.close()
+
+
+def test_a_study_horos_deletes_between_the_scan_and_its_plan_is_skipped(tmp_path):
+    lib = FakeHorosLibrary(str(tmp_path / "PACS"))
+    for i in (1, 2, 3):
+        add_uid_study(lib, "1.2.87.%d" % i, i)
+    lib.finish()
+    with hbe.open_horos_reader(lib.db_path, 5.0, chunk_rows=2) as reader:
+        studies = hbe.read_candidates(reader)
+        lib.conn.execute("PRAGMA busy_timeout = 0")
+        lib.conn.execute("DELETE FROM ZSTUDY WHERE ZSTUDYINSTANCEUID = '1.2.87.2'")
+        lib.conn.commit()
+        plans = hbe.read_plans(reader, [hbe.Candidate(s, "new") for s in studies],
+                               lib.database_dir)
+    assert [p.info.uid for p in plans] == ["1.2.87.1", "1.2.87.3"]
+    assert [len(p.files) for p in plans] == [1, 1]
+    lib.close()
