@@ -847,6 +847,9 @@ LIMIT :limit
 
 STUDY_EXISTS_SQL = "SELECT 1 FROM ZSTUDY WHERE Z_PK = ?"
 
+# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
+TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
+
 STUDY_INFO_SQL = """
 SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
        ZACCESSIONNUMBER, ZSTUDYNAME, ZMODALITY
@@ -994,14 +997,19 @@ class HorosReader:
 
     @contextlib.contextmanager
     def transaction(self):
-        started = time.perf_counter()
+        """Timed from the moment SQLite holds the SHARED lock (waiting for one of
+        Horos's commits to end is not holding it) to the ROLLBACK that releases it."""
+        started = None
         self.conn.execute("BEGIN")
         try:
+            self.conn.execute(TAKE_SHARED_LOCK_SQL).fetchone()
+            started = time.perf_counter()
             yield self.conn
         finally:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            self.times.add(time.perf_counter() - started)
+            if started is not None:
+                self.times.add(time.perf_counter() - started)
 
 
 @contextlib.contextmanager
