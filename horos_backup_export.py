@@ -808,11 +808,13 @@ def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
 # next cycle. A study deleted in between is skipped when its plan finds no row.
 
 # Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
-# this project's 2-core machine (BENCHMARKS.md): 2,000 studies take 9-12 ms in SQLite,
-# 5,000 take 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any chunk size
-# from 500 up. 2,000 leaves 4x headroom under the 50 ms target for a slower Mac and a
-# busy CPU, and the chunk's rows are grouped after the transaction ends.
-HOROS_CHUNK_ROWS = 2000
+# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
+# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
+# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
+# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
+# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
+# transaction ends.
+HOROS_CHUNK_ROWS = 1000
 # New image rows per transaction: one index lookup each, cheaper than a study's row.
 IMAGE_CHUNK_FACTOR = 10
 
@@ -2920,7 +2922,7 @@ def print_status(status: Mapping) -> None:
     clinic = status["clinic"]
     if status["eta_seconds"]:
         line("backlog", "%s at %.1f studies per cycle every %d minutes in clinic hours, "
-             "%.1f outside them" % (
+             "%.0f outside them" % (
                  format_eta(status["eta_seconds"]), clinic["studies_per_cycle"],
                  LAUNCHD_INTERVAL_SECONDS // 60, clinic["studies_per_cycle_outside"]))
     else:

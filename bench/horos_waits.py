@@ -311,11 +311,15 @@ def report(results):
     rows = results["writer"]
     lines += ["### 4. Horos never waits: a Horos-like writer next to the script", "",
               "The writer commits every 10 ms; a commit that waits longer than its busy "
-              "timeout is lost. %d runs of each action per cell (sums of lost commits, "
-              "the worst single commit wait, the longest read transaction); the cycle "
-              "plans a batch with the whole backlog ahead." % REPEATS, "",
-              "| studies | script | action | busy timeout | commits | lost | worst commit "
-              "wait ms | longest read transaction ms | all reads s | wall s | bare sqlite3 "
+              "timeout is lost. %d runs of each action per cell: lost commits summed, the "
+              "slowest commit (its wait for the lock and its own fsync, which on a disk "
+              "shared with other jobs can take long by itself), the longest read "
+              "transaction (from the script: from the moment it holds the lock to its "
+              "ROLLBACK; before: the one transaction), all reads together. The cycle plans "
+              "a batch with the whole backlog ahead. The bare scan: the candidate query "
+              "in one statement in the sqlite3 shell." % REPEATS, "",
+              "| studies | script | action | busy timeout | commits | lost | slowest commit "
+              "ms | longest read transaction ms | all reads s | wall s | bare sqlite3 "
               "scan s | load |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
