@@ -221,3 +221,25 @@ def test_a_study_horos_deletes_between_the_scan_and_its_plan_is_skipped(tmp_path
     assert [p.info.uid for p in plans] == ["1.2.87.1", "1.2.87.3"]
     assert [len(p.files) for p in plans] == [1, 1]
     lib.close()
+
+
+def test_new_image_rows_are_found_in_chunks(tmp_path):
+    lib = FakeHorosLibrary(str(tmp_path / "PACS"))
+    pks = [add_uid_study(lib, "1.2.86.%d" % i, i) for i in (1, 2, 3)]
+    lib.finish()
+    high_water = lib.conn.execute("SELECT MAX(Z_PK) FROM ZIMAGE").fetchone()[0]
+    series = {pk: lib.conn.execute("SELECT Z_PK FROM ZSERIES WHERE ZSTUDY = ?",
+                                   (pk,)).fetchone()[0] for pk in pks}
+    for _ in range(12):                       # 24 new rows, 10 per chunk with chunk_rows=1
+        lib.add_image(series[pks[0]], size=10)
+        lib.add_image(series[pks[2]], size=10)
+    lib.finish()
+    times = hbe.ReadTimes()
+    with hbe.open_horos_reader(lib.db_path, 5.0, chunk_rows=1, times=times) as reader:
+        top = hbe.image_high_water(reader)
+        touched = hbe.studies_with_new_images(reader, high_water, top)
+        assert hbe.studies_with_new_images(reader, top, top) == set()
+    assert top == high_water + 24
+    assert touched == {pks[0], pks[2]}
+    assert times.transactions == 1 + 1 + 3        # columns, the high-water mark, 10+10+4
+    lib.close()
