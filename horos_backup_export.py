@@ -2448,10 +2448,12 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
     (uncapped); studies deferred before writing take no slot.
 
     After MAX_RUN_SECONDS no new study is started (but every cycle exports at least
-    one, so a slow start can never stop the queue). Past BATCH_SIZE, an uncapped cycle
-    looks at INCOMING.noindex again before each study: Horos may start importing.
+    one, so a slow start can never stop the queue; an uncapped cycle stops anyway once
+    it has looked at 2 x BATCH_SIZE studies, so a queue of studies whose files are all
+    missing cannot keep it going). Past BATCH_SIZE, an uncapped cycle looks at
+    INCOMING.noindex again before each study: Horos may start importing.
     """
-    used = 0
+    used = tried = 0
     if total is None:
         plans = list(plans)
         total = len(plans)
@@ -2460,7 +2462,7 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
     for plan in plans:
         if capped and used >= cfg.batch_size:
             break
-        if used and over_time(cfg, started):
+        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, started):
             log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
                      "next cycle", time.monotonic() - started, cfg.max_run_seconds)
             break
@@ -2470,6 +2472,7 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
                      "the next study waits for the next cycle", cfg.incoming_max_files)
             break
         label = "[%d/%d]" % (used + 1, total)
+        tried += 1
         outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
         if outcome == DEFERRED:
             summary.deferred += 1

@@ -275,7 +275,9 @@ def library_figures(work, studies):
     started = time.perf_counter()
     db = build_library(pacs_root, studies)
     built = time.perf_counter() - started
-    common = ["--pacs-root", pacs_root, "--min-free-gb", "0"]
+    # The cap at all hours: the cycle Horos sees by day (BATCH_SIZE and as many spares),
+    # whatever the hour of the run; an uncapped cycle here would plan the whole queue.
+    common = ["--pacs-root", pacs_root, "--min-free-gb", "0", "--clinic-hours", "00-24"]
     shutil.rmtree(os.path.join(pacs_root, "Backup"), ignore_errors=True)
     dry_wall, dry_mb, dry_out = peak_of(["--dry-run"] + common)
     # The queue in order (database only: every study would be "fail", having no files).

@@ -216,3 +216,20 @@ def test_bad_schedule_flags_are_one_line_and_exit_2(tmp_path, flags, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not os.path.exists(backup_root(lib))
     lib.close()
+
+
+def test_an_uncapped_cycle_of_missing_files_still_ends_on_time(tmp_path):
+    """Studies deferred before writing take no slot; outside clinic hours they must not
+    keep a cycle going past MAX_RUN_SECONDS either."""
+    lib = FakeHorosLibrary(str(tmp_path / "PACS"))
+    for i in range(30):
+        pk = lib.add_study("1.2.57.%d" % i, study_date=dt.datetime(2013, 1, 1 + i))
+        lib.add_image(lib.add_series(pk, "CT", "x", 1), create_file=False)
+    lib.finish()
+    result = run_cycle(lib, "--clinic-hours", "none", "--batch-size", "5",
+                       "--max-run-seconds", "0.0001")
+    assert result.returncode == 0, result.stderr
+    assert "cycle done: 0 studies" in result.stdout and "10 deferred" in result.stdout
+    failed = state_rows(backup_root(lib), "SELECT study_uid, kind FROM failures")
+    assert len(failed) == 10 and {r["kind"] for r in failed} == {"NO_FILES"}
+    lib.close()
