@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import logging.handlers
@@ -98,6 +99,13 @@ MAX_MBPS = 0.0                                                  # --max-mbps
 MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
 # Horos's settings, of the user who runs Horos (expanded with that user's HOME).
 HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
+# Inside clinic hours (local time, the end exclusive; 19-07 wraps past midnight) a cycle
+# exports up to BATCH_SIZE studies, so Horos and its users never feel it. Outside them
+# it keeps going until MAX_RUN_SECONDS: a 50,000-study backlog drains over nights and
+# weekends instead of taking weeks at 15 per cycle. "none": no cap at any hour;
+# "00-24": the cap at every hour of every day.
+CLINIC_HOURS = "07-19"                                          # --clinic-hours
+CLINIC_DAYS = "mon-fri"                                         # --clinic-days
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
@@ -207,6 +215,9 @@ class Config:
     folder_size: int = DB_FOLDER_SIZE                 # Horos's DefaultFolderSizeForDB
     horos_prefs: Optional["HorosPreferences"] = None  # None: Horos's defaults
     alerts: Optional["AlertConfig"] = None    # None: no alerts (see Alerts)
+    clinic_hours: str = CLINIC_HOURS
+    clinic_days: str = CLINIC_DAYS
+    horos_chunk_rows: int = 0        # 0: HOROS_CHUNK_ROWS (a smaller value for tests)
 
     @property
     def database_path(self) -> str:
@@ -239,6 +250,14 @@ class Config:
     @property
     def log_path(self) -> str:
         return os.path.join(self.backup_root, LOG_DIR, LOG_FILE)
+
+    @property
+    def schedule(self) -> "ClinicSchedule":
+        return clinic_schedule(self.clinic_hours, self.clinic_days)
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.horos_chunk_rows or HOROS_CHUNK_ROWS
 
 
 @dataclass
@@ -349,6 +368,7 @@ class CycleSummary:
     deferred: int = 0
     verified: int = 0
     horos_seconds: Optional[float] = None
+    horos_times: "ReadTimes" = dataclasses.field(default_factory=lambda: ReadTimes())
 
 
 # =====================================================================================
@@ -711,13 +731,121 @@ def month_is_over(month: str, today: dt.date) -> bool:
 
 
 # =====================================================================================
-# Horos reader: Database.sql, read-only, in one short read transaction
+# Clinic hours: when a cycle stops at BATCH_SIZE (pure; the clock is passed in)
+# =====================================================================================
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
+DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass(frozen=True)
+class ClinicSchedule:
+    """When Horos is in use. hours: (start, end) local hours, the end exclusive, wrapping
+    past midnight when start > end; None: never (no cap). days: weekday numbers, Monday 0."""
+    hours: Optional[Tuple[int, int]]
+    days: Tuple[int, ...]
+
+
+def parse_clinic_hours(text: str) -> Optional[Tuple[int, int]]:
+    """`07-19`, `19-07`, `00-24` -> (start, end); `none` -> None. ValueError otherwise."""
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", cleaned)
+    if not match:
+        raise ValueError("--clinic-hours %r: give HH-HH in local time (07-19, 19-07, "
+                         "00-24) or none" % text)
+    start, end = int(match.group(1)), int(match.group(2))
+    if start > 23 or end > 24:
+        raise ValueError("--clinic-hours %r: hours go from 00 to 24 (00-24 is the whole "
+                         "day)" % text)
+    if start == end % 24 and (start, end) != (0, 24):
+        raise ValueError("--clinic-hours %r: the start and the end are the same hour; use "
+                         "00-24 for the whole day or none for no clinic hours" % text)
+    return start, end
+
+
+def parse_clinic_days(text: str) -> Tuple[int, ...]:
+    """`mon-fri`, `mon-sat`, `mon,wed,fri`, `sat-sun`, `fri-mon` -> weekday numbers."""
+    days = set()
+    for part in text.strip().lower().split(","):
+        ends = [e.strip() for e in part.split("-")]
+        ends = [e[:3] if e in DAY_NAMES else e for e in ends]
+        if len(ends) > 2 or not all(e in WEEKDAYS for e in ends):
+            raise ValueError("--clinic-days %r: give days like mon-fri, mon-sat or "
+                             "mon,wed,fri (mon tue wed thu fri sat sun)" % text)
+        first, last = WEEKDAYS.index(ends[0]), WEEKDAYS.index(ends[-1])
+        days.update((first + step) % 7 for step in range((last - first) % 7 + 1))
+    return tuple(sorted(days))
+
+
+def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
+    return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
+
+
+def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
+    """Whether a cycle starting at this local time is capped at BATCH_SIZE.
+
+    A window that wraps past midnight belongs to the day it starts on: with 19-07 and
+    mon-fri, Saturday 03:00 is still Friday's night, Monday 03:00 is not clinic time.
+    00-24 is every hour of every day, whatever the days say.
+    """
+    if schedule.hours is None:
+        return False
+    start, end = schedule.hours
+    if (start, end) == (0, 24):
+        return True
+    if start < end:
+        return local.weekday() in schedule.days and start <= local.hour < end
+    if local.hour >= start:
+        return local.weekday() in schedule.days
+    return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
+
+
+def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
+                    inside: float, outside: float, interval_seconds: int,
+                    max_cycles: int = 10 * 52 * 7 * 144) -> int:
+    """launchd cycles until `backlog` studies are exported, at `inside` studies per
+    cycle in clinic hours and `outside` per cycle out of them; max_cycles at most."""
+    left, cycles, moment = float(backlog), 0, start
+    step = dt.timedelta(seconds=interval_seconds)
+    while left > 0 and cycles < max_cycles:
+        left -= max(inside if in_clinic_hours(schedule, moment) else outside, 1e-3)
+        cycles += 1
+        moment += step
+    return cycles
+
+
+# =====================================================================================
+# Horos reader: Database.sql, read-only, in short read transactions
 # =====================================================================================
 #
 # Horos keeps Database.sql in rollback-journal mode: while any reader holds a read
-# transaction, Horos cannot commit. Every read here happens in one transaction that
-# selects the batch and its file list and nothing else; files are zipped after the
-# connection is closed.
+# transaction, Horos cannot commit, and a commit that waits longer than Horos's busy
+# timeout is lost (an import or an edit Horos must retry or report). So no read here
+# lasts long whatever the library's size: the candidate scan reads ZSTUDY in chunks
+# of Z_PK, each in its own transaction, and each study's plan is one more; the lock is
+# released between them, and files are zipped after the connection is closed.
+#
+# Rows read in different transactions need not agree, and need not: a study Horos
+# changes between two chunks is only seen as it was in one of them, and is seen again
+# next cycle. Its fingerprint is either the new one (the change came before its chunk)
+# or the old one (after), and its plan, read later, holds at least as much as that
+# fingerprint says; an old fingerprint recorded with a newer ZIP only makes the next
+# cycle see a difference and export it again. New image rows are found by Z_PK above
+# the high-water mark, read before the scan: rows added later are above it and caught
+# next cycle. A study deleted in between is skipped when its plan finds no row.
+
+# Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
+# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
+# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
+# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
+# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
+# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
+# transaction ends.
+HOROS_CHUNK_ROWS = 1000
+# New image rows per transaction: one index lookup each, cheaper than a study's row.
+IMAGE_CHUNK_FACTOR = 10
 
 REQUIRED_COLUMNS = {
     "ZSTUDY": ("Z_PK", "ZSTUDYINSTANCEUID", "ZNAME", "ZPATIENTID", "ZDATEOFBIRTH", "ZDATE",
@@ -729,9 +857,10 @@ REQUIRED_COLUMNS = {
 }
 
 # One row per ZSTUDY row with what the planner needs, in Z_PK order (the table's own
-# order: no sort). The fingerprint's fields are formatted here as integers and strings
-# only: the text form of a REAL changed in SQLite 3.43, and a macOS update must not
-# make every study look changed. Series' dateAdded is not read: Horos sets the study's
+# order: no sort), :limit rows after Z_PK :after (a seek on the primary key). The
+# fingerprint's fields are formatted here as integers and strings only: the text form
+# of a REAL changed in SQLite 3.43, and a macOS update must not make every study look
+# changed. Series' dateAdded is not read: Horos sets the study's
 # in the same place, for every file it imports (DicomDatabase.mm).
 CANDIDATES_SQL = """
 SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
@@ -741,9 +870,16 @@ SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
               COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES))
 FROM ZSTUDY AS st
 LEFT JOIN ZSERIES AS se ON se.ZSTUDY = st.Z_PK
+WHERE st.Z_PK > :after
 GROUP BY st.Z_PK
 ORDER BY st.Z_PK
+LIMIT :limit
 """
+
+STUDY_EXISTS_SQL = "SELECT 1 FROM ZSTUDY WHERE Z_PK = ?"
+
+# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
+TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
 
 STUDY_INFO_SQL = """
 SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
@@ -773,10 +909,12 @@ WHERE se.ZSTUDY = ?
 IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
 
 STUDIES_WITH_NEW_IMAGES_SQL = """
-SELECT DISTINCT se.ZSTUDY
+SELECT im.Z_PK, se.ZSTUDY
 FROM ZIMAGE AS im
-JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
-WHERE im.Z_PK > ?
+LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
+WHERE im.Z_PK > :after AND im.Z_PK <= :top
+ORDER BY im.Z_PK
+LIMIT :limit
 """
 
 OPTIONAL_COLUMN_SQL = {
@@ -845,7 +983,8 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
 
 @contextlib.contextmanager
 def horos_read_transaction(db_path: str, busy_timeout: float):
-    """One short read transaction on Database.sql; the connection is closed after."""
+    """One read transaction on Database.sql, for a few rows only (the scan and plans
+    use open_horos_reader); the connection is closed after."""
     conn = open_horos_readonly(db_path, busy_timeout)
     try:
         columns = read_table_columns(conn)
@@ -856,6 +995,64 @@ def horos_read_transaction(db_path: str, busy_timeout: float):
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        conn.close()
+
+
+@dataclass
+class ReadTimes:
+    """The read transactions on Database.sql: how many, their total and the longest."""
+    transactions: int = 0
+    seconds: float = 0.0
+    longest: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.transactions += 1
+        self.seconds += seconds
+        self.longest = max(self.longest, seconds)
+
+
+class HorosReader:
+    """Database.sql open read-only; every read in a transaction of its own.
+
+    The connection stays open between transactions (opening costs more than a chunk),
+    and holds no lock between them: in rollback-journal mode SQLite drops the SHARED
+    lock at the end of each transaction.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, chunk_rows: int, times: ReadTimes):
+        self.conn = conn
+        self.chunk_rows = chunk_rows
+        self.times = times
+        with self.transaction():
+            self.columns = read_table_columns(conn)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Timed from the moment SQLite holds the SHARED lock (waiting for one of
+        Horos's commits to end is not holding it) to the ROLLBACK that releases it."""
+        started = None
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.execute(TAKE_SHARED_LOCK_SQL).fetchone()
+            started = time.perf_counter()
+            yield self.conn
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if started is not None:
+                self.times.add(time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS_CHUNK_ROWS,
+                      times: Optional[ReadTimes] = None):
+    """A HorosReader on Database.sql; SQLite errors become one-line HorosUnreadable."""
+    conn = open_horos_readonly(db_path, busy_timeout)
+    try:
+        yield HorosReader(conn, chunk_rows, times if times is not None else ReadTimes())
+    except sqlite3.Error as error:
+        raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
+    finally:
         conn.close()
 
 
@@ -905,23 +1102,80 @@ def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
     return list(studies.values())
 
 
-def read_candidates(conn: sqlite3.Connection) -> List[HorosStudy]:
-    """Every study in the library, in one pass over ZSTUDY and ZSERIES.
+def candidate_chunks(reader: HorosReader) -> Iterable[List[tuple]]:
+    """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK order.
 
-    sqlite3 decodes the text in C; only a store holding text that is not UTF-8 is read
+    sqlite3 decodes the text in C; only a chunk holding text that is not UTF-8 is read
     again with the connection's replacing decoder (one Python call per value).
     """
+    conn, after = reader.conn, 0
     replacing = conn.text_factory
-    conn.text_factory = str
-    try:
-        return group_candidates(conn.execute(CANDIDATES_SQL))
-    except sqlite3.OperationalError as error:
-        if "decode" not in str(error):
-            raise
-        log.debug("Database.sql holds text that is not UTF-8: %s", error)
-    finally:
-        conn.text_factory = replacing
-    return group_candidates(conn.execute(CANDIDATES_SQL))
+    while True:
+        bounds = {"after": after, "limit": reader.chunk_rows}
+        conn.text_factory = str
+        try:
+            with reader.transaction():
+                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+        except sqlite3.OperationalError as error:
+            if "decode" not in str(error):
+                raise
+            log.debug("Database.sql holds text that is not UTF-8: %s", error)
+            conn.text_factory = replacing
+            with reader.transaction():
+                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+        finally:
+            conn.text_factory = replacing
+        if rows:
+            yield rows
+        if len(rows) < reader.chunk_rows:
+            return
+        after = rows[-1][0]
+
+
+def read_candidates(reader: HorosReader) -> List[HorosStudy]:
+    """Every study in the library, ZSTUDY and ZSERIES read in chunks (candidate_chunks).
+
+    The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
+    different chunks are still one study.
+    """
+    return group_candidates(row for chunk in candidate_chunks(reader) for row in chunk)
+
+
+def image_high_water(reader: HorosReader) -> int:
+    with reader.transaction() as conn:
+        return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
+
+
+def studies_with_new_images(reader: HorosReader, after: int, top: int) -> set:
+    """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
+    touched = set()
+    limit = reader.chunk_rows * IMAGE_CHUNK_FACTOR
+    while after < top:
+        with reader.transaction() as conn:
+            rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
+                                {"after": after, "top": top, "limit": limit}).fetchall()
+        touched.update(study for _pk, study in rows if study is not None)
+        if len(rows) < limit:
+            break
+        after = rows[-1][0]
+    return touched
+
+
+def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
+               files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
+    """The plans of these candidates, one read transaction each (its rows agree); a
+    study Horos deleted since the scan is left out."""
+    plans = []
+    for candidate in candidates:
+        with reader.transaction() as conn:
+            if not any(conn.execute(STUDY_EXISTS_SQL, (pk,)).fetchone()
+                       for pk in candidate.study.pks):
+                log.info("study %s: Horos deleted it since the scan; skipped",
+                         candidate.study.uid)
+                continue
+            plans.append(read_study_plan(conn, reader.columns, candidate.study, files_dir,
+                                         candidate.reason, folder_size))
+    return plans
 
 
 def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
@@ -1601,7 +1855,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 4
+STATE_SCHEMA_VERSION = 5
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
@@ -1709,6 +1963,12 @@ STATE_MIGRATIONS = {
         )
         """,
     ),
+    5: (
+        # Reads of Database.sql are many short transactions since this step:
+        # horos_seconds is their total, these the longest one and how many there were.
+        "ALTER TABLE runs ADD COLUMN horos_longest_seconds REAL",
+        "ALTER TABLE runs ADD COLUMN horos_transactions INTEGER",
+    ),
 }
 
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
@@ -1784,16 +2044,18 @@ CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
 
 RECORD_RUN_SQL = """
 INSERT INTO runs (started_at, seconds, outcome, studies, files, zip_bytes, source_bytes,
-                  failed, deferred, verified, horos_seconds, detail)
+                  failed, deferred, verified, horos_seconds, detail, horos_longest_seconds,
+                  horos_transactions)
 VALUES (:started_at, :seconds, :outcome, :studies, :files, :zip_bytes, :source_bytes,
-        :failed, :deferred, :verified, :horos_seconds, :detail)
+        :failed, :deferred, :verified, :horos_seconds, :detail, :horos_longest_seconds,
+        :horos_transactions)
 """
 
 PRUNE_RUNS_SQL = "DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?"
 
 LAST_RUNS_SQL = """
 SELECT started_at, seconds, outcome, studies, files, zip_bytes, source_bytes, failed,
-       deferred, verified, horos_seconds, detail
+       deferred, verified, horos_seconds, detail, horos_longest_seconds, horos_transactions
 FROM runs
 ORDER BY id DESC
 LIMIT ?
@@ -2412,13 +2674,14 @@ def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) ->
 
 @dataclass
 class HorosSnapshot:
-    """What one read transaction saw: the studies, the queue and the plans to export."""
+    """What one read of Horos saw: the studies, the queue and the plans to export."""
     studies: List[HorosStudy]
     selection: Selection
-    plans: List[StudyPlan]
+    plans: List[StudyPlan]         # of the head of selection.queue
     newly_changed: List[str]       # exported studies Horos added image rows to
     image_high_water: int
-    seconds_held: float
+    seconds_held: float            # all its read transactions together
+    times: Optional[ReadTimes] = None
 
 
 def database_for_cycle(cfg: Config) -> str:
@@ -2429,32 +2692,51 @@ def database_for_cycle(cfg: Config) -> str:
                            cfg.busy_timeout)
 
 
-def read_horos(cfg: Config, view: StateView, now: float, db_path: str) -> HorosSnapshot:
-    """Select the queue and read the next plans in one short read transaction."""
+def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
+               capped: bool = True, times: Optional[ReadTimes] = None) -> HorosSnapshot:
+    """Select the queue and read the plans of its head, in short read transactions.
+
+    capped (clinic hours): the queue holds the next BATCH_SIZE studies and as many
+    spares (a study that fails before it is written gives its slot to the next).
+    Uncapped: the whole queue, of which the head's plans are read here and the rest's
+    by later_plans, a group at a time, while the cycle exports.
+    """
     exported, high_water = view.exported, view.image_high_water
+    times = times if times is not None else ReadTimes()
     started = time.monotonic()
-    with horos_read_transaction(db_path, cfg.busy_timeout) as (conn, columns):
-        studies = read_candidates(conn)
-        top = conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
+    with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
+        top = image_high_water(reader)
         touched = set()
         # top < high_water: Horos rebuilt its database and numbered its rows anew.
         if high_water is not None and high_water < top:
-            touched = {row[0] for row in conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
-                                                      (high_water,))}
+            touched = studies_with_new_images(reader, high_water, top)
+        studies = read_candidates(reader)
         newly_changed = sorted(s.uid for s in studies if s.uid in exported
                                and touched.intersection(s.pks)) if touched else []
-        # Spares: a study that fails before it is written gives its slot to the next.
         selection = plan_selection(studies, exported, view.changed.union(newly_changed),
                                    view.failures, cfg.modalities, cfg.order_by, now,
-                                   cfg.settle_minutes * 60, limit=cfg.batch_size * 2)
-        plans = [read_study_plan(conn, columns, c.study, cfg.horos_files_dir, c.reason,
-                                 cfg.folder_size)
-                 for c in selection.queue]
-    held = time.monotonic() - started
-    log.debug("read %d studies from %s in %.3f s", len(studies), db_path, held)
+                                   cfg.settle_minutes * 60,
+                                   limit=cfg.batch_size * 2 if capped else None)
+        plans = read_plans(reader, selection.queue[:cfg.batch_size * 2],
+                           cfg.horos_files_dir, cfg.folder_size)
+    log.debug("read %d studies from %s in %.3f s: %d read transactions, %.3f s in all, "
+              "the longest %.1f ms", len(studies), db_path, time.monotonic() - started,
+              times.transactions, times.seconds, times.longest * 1000)
     return HorosSnapshot(studies=studies, selection=selection, plans=plans,
                          newly_changed=newly_changed, image_high_water=top,
-                         seconds_held=held)
+                         seconds_held=times.seconds, times=times)
+
+
+def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
+                times: ReadTimes) -> Iterable[StudyPlan]:
+    """Plans of the rest of an uncapped queue, read a group at a time as they are
+    needed: Database.sql is open only while a group is read, never while zipping."""
+    group = cfg.batch_size * 2
+    for first in range(0, len(candidates), group):
+        with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
+            plans = read_plans(reader, candidates[first:first + group], cfg.horos_files_dir,
+                               cfg.folder_size)
+        yield from plans
 
 
 def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
@@ -2579,24 +2861,39 @@ def over_time(cfg: Config, started: float) -> bool:
     return 0 < cfg.max_run_seconds < time.monotonic() - started
 
 
-def export_plans(cfg: Config, state: ExportState, plans: Sequence[StudyPlan],
+def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
                  failures: Mapping[str, Failure], summary: CycleSummary, now: float,
-                 progress: Progress, started: float) -> None:
-    """Export up to BATCH_SIZE studies; studies deferred before writing take no slot.
+                 progress: Progress, started: float, capped: bool = True,
+                 total: Optional[int] = None) -> None:
+    """Export up to BATCH_SIZE studies (capped: clinic hours), or until MAX_RUN_SECONDS
+    (uncapped); studies deferred before writing take no slot.
 
     After MAX_RUN_SECONDS no new study is started (but every cycle exports at least
-    one, so a slow start can never stop the queue).
+    one, so a slow start can never stop the queue; an uncapped cycle stops anyway once
+    it has looked at 2 x BATCH_SIZE studies, so a queue of studies whose files are all
+    missing cannot keep it going). Past BATCH_SIZE, an uncapped cycle looks at
+    INCOMING.noindex again before each study: Horos may start importing.
     """
-    used = 0
-    total = min(cfg.batch_size, len(plans))
+    used = tried = 0
+    if total is None:
+        plans = list(plans)
+        total = len(plans)
+    if capped:
+        total = min(cfg.batch_size, total)
     for plan in plans:
-        if used >= cfg.batch_size:
+        if capped and used >= cfg.batch_size:
             break
-        if used and over_time(cfg, started):
+        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, started):
             log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
                      "next cycle", time.monotonic() - started, cfg.max_run_seconds)
             break
+        if used >= cfg.batch_size and count_files_up_to(
+                cfg.incoming_dir, cfg.incoming_max_files) > cfg.incoming_max_files:
+            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
+                     "the next study waits for the next cycle", cfg.incoming_max_files)
+            break
         label = "[%d/%d]" % (used + 1, total)
+        tried += 1
         outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
         if outcome == DEFERRED:
             summary.deferred += 1
@@ -2725,12 +3022,13 @@ def locked_cycle(cfg: Config, progress: Progress) -> int:
         record_run(state, now, seconds, outcome, summary, detail)
         state.close()
         if outcome == "ok":
-            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s)%s%s",
+            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s, at most "
+                     "%.1f ms at a time)%s%s",
                      plural(summary.studies, "study", "studies"),
                      plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
                      summary.source_bytes / 1e6 / max(seconds, 1e-6),
                      "database copy read in" if cfg.use_db_copy else "Horos database held",
-                     summary.horos_seconds or 0.0,
+                     summary.horos_seconds or 0.0, summary.horos_times.longest * 1000,
                      "; %d failed, %d deferred" % (summary.failed, summary.deferred)
                      if summary.failed or summary.deferred else "",
                      "; %d ZIPs re-verified" % summary.verified if summary.verified else "")
@@ -2749,7 +3047,10 @@ def record_run(state: ExportState, now: float, seconds: float, outcome: str,
             "verified": summary.verified,
             "horos_seconds": round(summary.horos_seconds, 4)
             if summary.horos_seconds is not None else None,
-            "detail": detail})
+            "detail": detail,
+            "horos_longest_seconds": round(summary.horos_times.longest, 4)
+            if summary.horos_times.transactions else None,
+            "horos_transactions": summary.horos_times.transactions or None})
     except sqlite3.Error as error:
         log.error("cannot record this run in %s: %s", state.path, error)
 
@@ -2760,15 +3061,32 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
     recover_interrupted_writes(cfg, state)
     backfill_search_fields(cfg, state, time.monotonic() + BACKFILL_SECONDS)
     view = state.view()
+    capped = in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+    times = summary.horos_times
+    db_path = database_for_cycle(cfg)
     try:
-        snapshot = read_horos(cfg, view, now, database_for_cycle(cfg))
+        snapshot = read_horos(cfg, view, now, db_path, capped, times)
     except HorosUnreadable as error:
         append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
         raise
     summary.horos_seconds = snapshot.seconds_held
     if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
         state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
-    export_plans(cfg, state, snapshot.plans, view.failures, summary, now, progress, started)
+    if not capped:
+        log.info("outside clinic hours (--clinic-hours %s, --clinic-days %s): exporting "
+                 "until --max-run-seconds %g", cfg.clinic_hours, cfg.clinic_days,
+                 cfg.max_run_seconds)
+    queue = snapshot.selection.queue
+    plans = itertools.chain(snapshot.plans, later_plans(
+        cfg, db_path, queue[cfg.batch_size * 2:], times)) if not capped else snapshot.plans
+    try:
+        export_plans(cfg, state, plans, view.failures, summary, now, progress, started,
+                     capped, total=len(queue) if not capped else len(snapshot.plans))
+    except HorosUnreadable as error:
+        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
+        raise
+    finally:
+        summary.horos_seconds = times.seconds
     update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
                          dt.date.today())
     if cfg.verify_per_run > 0:
@@ -3592,14 +3910,18 @@ def dry_run(cfg: Config) -> int:
     check_sentinels(cfg)
     now = time.time()
     view = read_state_view(cfg)
-    snapshot = read_horos(cfg, view, now, cfg.database_path)
+    capped = in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+    snapshot = read_horos(cfg, view, now, cfg.database_path, capped)
     selection = snapshot.selection
     print("Dry run (nothing is written): %d studies ready to export, %d not settled, "
           "%d failed and waiting. The next cycle would do:"
           % (selection.pending, selection.unsettled, selection.waiting))
+    if not capped:
+        print("(outside clinic hours: it keeps exporting until --max-run-seconds %g; the "
+              "first %d of the queue:)" % (cfg.max_run_seconds, len(snapshot.plans)))
     used = 0
     for plan in snapshot.plans:
-        if used >= cfg.batch_size:
+        if capped and used >= cfg.batch_size:
             break
         present, missing, size = stat_files(plan.files)
         action = files_decision(len(present), len(missing), view.failures.get(plan.info.uid),
@@ -3608,7 +3930,8 @@ def dry_run(cfg: Config) -> int:
             label = "-"                      # its slot goes to the next study
         else:
             used += 1
-            label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)))
+            label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)) if capped
+                                 else selection.pending)
             if action == EXPORT and plan.reason == "changed":
                 action = "reexport"
         day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
@@ -3664,10 +3987,10 @@ def gather_status(cfg: Config, now: float) -> dict:
         restores = restore_targets_status(state)
     finally:
         state.close()
-    started = time.monotonic()
-    with horos_read_transaction(cfg.database_path, cfg.busy_timeout) as (conn, _columns):
-        studies = read_candidates(conn)
-    horos_seconds = time.monotonic() - started
+    times = ReadTimes()
+    with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.chunk_rows,
+                           times) as reader:
+        studies = read_candidates(reader)
     selection = plan_selection(studies, view.exported, view.changed, view.failures,
                                cfg.modalities, cfg.order_by, now, cfg.settle_minutes * 60,
                                limit=0)
@@ -3685,7 +4008,9 @@ def gather_status(cfg: Config, now: float) -> dict:
                        if exporting_runs else float(cfg.batch_size))
     busy_seconds = sum(r["seconds"] for r in exporting_runs)
     backlog = selection.pending + selection.unsettled
-    cycles = -(-backlog // max(studies_per_run, 1.0)) if backlog else 0
+    inside, outside = cycle_capacity(cfg, exporting_runs)
+    cycles = cycles_to_drain(backlog, cfg.schedule, dt.datetime.fromtimestamp(now), inside,
+                             outside, LAUNCHD_INTERVAL_SECONDS)
     held, pid = lock_holder(cfg.lock_path)
     usage = os.statvfs(nearest_existing(cfg.backup_root))
     waiting = sorted((f for f in view.failures.values() if f.next_attempt > now),
@@ -3714,14 +4039,39 @@ def gather_status(cfg: Config, now: float) -> dict:
                                       / busy_seconds) if busy_seconds else None,
         },
         "eta_seconds": int(cycles * LAUNCHD_INTERVAL_SECONDS),
+        "clinic": {"hours": cfg.clinic_hours, "days": cfg.clinic_days,
+                   "batch_size": cfg.batch_size,
+                   "now": in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now)),
+                   "studies_per_cycle": round(inside, 2),
+                   "studies_per_cycle_outside": round(outside, 2)},
         "lock": {"held": held, "pid": pid},
         "sentinel": {"path": cfg.sentinel, "present": os.path.isfile(cfg.sentinel)},
         "backup_free_bytes": usage.f_bavail * usage.f_frsize,
-        "horos_read_seconds": round(horos_seconds, 3),
+        "horos_read_seconds": round(times.seconds, 3),
+        "horos_longest_seconds": round(times.longest, 4),
+        "horos_transactions": times.transactions,
         **preferences_status(cfg),
         "restores": restores,
         "alerts": alert_status(cfg),
     }
+
+
+def cycle_capacity(cfg: Config, exporting_runs: Sequence[Mapping]) -> Tuple[float, float]:
+    """Studies a cycle exports inside and outside clinic hours, for the ETA.
+
+    From the recent cycles that exported: a capped cycle does what they did (up to
+    BATCH_SIZE), an uncapped one what fits in MAX_RUN_SECONDS (at most launchd's
+    interval) at their seconds per study. With no history, BATCH_SIZE either way.
+    """
+    studies = sum(r["studies"] for r in exporting_runs)
+    if not studies:
+        return float(cfg.batch_size), float(cfg.batch_size)
+    inside = (sum(min(r["studies"], cfg.batch_size) for r in exporting_runs)
+              / len(exporting_runs))
+    per_study = max(sum(r["seconds"] for r in exporting_runs) / studies, 1e-3)
+    budget = min(cfg.max_run_seconds or LAUNCHD_INTERVAL_SECONDS, LAUNCHD_INTERVAL_SECONDS)
+    # A cycle starts its last study before the limit and always exports one.
+    return inside, max(inside, math.floor(budget / per_study) + 1.0)
 
 
 def format_eta(seconds: int) -> str:
@@ -3759,14 +4109,31 @@ def print_status(status: Mapping) -> None:
     line("partial", "%d (exported without some missing files)" % status["partial"])
     line("only in backup", "%d (no longer in Horos)" % status["only_in_backup"])
     rate = status["throughput"]["bytes_per_second"]
+    clinic = status["clinic"]
     if status["eta_seconds"]:
-        line("backlog", "%s at %.1f studies per cycle every %d minutes" % (
-            format_eta(status["eta_seconds"]), status["throughput"]["studies_per_run"],
-            LAUNCHD_INTERVAL_SECONDS // 60))
+        line("backlog", "%s at %.1f studies per cycle every %d minutes in clinic hours, "
+             "%.0f outside them" % (
+                 format_eta(status["eta_seconds"]), clinic["studies_per_cycle"],
+                 LAUNCHD_INTERVAL_SECONDS // 60, clinic["studies_per_cycle_outside"]))
     else:
         line("backlog", "none: every settled study is exported")
+    line("clinic hours", "%s, %s (now %s: %s)" % (
+        clinic["hours"], clinic["days"], "inside" if clinic["now"] else "outside",
+        "up to %d studies per cycle" % clinic["batch_size"] if clinic["now"]
+        else "exporting until --max-run-seconds"))
     if rate:
         line("throughput", "%.1f MB/s while exporting" % (rate / 1e6))
+    last = status["last_runs"][0] if status["last_runs"] else None
+    if last and last.get("horos_longest_seconds") is not None:
+        line("Horos reads", "last cycle %.2f s in %d transactions, the longest %.1f ms; "
+             "this status %.2f s, the longest %.1f ms" % (
+                 last["horos_seconds"] or 0.0, last["horos_transactions"] or 0,
+                 last["horos_longest_seconds"] * 1000, status["horos_read_seconds"],
+                 status["horos_longest_seconds"] * 1000))
+    else:
+        line("Horos reads", "this status %.2f s in %d transactions, the longest %.1f ms" % (
+            status["horos_read_seconds"], status["horos_transactions"],
+            status["horos_longest_seconds"] * 1000))
     if status["failures"]:
         print("Failed studies, next attempt")
         for failure in status["failures"]:
@@ -5228,6 +5595,16 @@ COMMON_FLAGS = (
                                      "succeeded for this long; 0: at the first failed "
                                      "cycle (default %g)" % ALERT_AFTER_HOURS),
      ALERT_AFTER_HOURS),
+    (("--clinic-hours",), dict(metavar="HH-HH", help="local hours Horos is in use, the end "
+                                "exclusive (19-07 wraps): up to --batch-size studies per "
+                                "cycle then, until --max-run-seconds outside; none: never "
+                                "capped; 00-24: always (default %s)" % CLINIC_HOURS),
+     CLINIC_HOURS),
+    (("--clinic-days",), dict(metavar="DAYS", help="days with clinic hours: mon-fri, "
+                               "mon-sat, mon,wed,fri (default %s)" % CLINIC_DAYS),
+     CLINIC_DAYS),
+    # Rows per read transaction on Database.sql (default HOROS_CHUNK_ROWS); for tests.
+    (("--horos-chunk-rows",), dict(type=positive_int, help=argparse.SUPPRESS), 0),
 )
 
 COMMANDS = {
@@ -5336,6 +5713,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         name = flags[0].lstrip("-").replace("-", "_")
         if not hasattr(args, name):
             setattr(args, name, default)
+    try:
+        clinic_schedule(args.clinic_hours, args.clinic_days)
+    except ValueError as error:
+        # argparse's exit code, but one line: the usage text would bury the value.
+        print("horos_backup_export.py: error: %s" % error, file=sys.stderr)
+        raise SystemExit(2) from None
     return args
 
 
@@ -5381,6 +5764,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         folder_size=prefs.folder_size,
         horos_prefs=prefs,
         alerts=alert_config_from_args(args),
+        clinic_hours=args.clinic_hours,
+        clinic_days=args.clinic_days,
+        horos_chunk_rows=args.horos_chunk_rows,
     )
 
 

@@ -8,6 +8,16 @@
    idle cycle (wall time, peak memory), how long a cycle holds Database.sql, and the
    bare sqlite3 query that selects the same 15 studies.
 3. The same at 5,000, 50,000 and 150,000 studies: how fixed costs grow.
+4. A Horos-like writer (a commit every 10 ms, busy timeout 100 ms and 1 s) next to a
+   cycle, `status` and a dry run at 50,000 and 150,000 studies: lost commits, the
+   worst commit wait, the longest read transaction (bench/horos_waits.py).
+5. The time to a first full backup of 50,000 studies / 2 TB with the default clinic
+   hours, from measured export and disk rates.
+
+    python bench/run_bench.py --only horos-waits [--baseline-script OLD.py]
+
+runs 4 and 5 alone (about 10 minutes; OLD.py: an earlier horos_backup_export.py to
+compare with, e.g. `git show dc81063:horos_backup_export.py > /tmp/old.py`).
 
 Results are printed and written between the result markers of BENCHMARKS.md (the
 analysis around them is kept). --quick: smaller data, for trying the benchmark out.
@@ -37,10 +47,14 @@ import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
 from library import build_library  # noqa: E402
 
+import horos_waits  # noqa: E402
+
 MB = 1e6
 REPEATS = 3
 START_MARK = "<!-- results: written by bench/run_bench.py -->"
 END_MARK = "<!-- end of results -->"
+WAITS_START_MARK = "<!-- horos-waits results: written by bench/run_bench.py -->"
+WAITS_END_MARK = "<!-- end of horos-waits results -->"
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -215,10 +229,9 @@ def exported_state(pacs_root):
     shutil.rmtree(backup, ignore_errors=True)
     os.makedirs(os.path.join(backup, ".tmp"))
     db = os.path.join(pacs_root, "Database", "Horos Data", "Database.sql")
-    conn = hbe.open_horos_readonly(db, 30)
-    studies = hbe.read_candidates(conn)
-    top = conn.execute(hbe.IMAGE_HIGH_WATER_SQL).fetchone()[0]
-    conn.close()
+    with hbe.open_horos_reader(db, 30) as reader:
+        studies = hbe.read_candidates(reader)
+        top = hbe.image_high_water(reader)
     state = hbe.ExportState(os.path.join(backup, "export_state.sqlite"))
     now = hbe.utc_iso(time.time())
     wanted = hbe.wanted_modalities(hbe.MODS)
@@ -262,7 +275,9 @@ def library_figures(work, studies):
     started = time.perf_counter()
     db = build_library(pacs_root, studies)
     built = time.perf_counter() - started
-    common = ["--pacs-root", pacs_root, "--min-free-gb", "0"]
+    # The cap at all hours: the cycle Horos sees by day (BATCH_SIZE and as many spares),
+    # whatever the hour of the run; an uncapped cycle here would plan the whole queue.
+    common = ["--pacs-root", pacs_root, "--min-free-gb", "0", "--clinic-hours", "00-24"]
     shutil.rmtree(os.path.join(pacs_root, "Backup"), ignore_errors=True)
     dry_wall, dry_mb, dry_out = peak_of(["--dry-run"] + common)
     # The queue in order (database only: every study would be "fail", having no files).
@@ -366,14 +381,16 @@ def report(results):
     return "\n".join(lines)
 
 
-def write_benchmarks_md(text):
+def write_benchmarks_md(text, start_mark=START_MARK, end_mark=END_MARK):
     path = os.path.join(ROOT, "BENCHMARKS.md")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             old = handle.read()
-        if START_MARK in old and END_MARK in old:
-            head, rest = old.split(START_MARK, 1)
-            text = head + text + rest.split(END_MARK, 1)[1]
+        if start_mark in old and end_mark in old:
+            head, rest = old.split(start_mark, 1)
+            text = head + text + rest.split(end_mark, 1)[1]
+        else:
+            text = old.rstrip("\n") + "\n\n" + text + "\n"
     else:
         text = "# Benchmarks\n\n" + text + "\n"
     with open(path, "w", encoding="utf-8") as handle:
@@ -386,6 +403,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small data, to try it out")
     parser.add_argument("--work", default=os.path.join(HERE, "out"),
                         help="where data is built and kept between runs (default bench/out)")
+    parser.add_argument("--only", choices=("all", "horos-waits"), default="all",
+                        help="horos-waits: only parts 4 and 5 (the writer, the first backup)")
+    parser.add_argument("--baseline-script", metavar="OLD.py",
+                        help="an earlier horos_backup_export.py to compare with in part 4")
     args = parser.parse_args()
     for tool in ("zip", "unzip", "sqlite3", "cp"):
         if shutil.which(tool) is None:
@@ -394,6 +415,15 @@ def main():
     os.environ.setdefault("TZ", "UTC")
     sizes = (500, 5000) if args.quick else (5000, 50000, 150000)
     results = {"machine": machine()}
+    print("4/5. Horos-like writer, first full backup ...", flush=True)
+    waits = horos_waits.run(args.work, args.quick, args.baseline_script)
+    text = "\n".join([WAITS_START_MARK, "", "Machine: " + results["machine"], "",
+                      horos_waits.report(waits), "", WAITS_END_MARK])
+    print(text)
+    if not args.quick:
+        print("written to", write_benchmarks_md(text, WAITS_START_MARK, WAITS_END_MARK))
+    if args.only == "horos-waits":
+        return
     print("1. throughput ...", flush=True)
     results["throughput"] = throughput(args.work, 60 if args.quick else 400)
     results["library"] = []

@@ -23,8 +23,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 import horos_backup_export as hbe
-from conftest import (TEST_TZ, TESTS, backup_root, issues_rows, run_script,
-                      zips_on_disk)
+from conftest import (PINNED_SCHEDULE, TEST_TZ, TESTS, backup_root, issues_rows,
+                      run_script, zips_on_disk)
 from fake_horos import FakeHorosLibrary, build_sample_library
 
 FAULTS = os.path.join(TESTS, "faults.py")
@@ -134,7 +134,7 @@ def run_with_home(home, *args, **kwargs):
 
 
 def cycle(lib, home, *args):
-    return run_with_home(home, "--pacs-root", lib.pacs_root, *args)
+    return run_with_home(home, "--pacs-root", lib.pacs_root, *PINNED_SCHEDULE, *args)
 
 
 def small_library(root, studies=2):

@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+from conftest import PINNED_SCHEDULE
 from conftest import (SCRIPT, TEST_TZ, backup_root, files_named, issues_rows, manifest_of,
                       run_cycle, state_rows, zip_payload, zips_on_disk)
 from fake_horos import FakeHorosLibrary
@@ -80,7 +81,7 @@ def test_repeated_kill_9_never_corrupts_and_ends_with_one_zip_per_study(tmp_path
     rng = random.Random(20261124)
     env = dict(os.environ, TZ=TEST_TZ)
     args = [sys.executable, SCRIPT, "--pacs-root", lib.pacs_root, "--batch-size", "2",
-            "--settle-minutes", "0", "--min-free-gb", "0"]
+            "--settle-minutes", "0", "--min-free-gb", "0", *PINNED_SCHEDULE]
     killed_mid_write = 0
     for round_ in range(16):
         if round_ == 6:   # a patient is renamed: the next export replaces a ZIP by name
