@@ -981,23 +981,6 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
     return sql.format(**fragments)
 
 
-@contextlib.contextmanager
-def horos_read_transaction(db_path: str, busy_timeout: float):
-    """One read transaction on Database.sql, for a few rows only (the scan and plans
-    use open_horos_reader); the connection is closed after."""
-    conn = open_horos_readonly(db_path, busy_timeout)
-    try:
-        columns = read_table_columns(conn)
-        conn.execute("BEGIN")
-        yield conn, columns
-    except sqlite3.Error as error:
-        raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        conn.close()
-
-
 @dataclass
 class ReadTimes:
     """The read transactions on Database.sql: how many, their total and the longest."""
@@ -4384,6 +4367,7 @@ def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
 
 CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP = "ok", "warn", "fail", "skip"
 PATH_SAMPLE_SIZE = 200            # image rows whose files the path rule must find
+PATH_SAMPLE_GROUP = 50            # sampled rows looked up per read transaction
 FOLDER_SIZES_TRIED = (1000, 5000, 10000, 20000, 50000, 100000)
 FAT_FILE_SYSTEMS = frozenset({"msdos", "vfat", "fat", "fat12", "fat16", "fat32", "umsdos"})
 LAUNCHD_LABEL = "com.horos.backup"
@@ -4484,23 +4468,31 @@ def horos_data_check(cfg: Config, prefs: HorosPreferences) -> Check:
 
 
 def read_path_sample(cfg: Config) -> Tuple[List[Tuple[int, object, object]], str]:
-    """(sampled ZIMAGE rows, what the read saw), in one short read transaction."""
+    """(sampled ZIMAGE rows, what the read saw), in short read transactions as a cycle
+    reads: the tables and columns, the row ranges, then the sample a group at a time."""
     started = time.monotonic()
-    with horos_read_transaction(cfg.database_path, cfg.busy_timeout) as (conn, _columns):
-        studies_low, studies_high, low, high = (
-            conn.execute(sql).fetchone()[0] for sql in (
-                FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL, LAST_IMAGE_PK_SQL))
+    times = ReadTimes()
+    with open_horos_reader(cfg.database_path, cfg.busy_timeout, times=times) as reader:
+        with reader.transaction() as conn:
+            studies_low, studies_high, low, high = (
+                conn.execute(sql).fetchone()[0] for sql in (
+                    FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL,
+                    LAST_IMAGE_PK_SQL))
         rows: List[Tuple[int, object, object]] = []
-        if low is not None:
-            seen = set()
-            for target in sample_targets(low, high, PATH_SAMPLE_SIZE):
-                row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
-                if row is not None and row[0] not in seen:
-                    seen.add(row[0])
-                    rows.append(tuple(row))
+        targets = sample_targets(low, high, PATH_SAMPLE_SIZE) if low is not None else []
+        seen = set()
+        for first in range(0, len(targets), PATH_SAMPLE_GROUP):
+            with reader.transaction() as conn:
+                for target in targets[first:first + PATH_SAMPLE_GROUP]:
+                    row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
+                    if row is not None and row[0] not in seen:
+                        seen.add(row[0])
+                        rows.append(tuple(row))
     seen_text = "readable, with every table and column needed; study rows Z_PK %s to %s, " \
-                "image rows %s to %s; read in %.3f s" % (
-                    studies_low, studies_high, low, high, time.monotonic() - started)
+                "image rows %s to %s; read in %.3f s (%d read transactions, the longest " \
+                "%.1f ms)" % (studies_low, studies_high, low, high,
+                              time.monotonic() - started, times.transactions,
+                              times.longest * 1000)
     return rows, seen_text
 
 
