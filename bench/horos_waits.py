@@ -25,44 +25,17 @@ ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(ROOT, "horos_backup_export.py")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
+from horos_writer import start_writer, stop_writer  # noqa: E402
 from library import build_library  # noqa: E402
 
 MB = 1e6
 TIMEOUTS = (0.1, 1.0)
 REPEATS = 3
 ACTIONS = ("cycle", "status", "dry run")
-
-WRITER = r"""
-import os, sqlite3, sys, time
-db, stop_file, ready_file, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-conn = sqlite3.connect(db, timeout=timeout, isolation_level=None)
-commits = locked = 0
-worst = 0.0
-open(ready_file, "w").close()
-while not os.path.exists(stop_file):
-    started = time.perf_counter()
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE ZSTUDY SET ZDATEOPENED = ? WHERE Z_PK = ?",
-                     (time.time() - 978307200, 1 + commits % 1000))
-        conn.execute("INSERT INTO ZLOGENTRY (Z_ENT, Z_OPT, ZMESSAGE, ZSTARTTIME) "
-                     "VALUES (3, 1, 'import', ?)", (time.time() - 978307200,))
-        conn.execute("COMMIT")
-        commits += 1
-    except sqlite3.OperationalError as error:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if "locked" not in str(error) and "busy" not in str(error):
-            raise
-        locked += 1
-    worst = max(worst, time.perf_counter() - started)
-    time.sleep(0.01)
-conn.execute("DELETE FROM ZLOGENTRY")
-print("%d %d %.4f" % (commits, locked, worst), flush=True)
-"""
 
 
 def load():
@@ -90,29 +63,14 @@ def run_script(script, args):
 
 def with_writer(db, timeout, action, *args):
     """Run action(*args) while the writer commits; (action's result, commits, lost, worst)."""
-    stop, ready = db + ".bench-stop", db + ".bench-ready"
-    for path in (stop, ready):
-        if os.path.exists(path):
-            os.remove(path)
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, db, stop, ready, str(timeout)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not os.path.exists(ready):
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-        time.sleep(0.01)
+    proc, stop = start_writer(db, os.path.dirname(db), timeout)
     time.sleep(0.2)
     try:
         result = action(*args)
     finally:
         time.sleep(0.2)
-        open(stop, "w").close()
-        out, err = proc.communicate(timeout=120)
-        os.remove(stop)
-        os.remove(ready)
-    if proc.returncode != 0:
-        raise RuntimeError(err)
-    commits, lost, worst = out.split()
-    return result, int(commits), int(lost), float(worst)
+        commits, lost, worst, _out = stop_writer(proc, stop)
+    return result, commits, lost, worst
 
 
 def last_run(pacs_root):

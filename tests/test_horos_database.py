@@ -3,61 +3,11 @@
 import datetime as dt
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 
 from conftest import backup_root, file_digest, run_cycle, state_rows, zips_on_disk
 from fake_horos import FakeHorosLibrary, build_sample_library
-
-# A stand-in for Horos: commits every few milliseconds, as Horos does while it imports.
-# Core Data waits on a busy store; 1 s is far shorter than its wait and far longer
-# than any read transaction of the cycle should ever be.
-HOROS_WRITER = r"""
-import os, sqlite3, sys, time
-db, stop_file, ready_file = sys.argv[1:4]
-conn = sqlite3.connect(db, timeout=1.0, isolation_level=None)
-commits = locked = 0
-open(ready_file, "w").close()
-while not os.path.exists(stop_file):
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE ZSTUDY SET ZDATEOPENED = ? WHERE Z_PK = ?",
-                     (time.time() - 978307200, 1 + commits % 10))
-        conn.execute("INSERT INTO ZLOGENTRY (Z_ENT, Z_OPT, ZMESSAGE, ZSTARTTIME) "
-                     "VALUES (3, 1, 'import', ?)", (time.time() - 978307200,))
-        conn.execute("COMMIT")
-        commits += 1
-    except sqlite3.OperationalError as error:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if "locked" not in str(error) and "busy" not in str(error):
-            raise
-        locked += 1
-        print("LOCKED: %s" % error, flush=True)
-    time.sleep(0.003)
-print("commits=%d locked=%d" % (commits, locked), flush=True)
-"""
-
-
-def start_horos_writer(lib, tmp_path):
-    stop = str(tmp_path / "stop-writer")
-    ready = str(tmp_path / "writer-ready")
-    proc = subprocess.Popen([sys.executable, "-c", HOROS_WRITER, lib.db_path, stop, ready],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not os.path.exists(ready):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.01)
-    return proc, stop
-
-
-def stop_horos_writer(proc, stop):
-    open(stop, "w").close()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    commits, locked = (int(part.split("=")[1]) for part in out.strip().splitlines()[-1].split())
-    return commits, locked, out
+from horos_writer import start_writer, stop_writer
 
 
 def many_studies(lib, count):
@@ -71,13 +21,15 @@ def test_horos_committing_every_few_ms_never_sees_database_is_locked(tmp_path):
     lib = FakeHorosLibrary(str(tmp_path / "PACS"))
     many_studies(lib, 45)
     lib.close()
-    proc, stop = start_horos_writer(lib, tmp_path)
+    # Core Data waits on a busy store; 1 s is far shorter than its wait and far longer
+    # than any read transaction of the cycle should ever be. A commit every 3 ms.
+    proc, stop = start_writer(lib.db_path, tmp_path, timeout=1.0, interval=0.003)
     try:
         for extra in ([], [], ["--use-db-copy"], ["--use-db-copy"]):
             result = run_cycle(lib, *extra)
             assert result.returncode == 0, result.stderr
     finally:
-        commits, locked, out = stop_horos_writer(proc, stop)
+        commits, locked, _worst, out = stop_writer(proc, stop)
     assert locked == 0, out
     assert commits > 50  # it really was committing throughout the cycles
     assert len(state_rows(backup_root(lib))) == 45

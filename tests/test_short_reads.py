@@ -15,61 +15,7 @@ import time
 import horos_backup_export as hbe
 from conftest import backup_root, run_cycle, state_rows
 from fake_horos import ENTITIES, SCHEMA, FakeHorosLibrary, local_to_coredata
-
-# Horos-like: a commit every 10 ms (an import, an edit, a log entry), each giving up
-# after a 100 ms busy timeout, as a busy Horos would lose it.
-HOROS_WRITER = r"""
-import os, sqlite3, sys, time
-db, stop_file, ready_file, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-conn = sqlite3.connect(db, timeout=timeout, isolation_level=None)
-commits = locked = 0
-worst = 0.0
-open(ready_file, "w").close()
-while not os.path.exists(stop_file):
-    started = time.perf_counter()
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE ZSTUDY SET ZDATEOPENED = ? WHERE Z_PK = ?",
-                     (time.time() - 978307200, 1 + commits % 1000))
-        conn.execute("INSERT INTO ZLOGENTRY (Z_ENT, Z_OPT, ZMESSAGE, ZSTARTTIME) "
-                     "VALUES (3, 1, 'import', ?)", (time.time() - 978307200,))
-        conn.execute("COMMIT")
-        commits += 1
-    except sqlite3.OperationalError as error:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if "locked" not in str(error) and "busy" not in str(error):
-            raise
-        locked += 1
-        print("LOCKED: %s" % error, flush=True)
-    worst = max(worst, time.perf_counter() - started)
-    time.sleep(0.01)
-print("commits=%d locked=%d worst=%.4f" % (commits, locked, worst), flush=True)
-"""
-
-
-def start_writer(db_path, tmp_path, timeout):
-    stop, ready = str(tmp_path / "stop-writer"), str(tmp_path / "writer-ready")
-    for path in (stop, ready):
-        if os.path.exists(path):
-            os.remove(path)
-    proc = subprocess.Popen([sys.executable, "-c", HOROS_WRITER, db_path, stop, ready,
-                             str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 30
-    while not os.path.exists(ready):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.01)
-    return proc, stop
-
-
-def stop_writer(proc, stop):
-    open(stop, "w").close()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    fields = dict(part.split("=") for part in out.strip().splitlines()[-1].split())
-    return int(fields["commits"]), int(fields["locked"]), out
-
+from horos_writer import start_writer, stop_writer
 
 def build_wide_library(pacs_root, studies):
     """A database-only library in Horos's schema, built at once with executemany:
@@ -119,7 +65,7 @@ def test_a_horos_like_writer_loses_no_commit_during_a_cycle_a_status_or_a_dry_ru
                 + args, capture_output=True, text=True, timeout=300)
             assert results[name].returncode == 0, results[name].stderr
     finally:
-        commits, locked, out = stop_writer(proc, stop)
+        commits, locked, _worst, out = stop_writer(proc, stop)
     assert locked == 0, out
     assert commits > 20, out          # it was committing all along
     runs = state_rows(os.path.join(pacs, "Backup"), "SELECT * FROM runs")
