@@ -235,13 +235,19 @@ def exported_state(pacs_root):
     state = hbe.ExportState(os.path.join(backup, "export_state.sqlite"))
     now = hbe.utc_iso(time.time())
     wanted = hbe.wanted_modalities(hbe.MODS)
+    exported = [s for s in studies if hbe.is_eligible(s.modalities, wanted)]
     with state.transaction() as db_conn:
         db_conn.executemany(hbe.UPSERT_EXPORTED_SQL, [{
             "study_uid": s.uid, "zip_path": "2020_01/%s.zip" % s.uid, "zip_bytes": 1,
             "file_count": 100, "missing_count": 0, "source_bytes": 1,
             "fingerprint": s.fingerprint, "study_date": None, "month": "2020_01",
             "patient_name": "P", "modalities": "CT", "exported_at": now, "verified_at": now}
-            for s in studies if hbe.is_eligible(s.modalities, wanted)])
+            for s in exported])
+        # The find fields, as this version records them with each export: without them
+        # the idle cycle would measure the one-time backfill of an upgraded backup.
+        db_conn.executemany(hbe.SET_SEARCH_FIELDS_SQL, [{
+            "study_uid": s.uid, "patient_id": "ID", "accession_number": "A",
+            "birth_date": None} for s in exported])
         db_conn.execute(hbe.SET_META_SQL, (hbe.META_IMAGE_HIGH_WATER, str(top)))
     state.close()
 
