@@ -22,8 +22,6 @@ import csv
 import dataclasses
 import datetime as dt
 import difflib
-import email.message
-import email.utils
 import errno
 import fcntl
 import hashlib
@@ -38,10 +36,8 @@ import plistlib
 import re
 import shutil
 import signal
-import smtplib
 import socket
 import sqlite3
-import ssl
 import stat
 import subprocess
 import sys
@@ -51,7 +47,6 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -3612,8 +3607,13 @@ def within(seconds: float, action) -> None:
         raise AlertNotSent(failure[0])
 
 
+# The mail, TLS and HTTP modules cost every run about 8 MB of memory (ssl above all), and
+# only a run that sends an alert needs them: they are imported where they are used.
+
 def alert_email_message(alerts: AlertConfig, subject: str, body: str,
-                        host: str) -> email.message.EmailMessage:
+                        host: str) -> "email.message.EmailMessage":
+    import email.message
+    import email.utils
     message = email.message.EmailMessage()
     message["Subject"] = subject
     message["From"] = alerts.smtp_user if "@" in alerts.smtp_user \
@@ -3625,9 +3625,11 @@ def alert_email_message(alerts: AlertConfig, subject: str, body: str,
     return message
 
 
-def send_email(alerts: AlertConfig, message: email.message.EmailMessage,
+def send_email(alerts: AlertConfig, message: "email.message.EmailMessage",
                timeout: float) -> None:
     """STARTTLS when offered (port 465: TLS from the start); log in only over TLS."""
+    import smtplib
+    import ssl
     context = ssl.create_default_context()
     if alerts.smtp_port == 465:
         client = smtplib.SMTP_SSL(alerts.smtp_host, alerts.smtp_port, timeout=timeout,
@@ -3676,6 +3678,7 @@ def heartbeat_target(url: str, failed: bool) -> str:
 
 
 def ping_heartbeat(url: str, timeout: float) -> None:
+    import urllib.request
     request = urllib.request.Request(url, headers={
         "User-Agent": "horos_backup_export/%s" % TOOL_VERSION})
     with urllib.request.urlopen(request, timeout=timeout) as response:
