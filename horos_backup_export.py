@@ -3610,8 +3610,8 @@ def within(seconds: float, action) -> None:
 # The mail, TLS and HTTP modules cost every run about 8 MB of memory (ssl above all), and
 # only a run that sends an alert needs them: they are imported where they are used.
 
-def alert_email_message(alerts: AlertConfig, subject: str, body: str,
-                        host: str) -> "email.message.EmailMessage":
+def alert_email_message(alerts: AlertConfig, subject: str, body: str, host: str):
+    """The alert as an email.message.EmailMessage."""
     import email.message
     import email.utils
     message = email.message.EmailMessage()
@@ -3625,8 +3625,7 @@ def alert_email_message(alerts: AlertConfig, subject: str, body: str,
     return message
 
 
-def send_email(alerts: AlertConfig, message: "email.message.EmailMessage",
-               timeout: float) -> None:
+def send_email(alerts: AlertConfig, message, timeout: float) -> None:
     """STARTTLS when offered (port 465: TLS from the start); log in only over TLS."""
     import smtplib
     import ssl
