@@ -3322,8 +3322,9 @@ def observe_run(book: dict, report: RunReport, now: float,
             if report.free_bytes is not None else "")
     texts = {
         "DISK_LOW": lambda count: "The backup volume has less free space than the next "
-                                  "study needs plus the reserve (--min-free-gb): cycles "
-                                  "stop before writing." + free,
+                                  "study needs plus the reserve (--min-free-gb, or 1.2 x "
+                                  "Horos's auto-cleaning threshold when the backup shares "
+                                  "the library's disk): cycles stop before writing." + free,
         "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
                                    "the cycle stopped and removed the partial file." + free,
         "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
