@@ -2943,12 +2943,20 @@ def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
                      month, done, eligible)
 
 
-def run_cycle(cfg: Config) -> int:
-    check_sentinels(cfg)
-    use_backup_umask()
+def open_backup_root(cfg: Config) -> int:
+    """BACKUP_ROOT ready for a run that writes: private modes from here on, .tmp and the
+    log, an older backup tightened. Returns the umask the user had. The caller has
+    checked that the volume is there (nothing is created on one that is not)."""
+    user_umask = use_backup_umask()
     os.makedirs(cfg.tmp_dir, exist_ok=True)
     setup_file_logging(cfg)
     make_backup_root_private(cfg.backup_root)
+    return user_umask
+
+
+def run_cycle(cfg: Config) -> int:
+    check_sentinels(cfg)
+    open_backup_root(cfg)
     log_horos_preferences(cfg)
     with run_lock(cfg.lock_path) as held:
         if not held:
@@ -3868,10 +3876,7 @@ def operator_lock(cfg: Config):
 def prepare_backup_root(cfg: Config) -> None:
     """What commands that write need: the sentinels, BACKUP_ROOT/.tmp and the log."""
     check_sentinels(cfg)
-    use_backup_umask()
-    os.makedirs(cfg.tmp_dir, exist_ok=True)
-    setup_file_logging(cfg)
-    make_backup_root_private(cfg.backup_root)
+    open_backup_root(cfg)
 
 
 def read_state_view(cfg: Config) -> StateView:
@@ -5292,11 +5297,7 @@ def prepare_backup_alone(cfg: Config, purpose: str) -> int:
         raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
                         "backup to a writable disk (find and restore --to DIR work on a "
                         "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
-    user_umask = use_backup_umask()
-    os.makedirs(cfg.tmp_dir, exist_ok=True)
-    setup_file_logging(cfg)
-    make_backup_root_private(cfg.backup_root)
-    return user_umask
+    return open_backup_root(cfg)
 
 
 def staged_folder_name(entry_name: str) -> Optional[str]:
