@@ -450,15 +450,19 @@ def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
 
+def strip_accents(text: str) -> str:
+    """NFKD with the combining marks removed: JOÃO -> JOAO, Müller -> Muller."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 def sanitize_part(text) -> str:
     """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
 
-    Accents are dropped first (NFKD, combining marks removed: JOÃO -> JOAO); `_` and
-    `.` are stripped from both ends, so `..` and hidden names cannot appear.
+    Accents are dropped first (strip_accents); `_` and `.` are stripped from both ends,
+    so `..` and hidden names cannot appear.
     """
-    decomposed = unicodedata.normalize("NFKD", as_text(text))
-    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    cleaned = _NAME_UNSAFE.sub("_", plain).strip("_.")
+    cleaned = _NAME_UNSAFE.sub("_", strip_accents(as_text(text))).strip("_.")
     return cleaned or UNKNOWN
 
 
@@ -2534,8 +2538,7 @@ def check_sentinels(cfg: Config) -> None:
     if not os.path.isdir(parent):
         raise CannotRun("%s does not exist: is the backup disk mounted? (nothing was done)"
                         % parent)
-    backup_dev = os.stat(nearest_existing(cfg.backup_root)).st_dev
-    if backup_dev != os.stat(cfg.pacs_root).st_dev:
+    if not same_disk(cfg.backup_root, cfg.pacs_root):
         backup_sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
         if not os.path.isfile(backup_sentinel):
             raise CannotRun("%s is on another disk than %s and %s is missing: is the backup "
@@ -5009,13 +5012,12 @@ def read_backup_studies(cfg: Config) -> List[BackupStudy]:
 
 
 def search_text(value) -> str:
-    """Text as find compares it: accents dropped (NFKD, combining marks removed) and
-    case folded, so `joao` finds `JOÃO` and `muller` finds `Müller`."""
+    """Text as find compares it: accents dropped (strip_accents) and case folded, so
+    `joao` finds `JOÃO` and `muller` finds `Müller`."""
     text = as_text(value)
     if text.isascii():
         return text.lower()
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+    return strip_accents(text).casefold()
 
 
 def search_terms(texts: Sequence[str]) -> List[str]:
