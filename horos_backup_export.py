@@ -801,6 +801,12 @@ def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
     return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
 
 
+def capped_at(cfg: Config, now: float) -> bool:
+    """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
+    `now` is in clinic hours, in the Mac's local time."""
+    return in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+
+
 def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
                     inside: float, outside: float, interval_seconds: int,
                     max_cycles: int = 10 * 52 * 7 * 144) -> int:
@@ -3050,7 +3056,7 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
     recover_interrupted_writes(cfg, state)
     backfill_search_fields(cfg, state, time.monotonic() + BACKFILL_SECONDS)
     view = state.view()
-    capped = in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+    capped = capped_at(cfg, now)
     times = summary.horos_times
     db_path = database_for_cycle(cfg)
     try:
@@ -3341,9 +3347,10 @@ def observe_run(book: dict, report: RunReport, now: float,
         "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
                                        "studies are exported again while Horos still has "
                                        "them." % plural(count, "ZIP was", "ZIPs were"),
-        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification 3 "
+        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification %d "
                                  "times as it was written (a failing backup disk or "
-                                 "memory?)." % plural(count, "study could", "studies could"),
+                                 "memory?)." % (plural(count, "study could", "studies could"),
+                                                VERIFY_ATTEMPTS),
     }
     for kind in AT_ONCE_KINDS:
         count = report.kinds.get(kind, 0)
@@ -3597,11 +3604,16 @@ class Deadline:
         return max(0.0, min(cap, self.end - self.clock() - ALERT_RESERVE_SECONDS * later))
 
 
+def require_time(seconds: float) -> None:
+    """AlertNotSent when the budget leaves a channel too little time to try."""
+    if seconds < 0.5:
+        raise AlertNotSent("no time left in the %g s alert budget" % ALERT_BUDGET_SECONDS)
+
+
 def within(seconds: float, action) -> None:
     """action() in a thread, given at most `seconds` (a DNS lookup ignores socket
     timeouts); AlertNotSent if it fails or is still at it."""
-    if seconds < 0.5:
-        raise AlertNotSent("no time left in the %g s alert budget" % ALERT_BUDGET_SECONDS)
+    require_time(seconds)
     failure: List[str] = []
 
     def run() -> None:
@@ -3714,9 +3726,7 @@ def deliver(alerts: AlertConfig, subject: str, body: str, deadline: Deadline,
     if alerts.command:
         timeout = deadline.timeout(COMMAND_TIMEOUT_SECONDS, later)
         try:
-            if timeout < 0.5:
-                raise AlertNotSent("no time left in the %g s alert budget"
-                                   % ALERT_BUDGET_SECONDS)
+            require_time(timeout)
             run_alert_command(alerts.command, subject, body, timeout)
             sent.append("command")
         except (AlertNotSent, OSError) as error:
@@ -3904,7 +3914,7 @@ def dry_run(cfg: Config) -> int:
     check_sentinels(cfg)
     now = time.time()
     view = read_state_view(cfg)
-    capped = in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+    capped = capped_at(cfg, now)
     snapshot = read_horos(cfg, view, now, cfg.database_path, capped)
     selection = snapshot.selection
     print("Dry run (nothing is written): %d studies ready to export, %d not settled, "
@@ -4035,7 +4045,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "eta_seconds": int(cycles * LAUNCHD_INTERVAL_SECONDS),
         "clinic": {"hours": cfg.clinic_hours, "days": cfg.clinic_days,
                    "batch_size": cfg.batch_size,
-                   "now": in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now)),
+                   "now": capped_at(cfg, now),
                    "studies_per_cycle": round(inside, 2),
                    "studies_per_cycle_outside": round(outside, 2)},
         "lock": {"held": held, "pid": pid},
@@ -5107,15 +5117,8 @@ def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
                             ensure_ascii=False)]
     else:
         lines = [find_line(cfg, study) for study in found]
-    try:
-        for line in lines:
-            print(line)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `find … | head` closed the pipe: what it wanted is printed. Point stdout at
-        # /dev/null so the interpreter's last flush fails no more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK if found else EXIT_FAILED
+    for line in lines:
+        print(line)
     if not found:
         print("horos_backup_export: no study of the %d in %s matches %s"
               % (len(studies), cfg.backup_root, " ".join(texts)), file=sys.stderr)
