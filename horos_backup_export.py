@@ -2412,12 +2412,14 @@ class Progress:
         if self.stream is None:
             return
         self.drawn = time.monotonic()
-        seconds = max(self.drawn - self.started, 1e-6)
-        line = "%s  %.1f of %.1f MB  %.1f MB/s" % (self.label, self.done / 1e6,
-                                                   self.total / 1e6, self.done / 1e6 / seconds)
+        line = self.line(max(self.drawn - self.started, 1e-6))
         width = shutil.get_terminal_size((100, 20)).columns - 1
         self.stream.write(CLEAR_LINE + line[:width])
         self.stream.flush()
+
+    def line(self, seconds: float) -> str:
+        return "%s  %.1f of %.1f MB  %.1f MB/s" % (self.label, self.done / 1e6,
+                                                   self.total / 1e6, self.done / 1e6 / seconds)
 
     def clear(self) -> None:
         if self.stream is not None:
@@ -5243,47 +5245,31 @@ def plan_feeding(items: Sequence[RestoreItem], files_in_incoming: int,
     return taken
 
 
-class RestoreProgress:
+class RestoreProgress(Progress):
     """The live line of a long restore: studies, files, MB, MB/s, time left.
 
     Drawn only on a terminal, like the cycle's Progress.
     """
 
     def __init__(self, stream, items: Sequence[RestoreItem]):
-        self.stream = stream if stream is not None and stream.isatty() else None
+        super().__init__(stream)
         self.studies, self.files = len(items), sum(i.files for i in items)
         self.total = sum(i.source_bytes for i in items)
-        self.studies_done = self.files_done = self.done = 0
+        self.studies_done = self.files_done = 0
         self.started = self.drawn = time.monotonic()
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        if self.stream is not None and time.monotonic() - self.drawn >= 0.25:
-            self.draw()
 
     def study_done(self, files: int) -> None:
         self.studies_done += 1
         self.files_done += files
         self.draw()
 
-    def draw(self) -> None:
-        if self.stream is None:
-            return
-        self.drawn = time.monotonic()
-        rate = self.done / max(self.drawn - self.started, 1e-6)
+    def line(self, seconds: float) -> str:
+        rate = self.done / seconds
         left = "%s left" % format_duration(max(self.total - self.done, 0) / rate) \
             if rate > 0 and self.done else "time left unknown"
-        line = "restore %d/%d studies  %d/%d files  %.1f of %.1f MB  %.1f MB/s  %s" % (
+        return "restore %d/%d studies  %d/%d files  %.1f of %.1f MB  %.1f MB/s  %s" % (
             self.studies_done, self.studies, self.files_done, self.files, self.done / 1e6,
             self.total / 1e6, rate / 1e6, left)
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        self.stream.write(CLEAR_LINE + line[:width])
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.stream is not None:
-            self.stream.write(CLEAR_LINE)
-            self.stream.flush()
 
 
 def prepare_backup_alone(cfg: Config, purpose: str) -> int:
