@@ -1,5 +1,6 @@
 """Shared test setup: a time zone far from UTC, the script as a subprocess, a library."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -116,6 +117,23 @@ def issues_rows(root):
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point, size):
+    """A real file system of `size` (`6m`, `48m`) at mount_point for the with block, for
+    disk-full and read-only tests; skipped where it cannot be mounted (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(str(mount_point), exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs",
+                             str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    try:
+        yield str(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture

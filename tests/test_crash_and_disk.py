@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PINNED_SCHEDULE
 from conftest import (SCRIPT, TEST_TZ, backup_root, files_named, issues_rows, manifest_of,
-                      run_cycle, state_rows, zip_payload, zips_on_disk)
+                      mounted_tmpfs, run_cycle, state_rows, zip_payload, zips_on_disk)
 from fake_horos import FakeHorosLibrary
 
 CHUNK = 1024 * 1024
@@ -134,20 +134,12 @@ def test_repeated_kill_9_never_corrupts_and_ends_with_one_zip_per_study(tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 6 MB file system (tmpfs), mounted for the test when running as root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; the injected ENOSPC test still runs")
-    mount_point = tmp_path / "BACKUPDISK"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs",
-                             str(mount_point)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    (mount_point / ".backup_sentinel").touch()   # the backup disk is another file system
-    try:
-        yield str(mount_point)
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    """A real 6 MB file system (tmpfs), mounted for the test when running as root (the
+    injected ENOSPC test runs anyway)."""
+    with mounted_tmpfs(tmp_path / "BACKUPDISK", "6m") as mount_point:
+        # the backup disk is another file system
+        open(os.path.join(mount_point, ".backup_sentinel"), "w").close()
+        yield mount_point
 
 
 def test_a_full_small_disk_ends_cleanly_and_the_next_cycle_continues(tmp_path, small_disk):

@@ -6,13 +6,12 @@ import datetime as dt
 import json
 import math
 import os
-import subprocess
 
 import pytest
 
 import horos_backup_export as hbe
-from conftest import (backup_root, issues_rows, run_cycle, run_script, state_rows,
-                      zip_payload, zips_on_disk)
+from conftest import (backup_root, issues_rows, mounted_tmpfs, run_cycle, run_script,
+                      state_rows, zip_payload, zips_on_disk)
 from fake_horos import FakeHorosLibrary, build_sample_library, write_horos_preferences
 
 MIB = 1024 * 1024
@@ -270,18 +269,8 @@ def test_without_flags_the_library_is_where_horos_keeps_it(tmp_path):
 @pytest.fixture
 def shared_disk(tmp_path):
     """A real 48 MiB file system (tmpfs) holding the PACS root: library and backup."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "PACS"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs",
-                             str(mount_point)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    try:
-        yield str(mount_point)
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "PACS", "48m") as mount_point:
+        yield mount_point
 
 
 def one_mib_studies(pacs_root, count=16):

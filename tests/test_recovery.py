@@ -5,6 +5,7 @@ The backup is made from the sample library, moved to another folder (the recover
 disk), and the PACS folder is deleted: no sentinel, no Database.sql, no source files.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import zipfile
 
 import pytest
 
-from conftest import (backup_root, manifest_of, run_cycle, run_script, state_rows,
-                      tree_snapshot, zip_payload)
+from conftest import (backup_root, manifest_of, mounted_tmpfs, run_cycle, run_script,
+                      state_rows, tree_snapshot, zip_payload)
 from fake_horos import build_sample_library
 from test_commands import run_on_a_terminal
 
@@ -268,23 +269,21 @@ def test_the_backfill_stops_at_its_deadline_and_the_next_one_goes_on(tmp_path):
     assert all(r["patient_id"] for r in state_rows(root))
 
 
-def mount_tmpfs(path):
-    os.makedirs(path)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % done.stderr.decode().strip())
+@contextlib.contextmanager
+def read_only_copy(rec):
+    """The backup copied onto a file system then remounted read-only: a recovery disk
+    nobody can write to."""
+    mount = rec.tmp / "readonly"
+    with mounted_tmpfs(mount, "64m"):
+        shutil.copytree(rec.backup, str(mount / "Backup"))
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield types.SimpleNamespace(backup=str(mount / "Backup"), gone_pacs=rec.gone_pacs)
 
 
 def test_find_and_restore_to_a_folder_work_on_a_read_only_disk(recovered):
     rec = recovered
     old_version_state(os.path.join(rec.backup, "export_state.sqlite"))
-    mount = rec.tmp / "readonly"
-    mount_tmpfs(mount)
-    try:
-        shutil.copytree(rec.backup, str(mount / "Backup"))
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        ro = types.SimpleNamespace(backup=str(mount / "Backup"), gone_pacs=rec.gone_pacs)
+    with read_only_copy(rec) as ro:
         result = find(ro, "joao")
         assert result.returncode == 0, result.stderr
         assert "older version" in result.stderr
@@ -300,8 +299,6 @@ def test_find_and_restore_to_a_folder_work_on_a_read_only_disk(recovered):
         assert "is read-only" in result.stderr and "restore --to DIR" in result.stderr
         assert result.stderr.count("\n") == 1
         assert os.listdir(new / "INCOMING.noindex") == []
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 # -- restore by selection --------------------------------------------------------------
@@ -646,16 +643,9 @@ def test_find_on_a_read_only_disk_left_mid_write_reads_the_last_commit(recovered
     state = os.path.join(rec.backup, "export_state.sqlite")
     subprocess.run([sys.executable, "-c", TORN_WRITER, state], check=True)
     assert os.path.getsize(state + "-journal") > 0
-    mount = rec.tmp / "readonly"
-    mount_tmpfs(mount)
-    try:
-        shutil.copytree(rec.backup, str(mount / "Backup"))
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        ro = types.SimpleNamespace(backup=str(mount / "Backup"), gone_pacs=rec.gone_pacs)
+    with read_only_copy(rec) as ro:
         before = tree_snapshot(ro.backup)
         assert found_uids(ro, "joao") == {JOAO}
         assert found_uids(ro, "torn") == set()       # the cut-off write is not seen
         assert len(json.loads(find(ro, "--json", "1").stdout)) == EXPORTED
         assert tree_snapshot(ro.backup) == before
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
