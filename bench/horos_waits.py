@@ -31,6 +31,7 @@ import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
 from horos_writer import start_writer, stop_writer  # noqa: E402
 from library import build_library  # noqa: E402
+from measure import run_measured  # noqa: E402
 
 MB = 1e6
 TIMEOUTS = (0.1, 1.0)
@@ -46,18 +47,7 @@ def load():
 
 def run_script(script, args):
     """(wall s, CPU s, stdout, stderr) of the script as its own process."""
-    code = ("import json, resource, subprocess, sys, time\n"
-            "t = time.perf_counter()\n"
-            "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
-            "w = time.perf_counter() - t\n"
-            "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-            "print(json.dumps([w, r.ru_utime + r.ru_stime, p.returncode, "
-            "p.stdout.decode(), p.stderr.decode()]))\n")
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, script] + args,
-                         capture_output=True, check=True, text=True).stdout
-    wall, cpu, code_, stdout, stderr = json.loads(out)
-    if code_ != 0:
-        raise RuntimeError("%s %s failed: %s" % (script, args, stderr))
+    wall, cpu, _peak_mb, stdout, stderr = run_measured(script, args)
     return wall, cpu, stdout, stderr
 
 

@@ -25,7 +25,6 @@ analysis around them is kept). --quick: smaller data, for trying the benchmark o
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import resource
@@ -46,6 +45,7 @@ sys.path.insert(0, HERE)
 import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
 from library import build_library  # noqa: E402
+from measure import run_measured  # noqa: E402
 
 import horos_waits  # noqa: E402
 
@@ -204,21 +204,8 @@ def throughput(work, files):
 # -- 2 and 3. the library ---------------------------------------------------------------
 
 def peak_of(args):
-    """(wall s, peak RSS MB, stdout) of the script run as its own process. The peak is
-    measured from a fresh parent: ru_maxrss of RUSAGE_CHILDREN is the largest child so
-    far, not the last one."""
-    code = ("import json, resource, subprocess, sys, time\n"
-            "t = time.perf_counter()\n"
-            "p = subprocess.run(sys.argv[1:], capture_output=True)\n"
-            "w = time.perf_counter() - t\n"
-            "m = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-            "print(json.dumps([w, m, p.returncode, p.stdout.decode(), p.stderr.decode()]))\n")
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, SCRIPT] + args,
-                         capture_output=True, check=True, text=True).stdout
-    wall, maxrss, code_, stdout, stderr = json.loads(out)
-    if code_ != 0:
-        raise RuntimeError("%s failed: %s" % (args, stderr))
-    peak_mb = maxrss / 1024 if sys.platform != "darwin" else maxrss / 1e6
+    """(wall s, peak RSS MB, stdout) of the script run as its own process."""
+    wall, _cpu, peak_mb, stdout, _stderr = run_measured(SCRIPT, args)
     return wall, peak_mb, stdout
 
 
