@@ -10,6 +10,8 @@ is chosen here:
   vanish=NAME        a study file named NAME is deleted right after it was found present
   corrupt-zip        every written .part ZIP gets one byte flipped before it is verified
   kill-after-rename  the process is SIGKILLed right after a ZIP is renamed into place
+  eio                every write to the ZIP being written fails with EIO (an I/O error
+                     naming the file), as on a failing disk
 """
 
 import builtins
@@ -56,6 +58,17 @@ class FillingDisk(WrappedFile):
         return self._handle.write(data)
 
 
+class FailingDisk(WrappedFile):
+    """A file on a disk that fails: every write is an I/O error naming the file."""
+
+    def __init__(self, handle, path):
+        super().__init__(handle)
+        self._path = path
+
+    def write(self, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), self._path)
+
+
 class ShrinkingFile(WrappedFile):
     """A file that another process cuts to half while it is being read."""
 
@@ -80,6 +93,13 @@ def inject(fault, arg):
                 return FillingDisk(handle, int(arg))
             return handle
         hbe.open = open_filling  # module global: shadows the builtin for the script only
+    elif fault == "eio":
+        def open_failing(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if str(path).endswith(".zip" + hbe.PART_SUFFIX) and "w" in mode:
+                return FailingDisk(handle, str(path))
+            return handle
+        hbe.open = open_failing
     elif fault == "shrink":
         real_open_source = hbe.open_source
 
