@@ -12,6 +12,10 @@ is chosen here:
   kill-after-rename  the process is SIGKILLed right after a ZIP is renamed into place
   eio                every write to the ZIP being written fails with EIO (an I/O error
                      naming the file), as on a failing disk
+  kill-before-restore-record  restore --into-horos is SIGKILLed once a study is staged
+                     in full, before it is recorded in the state
+  kill-after-restore-record   ... right after the record is committed, before the
+                     rename that moves the study into INCOMING.noindex
 """
 
 import builtins
@@ -136,6 +140,21 @@ def inject(fault, arg):
             real_sync_directory(path)
             os.kill(os.getpid(), signal.SIGKILL)
         hbe.sync_directory = sync_then_die
+    elif fault in ("kill-before-restore-record", "kill-after-restore-record"):
+        real_restore_zip = hbe.restore_zip
+
+        def restore_then_die(zip_path, parent, staging_parent, on_bytes=None,
+                             before_rename=None):
+            if before_rename is None:            # restore --to DIR: nothing to record
+                return real_restore_zip(zip_path, parent, staging_parent, on_bytes)
+
+            def record_and_die(manifest):
+                if fault == "kill-after-restore-record":
+                    before_rename(manifest)      # the record, committed
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_restore_zip(zip_path, parent, staging_parent, on_bytes,
+                                    record_and_die)
+        hbe.restore_zip = restore_then_die
     else:
         raise SystemExit("unknown fault %r" % fault)
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -486,6 +487,82 @@ def test_a_restore_killed_before_its_rename_is_finished_not_repeated(recovered):
     assert os.listdir(staging) == []
     assert len(state_rows(rec.backup, "SELECT * FROM restores")) == 2
 
+
+
+FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.py")
+
+
+def restore_with_fault(rec, fault, *args):
+    """restore, with one of tests/faults.py's faults injected."""
+    return subprocess.run([sys.executable, FAULTS, fault, "restore", *args, "--backup-root",
+                           rec.backup, "--pacs-root", rec.gone_pacs],
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+
+
+@pytest.mark.slow
+def test_a_restore_killed_between_the_record_and_the_rename_is_finished_once(recovered):
+    rec = recovered
+    new = rec.tmp / "Horos Data"
+    incoming = new / "INCOMING.noindex"
+    incoming.mkdir(parents=True)
+    staging = new / ".horos-backup-restore"
+    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    # Killed once the first study is staged in full and recorded, before its rename.
+    killed = restore_with_fault(rec, "kill-after-restore-record", *march)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rows = state_rows(rec.backup, "SELECT * FROM restores")
+    assert len(rows) == 1
+    first = rows[0]["study_uid"]
+    assert first in (YAMADA, JOAO)
+    assert rows[0]["target"] == os.path.realpath(str(incoming))
+    assert os.listdir(incoming) == []                   # Horos has seen nothing yet
+    (staged,) = os.listdir(staging)
+    assert staged.endswith("-" + study_folder(rec, first))
+    assert folder_files(staging / staged) == rec.originals[first]
+    # The next run moves it in, then feeds the other study.
+    result = restore(rec, *march)
+    assert result.returncode == 0, result.stderr
+    assert "restored 1 study" in result.stdout and "1 study was restored there before" \
+        in result.stdout
+    assert sorted(os.listdir(incoming)) == sorted(study_folder(rec, u) for u in (YAMADA, JOAO))
+    for uid in (YAMADA, JOAO):
+        assert folder_files(incoming / study_folder(rec, uid)) == rec.originals[uid]
+    assert os.listdir(staging) == []
+    # Never a second time: not while it waits in INCOMING, nor once Horos imported it.
+    again = restore(rec, *march)
+    assert again.returncode == 0 and "restored 0 studies" in again.stdout
+    assert len(os.listdir(incoming)) == 2
+    shutil.rmtree(str(incoming))
+    incoming.mkdir()
+    again = restore(rec, *march)
+    assert again.returncode == 0 and "restored 0 studies" in again.stdout
+    assert os.listdir(incoming) == [] and os.listdir(staging) == []
+    assert len(state_rows(rec.backup, "SELECT * FROM restores")) == 2
+
+
+@pytest.mark.slow
+def test_a_restore_killed_before_the_record_feeds_the_study_next_time(recovered):
+    rec = recovered
+    new = rec.tmp / "Horos Data"
+    incoming = new / "INCOMING.noindex"
+    incoming.mkdir(parents=True)
+    staging = new / ".horos-backup-restore"
+    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    killed = restore_with_fault(rec, "kill-before-restore-record", *march)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert state_rows(rec.backup, "SELECT * FROM restores") == []
+    assert os.listdir(incoming) == []
+    assert len(os.listdir(staging)) == 1                # staged, but not recorded
+    result = restore(rec, *march)
+    assert result.returncode == 0, result.stderr
+    assert "restored 2 studies" in result.stdout
+    assert sorted(os.listdir(incoming)) == sorted(study_folder(rec, u) for u in (YAMADA, JOAO))
+    for uid in (YAMADA, JOAO):
+        assert folder_files(incoming / study_folder(rec, uid)) == rec.originals[uid]
+    assert os.listdir(staging) == []
+    assert {r["study_uid"] for r in state_rows(rec.backup, "SELECT * FROM restores")} \
+        == {YAMADA, JOAO}
 
 def test_restore_into_horos_needs_an_incoming_folder_and_creates_nothing(recovered):
     rec = recovered
