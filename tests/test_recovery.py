@@ -6,11 +6,13 @@ disk), and the PACS folder is deleted: no sentinel, no Database.sql, no source f
 """
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import types
@@ -18,9 +20,9 @@ import zipfile
 
 import pytest
 
-from conftest import (backup_root, manifest_of, mounted_tmpfs, run_cycle, run_script,
-                      state_rows, tree_snapshot, zip_payload)
-from fake_horos import build_sample_library
+from conftest import (backup_root, issues_rows, manifest_of, mounted_tmpfs, run_cycle,
+                      run_script, state_rows, tree_snapshot, zip_payload)
+from fake_horos import FakeHorosLibrary, build_sample_library
 from test_commands import run_on_a_terminal
 
 import horos_backup_export as hbe
@@ -269,6 +271,47 @@ def test_the_backfill_stops_at_its_deadline_and_the_next_one_goes_on(tmp_path):
         state.close()
     assert all(r["patient_id"] for r in state_rows(root))
 
+
+
+def damage_member(zip_path, name):
+    """Invert every byte of one member's stored data, in place (a bad sector)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        info = archive.getinfo(name)
+    with open(zip_path, "r+b") as handle:
+        handle.seek(info.header_offset + 26)          # the local header's name/extra sizes
+        name_size, extra_size = struct.unpack("<HH", handle.read(4))
+        start = info.header_offset + 30 + name_size + extra_size
+        handle.seek(start)
+        data = handle.read(info.compress_size)
+        handle.seek(start)
+        handle.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_zip_whose_manifest_cannot_be_read_is_backfilled_once(tmp_path):
+    lib = FakeHorosLibrary(str(tmp_path / "PACS"))
+    for i in range(3):
+        lib.add_simple_study("1.2.90.%d" % i, images=1, size=600, patient_id="P-90%d" % i,
+                             study_date=dt.datetime(2019, 5, 1 + i, 9, 0))
+    lib.finish()
+    lib.close()
+    assert run_cycle(lib).returncode == 0
+    root = backup_root(lib)
+    old_version_state(os.path.join(root, "export_state.sqlite"))
+    zips = {r["study_uid"]: r["zip_path"] for r in state_rows(root)}
+    damage_member(os.path.join(root, zips["1.2.90.1"]), "horos-backup-manifest.json")
+    # Read once by the first cycle, never again (with NULL fields it would be read
+    # again and again, for the whole 60 s backfill of every cycle).
+    for number in range(3):
+        result = run_cycle(lib)
+        assert result.returncode == 0, result.stderr
+        unreadable = [(r["study_uid"], r["extra"]) for r in issues_rows(root)
+                      if r["kind"] == "UNREADABLE_ZIP"]
+        assert unreadable == [("1.2.90.1", zips["1.2.90.1"])], number
+        assert ("cannot read the manifest" in result.stdout) == (number == 0), number
+    rows = {r["study_uid"]: r for r in state_rows(root)}
+    assert rows["1.2.90.1"]["patient_id"] == ""                 # read once, left unknown
+    assert (rows["1.2.90.0"]["patient_id"], rows["1.2.90.2"]["patient_id"]) == ("P-900",
+                                                                                 "P-902")
 
 @contextlib.contextmanager
 def read_only_copy(rec):
