@@ -10,6 +10,12 @@ is chosen here:
   vanish=NAME        a study file named NAME is deleted right after it was found present
   corrupt-zip        every written .part ZIP gets one byte flipped before it is verified
   kill-after-rename  the process is SIGKILLed right after a ZIP is renamed into place
+  eio                every write to the ZIP being written fails with EIO (an I/O error
+                     naming the file), as on a failing disk
+  kill-before-restore-record  restore --into-horos is SIGKILLed once a study is staged
+                     in full, before it is recorded in the state
+  kill-after-restore-record   ... right after the record is committed, before the
+                     rename that moves the study into INCOMING.noindex
 """
 
 import builtins
@@ -56,6 +62,17 @@ class FillingDisk(WrappedFile):
         return self._handle.write(data)
 
 
+class FailingDisk(WrappedFile):
+    """A file on a disk that fails: every write is an I/O error naming the file."""
+
+    def __init__(self, handle, path):
+        super().__init__(handle)
+        self._path = path
+
+    def write(self, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), self._path)
+
+
 class ShrinkingFile(WrappedFile):
     """A file that another process cuts to half while it is being read."""
 
@@ -80,6 +97,13 @@ def inject(fault, arg):
                 return FillingDisk(handle, int(arg))
             return handle
         hbe.open = open_filling  # module global: shadows the builtin for the script only
+    elif fault == "eio":
+        def open_failing(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if str(path).endswith(".zip" + hbe.PART_SUFFIX) and "w" in mode:
+                return FailingDisk(handle, str(path))
+            return handle
+        hbe.open = open_failing
     elif fault == "shrink":
         real_open_source = hbe.open_source
 
@@ -116,6 +140,21 @@ def inject(fault, arg):
             real_sync_directory(path)
             os.kill(os.getpid(), signal.SIGKILL)
         hbe.sync_directory = sync_then_die
+    elif fault in ("kill-before-restore-record", "kill-after-restore-record"):
+        real_restore_zip = hbe.restore_zip
+
+        def restore_then_die(zip_path, parent, staging_parent, on_bytes=None,
+                             before_rename=None):
+            if before_rename is None:            # restore --to DIR: nothing to record
+                return real_restore_zip(zip_path, parent, staging_parent, on_bytes)
+
+            def record_and_die(manifest):
+                if fault == "kill-after-restore-record":
+                    before_rename(manifest)      # the record, committed
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_restore_zip(zip_path, parent, staging_parent, on_bytes,
+                                    record_and_die)
+        hbe.restore_zip = restore_then_die
     else:
         raise SystemExit("unknown fault %r" % fault)
 

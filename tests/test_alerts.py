@@ -260,6 +260,24 @@ def test_no_successful_cycle_waits_for_alert_after_hours(tmp_path, home, smtp_se
 
 
 
+def test_alert_after_hours_counts_hours(tmp_path, home, smtp_server):
+    lib = small_library(str(tmp_path / "PACS"))
+    flags = email_flags(smtp_server) + ["--alert-after-hours", "2"]
+    assert cycle(lib, home, *flags).returncode == 0
+    os.remove(os.path.join(lib.pacs_root, ".pacs_sentinel"))
+    path = book_path(home)
+    # The last success was 90 minutes, then 1 h 55, then 2 h 05 ago.
+    for minutes, emails in ((90, 0), (115, 0), (125, 1)):
+        book = json.load(open(path))
+        book["last_success"] = hbe.utc_iso(time.time() - minutes * 60)
+        json.dump(book, open(path, "w"))
+        assert cycle(lib, home, *flags).returncode == 1
+        assert len(smtp_server.received) == emails, minutes
+    message = parsed(smtp_server.received[0][2])
+    assert "no successful backup cycle since" in message["Subject"]
+    assert "(2.1 h ago)" in flat(message.get_content())
+
+
 def test_skipped_cycles_ping_the_heartbeat_but_are_no_success(tmp_path, home, smtp_server,
                                                              heartbeat):
     lib = small_library(str(tmp_path / "PACS"))
@@ -401,6 +419,41 @@ def test_no_alert_carries_patient_data(tmp_path, home, smtp_server):
     for secret in sorted(secrets):
         for text in texts:
             assert secret not in text, secret
+
+
+
+def test_a_cycle_dying_on_an_unexpected_error_alerts_without_its_text(tmp_path, home,
+                                                                      smtp_server):
+    lib = small_library(str(tmp_path / "PACS"))
+    out = tmp_path / "command.txt"
+    flags = email_flags(smtp_server) + ["--alert-after-hours", "0",
+                                        "--alert-command", 'cat >> "%s"' % out]
+    # The backup disk fails as the first ZIP is written: an OSError (EIO) whose text
+    # names the ZIP, that is the patient's name and birth date.
+    result = subprocess.run([sys.executable, FAULTS, "eio", "--pacs-root", lib.pacs_root]
+                            + list(PINNED_SCHEDULE) + [str(f) for f in flags],
+                            capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, TZ=TEST_TZ, HOME=home))
+    assert result.returncode == 1
+    assert "unexpected OSError: [Errno 5]" in result.stderr      # on the Mac: named
+    assert "KOBAYASHI_HANA0" in result.stderr and ".zip.part" in result.stderr
+    assert zips_on_disk(backup_root(lib)) == {}
+    assert len(smtp_server.received) == 1
+    message = parsed(smtp_server.received[0][2])
+    body = message.get_content()
+    assert "NO_SUCCESSFUL_CYCLE" in body
+    assert flat(out.read_text()) == flat(body)              # the command got it too
+    # Nothing of the error's text: no patient, no UID, no ZIP name, no errno text.
+    zip_name = result.stderr.split("'")[1]
+    assert zip_name.endswith(".zip.part")
+    secrets = patient_strings(lib) | {os.path.basename(zip_name),
+                                      os.path.basename(zip_name)[:-len(".part")],
+                                      "Input/output error"}
+    for text in (message["Subject"], body, smtp_server.received[0][2].decode("utf-8"),
+                 out.read_text()):
+        for secret in sorted(secrets):
+            assert secret not in text, secret
+    assert "Last cycle: unexpected error OSError (the log has the details)." in flat(body)
 
 
 # -- Done when: an unreachable server never fails or slows a cycle ----------------------
@@ -561,6 +614,62 @@ def test_no_password_in_clear_and_a_relay_needs_no_user(tmp_path, home, smtp_ser
     result = run_with_home(home, "test-alert", *email_flags(smtp_server))
     assert result.returncode == 0, result.stderr
     assert len(smtp_server.received) == 1
+
+
+SUBMISSION_PORT = 587      # the default --smtp-port: STARTTLS, unlike 465 (TLS at once)
+
+
+@pytest.fixture
+def submission_port():
+    """127.0.0.1:587 for the test's server (the test machines run as root)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", SUBMISSION_PORT))
+        except OSError as error:
+            pytest.skip("cannot listen on 127.0.0.1:%d: %s" % (SUBMISSION_PORT, error))
+    return SUBMISSION_PORT
+
+
+def test_on_port_587_the_password_goes_only_after_starttls(tmp_path, home, tls_files,
+                                                           submission_port):
+    import ssl
+    cert, key = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    password = tmp_path / "pw"
+    password.write_text("s3cret-Pa55\n")
+    os.chmod(password, 0o600)
+    flags = ["--alert-email", "a@example.org", "--smtp-host", "127.0.0.1", "--smtp-port",
+             submission_port, "--smtp-user", "backup@example.org", "--smtp-password-file",
+             password]
+
+    def serve_and_send(**server):
+        # A server that would take the password in clear (auth_require_tls=False): only
+        # the client can keep it from going out before STARTTLS.
+        accounts = Accounts("backup@example.org", "s3cret-Pa55")
+        handler = CollectingHandler()
+        controller = Controller(handler, hostname="127.0.0.1", port=submission_port,
+                                authenticator=accounts, auth_require_tls=False, **server)
+        controller.start()
+        try:
+            result = run_script("test-alert", *flags,
+                                env={"HOME": home, "SSL_CERT_FILE": cert})
+        finally:
+            controller.stop()
+        return result, accounts.seen, handler.messages
+
+    # STARTTLS offered: plain SMTP first, then TLS, then the password.
+    result, logins, messages = serve_and_send(tls_context=context)
+    assert result.returncode == 0, result.stderr
+    assert [(login, tls) for _m, login, tls in logins] == [(b"backup@example.org", True)]
+    assert len(messages) == 1
+    # No STARTTLS offered: the password is never sent, nor the message.
+    result, logins, messages = serve_and_send()
+    assert result.returncode == 1
+    assert ("127.0.0.1:587 offers no STARTTLS: the password is not sent in clear"
+            in result.stderr)
+    assert logins == [] and messages == []
 
 
 # -- the command channel -----------------------------------------------------------------

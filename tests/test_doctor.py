@@ -4,12 +4,14 @@ import datetime as dt
 import json
 import os
 import shutil
+import sqlite3
 import sys
+import time
 
 import pytest
 
 import horos_backup_export as hbe
-from conftest import backup_root, run_cycle, run_script, tree_snapshot
+from conftest import backup_root, mounted_tmpfs, run_cycle, run_script, tree_snapshot
 from fake_horos import FakeHorosLibrary, build_sample_library, write_horos_preferences
 
 ALL_CHECKS = ["python", "pacs_sentinel", "backup_sentinel", "horos_preferences",
@@ -253,6 +255,83 @@ def test_the_reserve_and_a_backup_disk(tmp_path, sample):
     assert checks["backup_sentinel"]["status"] == "fail"
     assert "mounted" in checks["backup_sentinel"]["detail"]
     assert not os.path.exists(tmp_path / "NOT_MOUNTED")
+
+
+def one_study_library(pacs_root):
+    lib = FakeHorosLibrary(pacs_root)
+    lib.add_simple_study("1.2.7.1", images=2, size=500, study_date=dt.datetime(2020, 1, 1))
+    lib.finish()
+    return lib
+
+
+def started_ago(lib, seconds):
+    """Time passes with no cycle: every recorded run started `seconds` ago (the state
+    is a documented format)."""
+    conn = sqlite3.connect(os.path.join(backup_root(lib), "export_state.sqlite"))
+    conn.execute("UPDATE runs SET started_at = ?", (hbe.utc_iso(time.time() - seconds),))
+    conn.commit()
+    conn.close()
+
+
+def test_last_cycle_warns_when_the_last_success_is_old_or_the_last_cycle_failed(tmp_path):
+    lib = one_study_library(str(tmp_path / "PACS"))
+    home = tmp_path / "home"
+    horos_prefs_for(lib, home)
+    assert run_cycle(lib, env={"HOME": str(home)}).returncode == 0
+    # launchd runs a cycle every 10 minutes: 30 minutes without one is still fine...
+    started_ago(lib, 30 * 60)
+    code, checks, _ = doctor(lib, home)
+    assert checks["last_cycle"]["status"] == "ok", checks["last_cycle"]
+    assert code == 0
+    # ...45 minutes is not: is the job still loaded?
+    started_ago(lib, 45 * 60)
+    code, checks, _ = doctor(lib, home)
+    check = checks["last_cycle"]
+    assert check["status"] == "warn", check
+    assert "45 min ago" in check["detail"] and "is the job loaded?" in check["detail"]
+    assert code == 0                                    # a warning, not a failure
+    # A recent success, then a cycle that failed on the next study Horos received: the
+    # latest one is what counts.
+    started_ago(lib, 5 * 60)
+    lib.add_simple_study("1.2.7.2", images=2, size=500, study_date=dt.datetime(2020, 1, 2))
+    lib.finish()
+    result = run_cycle(lib, "--min-free-gb", "1000000", env={"HOME": str(home)})
+    assert result.returncode == 1 and "backup volume low" in result.stderr
+    code, checks, _ = doctor(lib, home)
+    check = checks["last_cycle"]
+    assert check["status"] == "warn", check
+    assert "last successful cycle" in check["detail"] and "5 min ago" in check["detail"]
+    assert "the last one ended disk_low: backup volume low" in check["detail"]
+    assert code == 0
+    lib.close()
+
+
+def test_a_backup_disk_without_its_sentinel_fails(tmp_path):
+    lib = one_study_library(str(tmp_path / "PACS"))
+    home = tmp_path / "home"
+    horos_prefs_for(lib, home)
+    with mounted_tmpfs(tmp_path / "BACKUP", "4m") as backup_disk:
+        target = os.path.join(backup_disk, "Horos")
+        small = ("--backup-root", target, "--min-free-gb", "0")
+        sentinel = os.path.join(backup_disk, ".backup_sentinel")
+        before = tree_snapshot(backup_disk)
+        code, checks, _ = doctor(lib, home, *small)
+        check = checks["backup_sentinel"]
+        assert check["status"] == "fail", check
+        assert code == 1
+        assert "%s is on another disk than %s" % (target, lib.pacs_root) in check["detail"]
+        assert "touch %s" % sentinel in check["detail"]
+        assert tree_snapshot(backup_disk) == before     # doctor creates nothing
+        # A cycle refuses the same disk: what doctor says is what would happen.
+        result = run_cycle(lib, *small, env={"HOME": str(home)})
+        assert result.returncode == 1 and sentinel in result.stderr
+        open(sentinel, "w").close()
+        code, checks, _ = doctor(lib, home, *small)
+        assert checks["backup_sentinel"]["status"] == "ok", checks["backup_sentinel"]
+        assert checks["backup_sentinel"]["detail"] == "%s present" % sentinel
+        assert checks["same_disk"]["status"] == "ok"
+        assert code == 0
+    lib.close()
 
 
 def test_fat32_is_refused_and_mount_tables_are_read():

@@ -373,3 +373,50 @@ def test_a_backup_on_another_disk_ignores_the_threshold(tmp_path, shared_disk):
     assert result.returncode == 0, result.stderr
     assert len(zips_on_disk(target)) == 12
     lib.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backup_with", ["library", "pacs_root"])
+def test_the_reserve_follows_the_disk_of_horos_data_not_of_pacs_root(tmp_path, backup_with):
+    # Horos Data on a file system of its own, --pacs-root (its sentinel) on the test's
+    # disk: Horos cleans the volume that holds its library, so that is the one the backup
+    # must share for the threshold to apply, whichever disk --pacs-root is on.
+    with mounted_tmpfs(tmp_path / "LIBRARY", "16m") as library_disk:
+        lib = FakeHorosLibrary(library_disk, sentinel=False)
+        for i in range(2):
+            lib.add_simple_study("1.2.71.%d" % i, images=2, size=4096,
+                                 study_date=dt.datetime(2018, 2, 1 + i, 9, 0))
+        lib.finish()
+        lib.close()
+        pacs = tmp_path / "PACS"
+        pacs.mkdir()
+        (pacs / ".pacs_sentinel").touch()
+        if backup_with == "library":
+            target = os.path.join(library_disk, "Backup")
+            open(os.path.join(library_disk, ".backup_sentinel"), "w").close()
+        else:
+            target = str(pacs / "Backup")
+        home = tmp_path / "home"
+        write_horos_preferences({"AUTOCLEANINGSPACESIZE": "-90"}, home=str(home))
+        flags = ("--pacs-root", pacs, "--horos-data", lib.horos_data,
+                 "--backup-root", target) + CYCLE
+        assert not hbe.same_disk(lib.horos_data, str(pacs))
+        result = run_script(*flags, "--clinic-hours", "00-24", env=home_env(home))
+        status = json.loads(run_script("status", "--json", *flags,
+                                       env=home_env(home)).stdout)["reserve"]
+        if backup_with == "library":
+            # 1.2 x 90 % of the library's volume can never be free: stop before writing.
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "backup volume low" in result.stderr and "auto-cleaning" in result.stderr
+            assert zips_on_disk(target) == {}
+            assert [r["kind"] for r in issues_rows(target)] == ["DISK_LOW"]
+            assert status["source"] == "horos_auto_cleaning"
+            assert status["horos_threshold_bytes"] == total_bytes(library_disk) * 90 // 100
+        else:
+            # The backup shares --pacs-root's disk, not the library's: only
+            # --min-free-gb (0 here) applies, however full the test's disk is.
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert len(zips_on_disk(target)) == 2
+            assert issues_rows(target) == []
+            assert status["source"] == "min_free_gb"
+            assert status["horos_threshold_bytes"] is None

@@ -7,6 +7,7 @@ every file it creates readable by every local account.
 import csv
 import datetime as dt
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -142,6 +143,32 @@ def test_an_old_open_backup_is_tightened_by_the_next_cycle_and_logged_once(sampl
     assert "private to this account" not in again.stdout
     assert open_to_others(root) == {"note.txt": "0o644"}
 
+
+
+def test_verify_alone_creates_nothing_open_and_tightens_an_old_backup(sample):
+    """No cycle between: `verify` must do both itself (a person runs it by hand, on a
+    backup the old version left, or with the launchd job unloaded)."""
+    root = backup_root(sample)
+    pacs = ("--pacs-root", sample.pacs_root)
+    assert run_umask_022(*pacs).returncode == 0
+    # What verify creates itself: .tmp with its lock, the log (gone here, as in a backup
+    # copied without them); BACKUP_ROOT stays private, so nothing is walked.
+    shutil.rmtree(os.path.join(root, ".tmp"))
+    shutil.rmtree(os.path.join(root, "logs"))
+    result = run_umask_022("verify", "--limit", "2", *pacs)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for made in (".tmp/.run.lock", "logs/horos_backup.log"):
+        assert os.path.exists(os.path.join(root, made)), made
+    assert open_to_others(root) == {}
+    assert "private to this account" not in result.stdout
+    # The old version's open backup, and verify the first to run on it.
+    loosen_like_the_old_version(root)
+    assert len(open_to_others(root)) > 20
+    result = run_umask_022("verify", "--limit", "2", *pacs)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert open_to_others(root) == {}
+    told = [line for line in result.stdout.splitlines() if "private to this account" in line]
+    assert len(told) == 1 and root in told[0]
 
 def test_an_executable_in_the_backup_root_stays_runnable_by_its_owner(sample):
     """The README installs the script in BACKUP_ROOT: tightening keeps owner bits."""

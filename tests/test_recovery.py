@@ -6,10 +6,13 @@ disk), and the PACS folder is deleted: no sentinel, no Database.sql, no source f
 """
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import types
@@ -17,9 +20,9 @@ import zipfile
 
 import pytest
 
-from conftest import (backup_root, manifest_of, mounted_tmpfs, run_cycle, run_script,
-                      state_rows, tree_snapshot, zip_payload)
-from fake_horos import build_sample_library
+from conftest import (backup_root, issues_rows, manifest_of, mounted_tmpfs, run_cycle,
+                      run_script, state_rows, tree_snapshot, zip_payload)
+from fake_horos import FakeHorosLibrary, build_sample_library
 from test_commands import run_on_a_terminal
 
 import horos_backup_export as hbe
@@ -269,6 +272,47 @@ def test_the_backfill_stops_at_its_deadline_and_the_next_one_goes_on(tmp_path):
     assert all(r["patient_id"] for r in state_rows(root))
 
 
+
+def damage_member(zip_path, name):
+    """Invert every byte of one member's stored data, in place (a bad sector)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        info = archive.getinfo(name)
+    with open(zip_path, "r+b") as handle:
+        handle.seek(info.header_offset + 26)          # the local header's name/extra sizes
+        name_size, extra_size = struct.unpack("<HH", handle.read(4))
+        start = info.header_offset + 30 + name_size + extra_size
+        handle.seek(start)
+        data = handle.read(info.compress_size)
+        handle.seek(start)
+        handle.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_zip_whose_manifest_cannot_be_read_is_backfilled_once(tmp_path):
+    lib = FakeHorosLibrary(str(tmp_path / "PACS"))
+    for i in range(3):
+        lib.add_simple_study("1.2.90.%d" % i, images=1, size=600, patient_id="P-90%d" % i,
+                             study_date=dt.datetime(2019, 5, 1 + i, 9, 0))
+    lib.finish()
+    lib.close()
+    assert run_cycle(lib).returncode == 0
+    root = backup_root(lib)
+    old_version_state(os.path.join(root, "export_state.sqlite"))
+    zips = {r["study_uid"]: r["zip_path"] for r in state_rows(root)}
+    damage_member(os.path.join(root, zips["1.2.90.1"]), "horos-backup-manifest.json")
+    # Read once by the first cycle, never again (with NULL fields it would be read
+    # again and again, for the whole 60 s backfill of every cycle).
+    for number in range(3):
+        result = run_cycle(lib)
+        assert result.returncode == 0, result.stderr
+        unreadable = [(r["study_uid"], r["extra"]) for r in issues_rows(root)
+                      if r["kind"] == "UNREADABLE_ZIP"]
+        assert unreadable == [("1.2.90.1", zips["1.2.90.1"])], number
+        assert ("cannot read the manifest" in result.stdout) == (number == 0), number
+    rows = {r["study_uid"]: r for r in state_rows(root)}
+    assert rows["1.2.90.1"]["patient_id"] == ""                 # read once, left unknown
+    assert (rows["1.2.90.0"]["patient_id"], rows["1.2.90.2"]["patient_id"]) == ("P-900",
+                                                                                 "P-902")
+
 @contextlib.contextmanager
 def read_only_copy(rec):
     """The backup copied onto a file system then remounted read-only: a recovery disk
@@ -486,6 +530,82 @@ def test_a_restore_killed_before_its_rename_is_finished_not_repeated(recovered):
     assert os.listdir(staging) == []
     assert len(state_rows(rec.backup, "SELECT * FROM restores")) == 2
 
+
+
+FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.py")
+
+
+def restore_with_fault(rec, fault, *args):
+    """restore, with one of tests/faults.py's faults injected."""
+    return subprocess.run([sys.executable, FAULTS, fault, "restore", *args, "--backup-root",
+                           rec.backup, "--pacs-root", rec.gone_pacs],
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+
+
+@pytest.mark.slow
+def test_a_restore_killed_between_the_record_and_the_rename_is_finished_once(recovered):
+    rec = recovered
+    new = rec.tmp / "Horos Data"
+    incoming = new / "INCOMING.noindex"
+    incoming.mkdir(parents=True)
+    staging = new / ".horos-backup-restore"
+    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    # Killed once the first study is staged in full and recorded, before its rename.
+    killed = restore_with_fault(rec, "kill-after-restore-record", *march)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rows = state_rows(rec.backup, "SELECT * FROM restores")
+    assert len(rows) == 1
+    first = rows[0]["study_uid"]
+    assert first in (YAMADA, JOAO)
+    assert rows[0]["target"] == os.path.realpath(str(incoming))
+    assert os.listdir(incoming) == []                   # Horos has seen nothing yet
+    (staged,) = os.listdir(staging)
+    assert staged.endswith("-" + study_folder(rec, first))
+    assert folder_files(staging / staged) == rec.originals[first]
+    # The next run moves it in, then feeds the other study.
+    result = restore(rec, *march)
+    assert result.returncode == 0, result.stderr
+    assert "restored 1 study" in result.stdout and "1 study was restored there before" \
+        in result.stdout
+    assert sorted(os.listdir(incoming)) == sorted(study_folder(rec, u) for u in (YAMADA, JOAO))
+    for uid in (YAMADA, JOAO):
+        assert folder_files(incoming / study_folder(rec, uid)) == rec.originals[uid]
+    assert os.listdir(staging) == []
+    # Never a second time: not while it waits in INCOMING, nor once Horos imported it.
+    again = restore(rec, *march)
+    assert again.returncode == 0 and "restored 0 studies" in again.stdout
+    assert len(os.listdir(incoming)) == 2
+    shutil.rmtree(str(incoming))
+    incoming.mkdir()
+    again = restore(rec, *march)
+    assert again.returncode == 0 and "restored 0 studies" in again.stdout
+    assert os.listdir(incoming) == [] and os.listdir(staging) == []
+    assert len(state_rows(rec.backup, "SELECT * FROM restores")) == 2
+
+
+@pytest.mark.slow
+def test_a_restore_killed_before_the_record_feeds_the_study_next_time(recovered):
+    rec = recovered
+    new = rec.tmp / "Horos Data"
+    incoming = new / "INCOMING.noindex"
+    incoming.mkdir(parents=True)
+    staging = new / ".horos-backup-restore"
+    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    killed = restore_with_fault(rec, "kill-before-restore-record", *march)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert state_rows(rec.backup, "SELECT * FROM restores") == []
+    assert os.listdir(incoming) == []
+    assert len(os.listdir(staging)) == 1                # staged, but not recorded
+    result = restore(rec, *march)
+    assert result.returncode == 0, result.stderr
+    assert "restored 2 studies" in result.stdout
+    assert sorted(os.listdir(incoming)) == sorted(study_folder(rec, u) for u in (YAMADA, JOAO))
+    for uid in (YAMADA, JOAO):
+        assert folder_files(incoming / study_folder(rec, uid)) == rec.originals[uid]
+    assert os.listdir(staging) == []
+    assert {r["study_uid"] for r in state_rows(rec.backup, "SELECT * FROM restores")} \
+        == {YAMADA, JOAO}
 
 def test_restore_into_horos_needs_an_incoming_folder_and_creates_nothing(recovered):
     rec = recovered
