@@ -53,14 +53,12 @@ from dataclasses import dataclass
 from xml.parsers.expat import ExpatError
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+
 # =====================================================================================
-# Constants. Each configurable one is also a command-line flag; the constant is the
-# default (see COMMON_FLAGS and the README). Edit them here to change the defaults of
-# the copy launchd runs.
+# Constants
 # =====================================================================================
 
 TOOL_VERSION = "1.0.0"
-
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
 SENTINEL = os.path.join(PACS_ROOT, ".pacs_sentinel")            # follows --pacs-root
 HOROS_DATA_DIR = os.path.join(PACS_ROOT, "Database", "Horos Data")  # --horos-data
@@ -71,29 +69,36 @@ ORDER_BY = "study_date"                                         # --order-by
 MODS = ("CT", "MR")                                             # --modalities CT,MR
 USE_DB_COPY = False                                             # --use-db-copy
 MAX_NAME_NOEXT = 128
+
 # Deflate level 1 halves CT and MR (about 51% of the bytes on CT-like data) for a fifth
 # of level 6's CPU; levels 6 and 9 save 1-2% more (BENCHMARKS.md). On a small Mac with a
 # USB disk, writing and re-reading half the bytes pays for the CPU.
 COMPRESSION = "deflate"                                         # --compression
 COMPRESS_LEVEL = 1                                              # --compress-level
 BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
+
 # A study is exported once Horos has added nothing to it for this long. CT arrives in
 # minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
 # and reconstructions or reports can trail; anything later still triggers a re-export.
 SETTLE_MINUTES = 60                                             # --settle-minutes
 MISSING_RETRIES = 3                                             # --missing-retries
 MIN_FREE_GB = 20.0                                              # --min-free-gb
+
 # Each cycle re-reads this many of the longest-unverified ZIPs: at 144 cycles a day,
 # 50,000 ZIPs are all read back about every four months.
 VERIFY_PER_RUN = 3                                              # --verify-per-run
+
 # Off by default: under launchd the job runs with LowPriorityIO, so macOS already puts
 # Horos's reads first. A cap helps a person who runs the script by hand next to Horos.
 MAX_MBPS = 0.0                                                  # --max-mbps
+
 # Stop starting new studies after this long, so a cycle of big CT studies ends before
 # launchd's next tick (600 s); the lock would make that tick skip anyway.
 MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
+
 # Horos's settings, of the user who runs Horos (expanded with that user's HOME).
 HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
+
 # Inside clinic hours (local time, the end exclusive; 19-07 wraps past midnight) a cycle
 # exports up to BATCH_SIZE studies, so Horos and its users never feel it. Outside them
 # it keeps going until MAX_RUN_SECONDS: a 50,000-study backlog drains over nights and
@@ -101,22 +106,40 @@ HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-pr
 # "00-24": the cap at every hour of every day.
 CLINIC_HOURS = "07-19"                                          # --clinic-hours
 CLINIC_DAYS = "mon-fri"                                         # --clinic-days
+ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
+SMTP_HOST = ""               # --smtp-host
+SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
+SMTP_USER = ""               # --smtp-user; "" sends without logging in (a local relay)
+SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
+ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
+HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
+ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
+
+# Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
+# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
+# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
+# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
+# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
+# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
+# transaction ends.
+HOROS_CHUNK_ROWS = 1000
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
 LOCK_WAIT_SECONDS = 900      # how long an operator command waits for a running cycle
 LOG_MAX_BYTES = 100 * 1024 * 1024
 LOG_BACKUP_COUNT = 10
+
 # issues.csv rotates like the log: an INCOMING that stays over the limit adds 144 rows a
 # day for as long as it lasts.
 ISSUES_MAX_BYTES = 10 * 1024 * 1024
 ISSUES_BACKUP_COUNT = 5
+
 # The ZIPs, the state, issues.csv and the logs hold patient data: what we create under
 # BACKUP_ROOT grants group and others nothing (folders 0700, files 0600), whatever the
 # umask of launchd or of the person's shell. 0o027 lets the folder's group read (README,
 # "File modes").
 BACKUP_UMASK = 0o077
-
 ORDER_CHOICES = ("study_date", "date_added")
 COMPRESSION_CHOICES = ("stored", "deflate")
 VERIFY_ATTEMPTS = 3          # write + testzip() attempts before a study counts as failed
@@ -128,6 +151,7 @@ COPY_CHUNK_BYTES = 1024 * 1024
 # Names on disk. Users and their scripts rely on these (README, "Files").
 SENTINEL_NAME = ".pacs_sentinel"
 BACKUP_SENTINEL_NAME = ".backup_sentinel"   # in BACKUP_ROOT's parent, when on another disk
+HOROS_DATA_NAME = "Horos Data"
 HOROS_DATABASE_FILE = "Database.sql"
 HOROS_FILES_DIR = "DATABASE.noindex"
 HOROS_INCOMING_DIR = "INCOMING.noindex"
@@ -143,11 +167,11 @@ PART_SUFFIX = ".part"
 MONTH_DONE_FILE = ".month_done"
 UNKNOWN = "UNKNOWN"
 UNKNOWN_DATE_FOLDER = "UNKNOWN_DATE"
+MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
 MANIFEST_NAME = "horos-backup-manifest.json"
 MANIFEST_FORMAT = "horos-backup-manifest"
 MANIFEST_FORMAT_VERSION = 1
 ISSUES_HEADER = ("timestamp", "kind", "study_uid", "detail", "extra")
-
 EXIT_OK = 0
 EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
 
@@ -155,6 +179,11 @@ EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr s
 ZIP_MIN_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 ZIP_MAX_DATE_TIME = (2107, 12, 31, 23, 59, 58)
 MAX_MEMBER_PART = 80         # characters of one folder or file name inside a ZIP
+
+
+# =====================================================================================
+# Shared helpers
+# =====================================================================================
 
 log = logging.getLogger("horos_backup_export")
 
@@ -175,15 +204,252 @@ class DiskSpaceProblem(CannotRun):
         self.kind = kind         # DISK_LOW or DISK_FULL
 
 
+class Terminated(Exception):
+    """launchd (or kill) sent SIGTERM."""
+
+
+def raise_terminated(_signum, _frame):
+    raise Terminated()
+
+
 def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
 
 
+def as_text(value) -> str:
+    """A column value as text: Core Data stores text, but damaged stores hold anything."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _as_int(value) -> Optional[int]:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(as_text(value)) if not isinstance(value, float) else value
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    return int(number)
+
+
+def coredata_seconds(value) -> Optional[float]:
+    """Core Data seconds from a REAL, an INTEGER or a numeric TEXT; None otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        try:
+            seconds = float(as_text(value).strip())
+        except ValueError:
+            return None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return seconds
+
+
+def coredata_to_local(value) -> Optional[dt.datetime]:
+    """Core Data seconds -> naive local datetime, None when unknown or absurd.
+
+    Horos builds these values from DICOM tags in the Mac's local time zone, so local
+    time (not UTC) gives back the date the scanner wrote.
+    """
+    seconds = coredata_seconds(value)
+    if seconds is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(seconds + COREDATA_EPOCH_OFFSET)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def coredata_to_local_date(value) -> Optional[dt.date]:
+    moment = coredata_to_local(value)
+    return moment.date() if moment else None
+
+
+def format_date(day: Optional[dt.date]) -> str:
+    return "%04d-%02d-%02d" % (day.year, day.month, day.day) if day else UNKNOWN
+
+
+def modality_tokens(text) -> Tuple[str, ...]:
+    """`CT\\PT` -> ('CT', 'PT'): trimmed, upper-case, whole tokens, in order, no repeats."""
+    tokens = []
+    for raw in as_text(text).split("\\"):
+        token = raw.strip().upper()
+        if token and token not in tokens:
+            tokens.append(token)
+    return tuple(tokens)
+
+
+def strip_accents(text: str) -> str:
+    """NFKD with the combining marks removed: JOÃO -> JOAO, Müller -> Muller."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def printable(text) -> str:
+    """A name as one safe line on a terminal (no control characters)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
+
+
+GB = 1000 ** 3                 # MIN_FREE_GB is in the decimal gigabytes Finder shows
+MIB = 1024 * 1024                 # Horos's "MB"
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
+        count /= 1000.0
+    return "%.2f TB" % count
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return "%.1f days" % (seconds / 86400)
+    if seconds >= 3600:
+        return "%.1f h" % (seconds / 3600)
+    return "%.0f min" % (seconds / 60)
+
+
+def hours_text(seconds: float) -> str:
+    return "%.0f min" % (seconds / 60) if seconds < 3600 else "%.1f h" % (seconds / 3600)
+
+
+def utc_iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc_iso(text) -> float:
+    """Unix seconds of a utc_iso() string; 0 (long past) for anything else."""
+    try:
+        moment = dt.datetime.strptime(as_text(text), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 0.0
+    return moment.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def local_time_text(utc_text) -> str:
+    """A state timestamp as the Mac's local time, for people."""
+    seconds = parse_utc_iso(utc_text)
+    if not seconds:
+        return as_text(utc_text) or "-"
+    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
+def nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def same_disk(path: str, other: str) -> bool:
+    """Whether two paths (or the folders that would hold them) are on one file system."""
+    return os.stat(nearest_existing(path)).st_dev == os.stat(nearest_existing(other)).st_dev
+
+
+def durable_sync(fd: int) -> None:
+    """fsync that reaches the disk: on macOS plain fsync stops in the drive's cache."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError as error:  # some file systems (SMB, FAT) refuse F_FULLFSYNC
+            log.debug("F_FULLFSYNC refused (%s); using fsync", error)
+    os.fsync(fd)
+
+
+def sync_directory(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        durable_sync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_small_file(path: str, text: str) -> None:
+    """Write a small file whole or not at all (temp file, fsync, rename)."""
+    partial = path + PART_SUFFIX
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        durable_sync(handle.fileno())
+    os.replace(partial, path)
+
+
+def remove_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def bounded_number(kind, low, high=None):
+    """An argparse type: a number of `kind` (int or float) from low to high."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a %s" % (
+                text, "whole number" if kind is int else "number")) from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                "must be from %s to %s" % (low, high) if high is not None
+                else "must be %s or more" % low)
+        return value
+    return parse
+
+
+positive_int = bounded_number(int, 1)
+non_negative_int = bounded_number(int, 0)
+non_negative_float = bounded_number(float, 0)
+compress_level = bounded_number(int, 0, 9)
+
+
+def parse_modalities(text: str) -> Tuple[str, ...]:
+    tokens = tuple(t.strip().upper() for t in text.split(",") if t.strip())
+    if not tokens:
+        raise argparse.ArgumentTypeError("give at least one modality, e.g. CT,MR")
+    return tokens
+
+
+def parse_addresses(text: str) -> Tuple[str, ...]:
+    """--alert-email: comma-separated addresses, each with one @."""
+    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in addresses:
+        if address.count("@") != 1 or any(c in address for c in " <>\"\r\n"):
+            raise argparse.ArgumentTypeError("%r is not an email address" % address)
+    return addresses
+
+
+def month_argument(text: str) -> str:
+    """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
+    month = text.strip().replace("-", "_")
+    if not MONTH_FOLDER.match(month):
+        raise argparse.ArgumentTypeError("%r is not a month: use YYYY_MM, e.g. 2019_03, "
+                                         "or %s" % (text, UNKNOWN_DATE_FOLDER))
+    return month
+
+
 # =====================================================================================
 # Data types
 # =====================================================================================
+
+
 
 @dataclass(frozen=True)
 class Config:
@@ -253,6 +519,38 @@ class Config:
     @property
     def chunk_rows(self) -> int:
         return self.horos_chunk_rows or HOROS_CHUNK_ROWS
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """The alert channels, from the flags; the password is read from its file."""
+    emails: Tuple[str, ...] = ()
+    smtp_host: str = SMTP_HOST
+    smtp_port: int = SMTP_PORT
+    smtp_user: str = SMTP_USER
+    smtp_password_file: str = SMTP_PASSWORD_FILE
+    smtp_password: str = dataclasses.field(default="", repr=False)
+    command: str = ALERT_COMMAND
+    heartbeat_url: str = HEARTBEAT_URL
+    after_hours: float = ALERT_AFTER_HOURS
+
+    @property
+    def channels(self) -> Tuple[str, ...]:
+        """The channels that carry messages (the heartbeat carries none)."""
+        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
+
+
+@dataclass
+class ReadTimes:
+    """The read transactions on Database.sql: how many, their total and the longest."""
+    transactions: int = 0
+    seconds: float = 0.0
+    longest: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.transactions += 1
+        self.seconds += seconds
+        self.longest = max(self.longest, seconds)
 
 
 @dataclass
@@ -367,491 +665,12 @@ class CycleSummary:
 
 
 # =====================================================================================
-# Planner: pure functions from values to values (dates, names, paths, selection)
+# Horos reader
 # =====================================================================================
 
-def as_text(value) -> str:
-    """A column value as text: Core Data stores text, but damaged stores hold anything."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
-
-def coredata_seconds(value) -> Optional[float]:
-    """Core Data seconds from a REAL, an INTEGER or a numeric TEXT; None otherwise."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        try:
-            seconds = float(as_text(value).strip())
-        except ValueError:
-            return None
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        return None
-    return seconds
-
-
-def coredata_to_local(value) -> Optional[dt.datetime]:
-    """Core Data seconds -> naive local datetime, None when unknown or absurd.
-
-    Horos builds these values from DICOM tags in the Mac's local time zone, so local
-    time (not UTC) gives back the date the scanner wrote.
-    """
-    seconds = coredata_seconds(value)
-    if seconds is None:
-        return None
-    try:
-        return dt.datetime.fromtimestamp(seconds + COREDATA_EPOCH_OFFSET)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def coredata_to_local_date(value) -> Optional[dt.date]:
-    moment = coredata_to_local(value)
-    return moment.date() if moment else None
-
-
-def format_date(day: Optional[dt.date]) -> str:
-    return "%04d-%02d-%02d" % (day.year, day.month, day.day) if day else UNKNOWN
-
-
-def month_folder(study_datetime: Optional[dt.datetime]) -> str:
-    if study_datetime is None:
-        return UNKNOWN_DATE_FOLDER
-    return "%04d_%02d" % (study_datetime.year, study_datetime.month)
-
-
-def modality_tokens(text) -> Tuple[str, ...]:
-    """`CT\\PT` -> ('CT', 'PT'): trimmed, upper-case, whole tokens, in order, no repeats."""
-    tokens = []
-    for raw in as_text(text).split("\\"):
-        token = raw.strip().upper()
-        if token and token not in tokens:
-            tokens.append(token)
-    return tuple(tokens)
-
-
-def wanted_modalities(wanted: Iterable[str]) -> frozenset:
-    return frozenset(m.strip().upper() for m in wanted)
-
-
-def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
-    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT.
-
-    wanted: from wanted_modalities(), made once per scan of the library.
-    """
-    return not wanted.isdisjoint(modalities)
-
-
-_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
-
-
-def strip_accents(text: str) -> str:
-    """NFKD with the combining marks removed: JOÃO -> JOAO, Müller -> Muller."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-
-
-def sanitize_part(text) -> str:
-    """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
-
-    Accents are dropped first (strip_accents); `_` and `.` are stripped from both ends,
-    so `..` and hidden names cannot appear.
-    """
-    cleaned = _NAME_UNSAFE.sub("_", strip_accents(as_text(text))).strip("_.")
-    return cleaned or UNKNOWN
-
-
-def zip_base_name(info: StudyInfo, max_len: int = MAX_NAME_NOEXT) -> str:
-    """`{patient}_{birth}_{studydate}_{uid}` without `.zip`, at most max_len long.
-
-    Only the part before the UID is cut, the patient name first so the two dates stay:
-    the UID is what makes the name unique. A UID that alone exceeds max_len (no valid
-    DICOM UID does) is cut and given a hash suffix, so two such studies still differ.
-    """
-    uid_part = sanitize_part(info.uid)
-    if len(uid_part) >= max_len:
-        digest = hashlib.sha1(info.uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return uid_part[:max_len - 17] + "_" + digest
-    study_day = info.study_datetime.date() if info.study_datetime else None
-    patient = sanitize_part(info.patient_name)
-    dates = format_date(info.birth_date) + "_" + format_date(study_day)
-    room = max_len - len(uid_part) - 1          # for `{patient}_{dates}`
-    if len(patient) + 1 + len(dates) > room:
-        patient_room = room - len(dates) - 1
-        if patient_room >= 1:
-            patient = patient[:patient_room].rstrip("_")
-        else:
-            return ((patient + "_" + dates)[:room].rstrip("_") + "_" + uid_part).lstrip("_")
-    return patient + "_" + dates + "_" + uid_part
-
-
-def zip_relpath(info: StudyInfo) -> str:
-    """Path of a study's ZIP relative to the backup root: `YYYY_MM/<name>.zip`."""
-    return month_folder(info.study_datetime) + "/" + zip_base_name(info) + ".zip"
-
-
-def _c_int_div(number: int, divisor: int) -> int:
-    # Horos computes the folder in C, where integer division truncates toward zero.
-    quotient = abs(number) // divisor
-    return quotient if number >= 0 else -quotient
-
-
-def _leading_int(text: str) -> int:
-    # NSString intValue: optional spaces and sign, then digits; 0 when there are none.
-    match = re.match(r"\s*([+-]?\d+)", text)
-    return int(match.group(1)) if match else 0
-
-
-def resolve_image_path(files_dir: str, path_number, path_string,
-                       folder_size: int = DB_FOLDER_SIZE) -> Optional[str]:
-    """Where a ZIMAGE row's file is, by the rules of Horos's DicomImage.m.
-
-    1. ZPATHNUMBER N:            files_dir/<(N // F + 1) * F>/<N>.dcm
-    2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
-    3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
-    """
-    number = _as_int(path_number)
-    if number is not None:
-        folder = (_c_int_div(number, folder_size) + 1) * folder_size
-        return os.path.join(files_dir, str(folder), "%d.dcm" % number)
-    text = as_text(path_string)
-    if not text:
-        return None
-    if text.startswith("/"):
-        return text
-    stem = os.path.splitext(text)[0]
-    folder = (_c_int_div(_leading_int(stem), folder_size) + 1) * folder_size
-    return os.path.join(files_dir, str(folder), text)
-
-
-def _as_int(value) -> Optional[int]:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    try:
-        number = float(as_text(value)) if not isinstance(value, float) else value
-    except ValueError:
-        return None
-    if number != number or number in (float("inf"), float("-inf")):
-        return None
-    return int(number)
-
-
-def _unique_name(name: str, taken: set) -> str:
-    if name not in taken:
-        taken.add(name)
-        return name
-    stem, ext = os.path.splitext(name)
-    counter = 2
-    while "%s_%d%s" % (stem, counter, ext) in taken:
-        counter += 1
-    unique = "%s_%d%s" % (stem, counter, ext)
-    taken.add(unique)
-    return unique
-
-
-def series_folder_name(series: SeriesInfo) -> str:
-    number = "%04d" % series.number if series.number is not None and series.number >= 0 \
-        else UNKNOWN
-    name = "%s_%s_%s" % (number, sanitize_part(series.modality),
-                         sanitize_part(series.description))
-    return name[:MAX_MEMBER_PART].rstrip("_.")
-
-
-def _member_file_name(path: str) -> str:
-    name = sanitize_part(os.path.basename(path))
-    if len(name) <= MAX_MEMBER_PART:
-        return name
-    stem, ext = os.path.splitext(name)
-    return stem[:MAX_MEMBER_PART - len(ext)] + ext
-
-
-def _series_sort_key(series: SeriesInfo):
-    return (series.number is None, series.number or 0, series.uid, series.pk)
-
-
-def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
-                     files_dir: str, folder_size: int = DB_FOLDER_SIZE
-                     ) -> Tuple[Tuple[SeriesInfo, ...], Tuple[SourceFile, ...]]:
-    """Every file of every series, each once (multi-frame rows share a file).
-
-    Members go in one folder per series (`0002_CT_Abdomen_3mm/10001.dcm`), in series
-    number then instance number order; names are unique within the ZIP.
-    """
-    ordered_series = tuple(sorted(series, key=_series_sort_key))
-    by_series: Dict[int, List[ImageRow]] = {s.pk: [] for s in ordered_series}
-    for image in images:
-        if image.series_pk in by_series:
-            by_series[image.series_pk].append(image)
-    folders: set = set()
-    members: set = set()
-    seen_paths: set = set()
-    files: List[SourceFile] = []
-    for s in ordered_series:
-        folder = _unique_name(series_folder_name(s), folders)
-        rows = sorted(by_series[s.pk], key=lambda im: (_as_int(im.instance_number) or 0,
-                                                       as_text(im.path_string),
-                                                       _as_int(im.path_number) or 0))
-        for image in rows:
-            path = resolve_image_path(files_dir, image.path_number, image.path_string,
-                                      folder_size)
-            if path is None or path in seen_paths:
-                continue
-            seen_paths.add(path)
-            member = _unique_name(folder + "/" + _member_file_name(path), members)
-            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
-    return ordered_series, tuple(files)
-
-
-def study_fingerprint(parts: Sequence[str]) -> str:
-    """A cheap digest of what Horos keeps about a study.
-
-    For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
-    numberOfImages, patient name, ID and birth date, series count and images summed
-    over its series. For a study of several rows, parts are the rows' digests. It moves
-    when Horos adds or removes series or images (Horos recomputes the counts before it
-    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
-    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
-    sent again touches dateAdded, without changing what a backup holds.
-    """
-    text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-
-
-def retry_delay(attempts: int) -> float:
-    """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
-    return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
-
-
-# What happens to a planned study, given which of its files exist (export_study does
-# it; the dry run says it).
-EXPORT, PARTIAL, DEFER, FAIL = "export", "partial", "defer", "fail"
-
-
-def missing_deferrals(previous: Optional[Failure]) -> int:
-    """How many times in a row the study was deferred for missing files."""
-    return previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
-
-
-def files_decision(present: int, missing: int, previous: Optional[Failure],
-                   missing_retries: int) -> str:
-    """FAIL with no files (NO_FILES); DEFER while files are missing and deferrals are
-    left (Horos may still be writing them: wait, but not for ever); else EXPORT, or
-    PARTIAL without the missing files."""
-    if not present:
-        return FAIL
-    if not missing:
-        return EXPORT
-    return DEFER if missing_deferrals(previous) < missing_retries else PARTIAL
-
-
-def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                   changed: Iterable[str], failures: Mapping[str, Failure],
-                   wanted: Sequence[str], order_by: str, now: float,
-                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
-    """The export queue: studies Horos changed since their export first, then the rest.
-
-    Each part is oldest first by study date (or date added), ties by UID, unknown dates
-    last. Left out: studies that are exported and unchanged, studies Horos added to
-    within settle_seconds, and failed studies waiting for their next attempt (unless
-    Horos changed them since they failed). Failed studies take no slot while they wait.
-    With a limit, only the head of the queue is ordered (a partial sort of 50,000
-    studies is what keeps the read transaction short); the counts cover all of it.
-    """
-    def order_key(candidate: Candidate):
-        study = candidate.study
-        when = study.study_date if order_by == "study_date" else study.date_added
-        return (when is None, when or 0.0, study.uid)
-
-    changed = set(changed)
-    wanted_set = wanted_modalities(wanted)
-    settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
-    # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
-    # study must not wait for ever.
-    bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
-    selection = Selection(queue=[])
-    first: List[Candidate] = []
-    rest: List[Candidate] = []
-    for study in studies:
-        if not is_eligible(study.modalities, wanted_set):
-            continue
-        selection.eligible += 1
-        known = exported.get(study.uid)
-        if known == study.fingerprint and study.uid not in changed:
-            selection.up_to_date += 1
-            continue
-        failure = failures.get(study.uid)
-        if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
-            selection.waiting += 1
-            continue
-        if study.last_added is not None and settled_before < study.last_added < bogus_after:
-            selection.unsettled += 1
-            continue
-        if known is not None:
-            first.append(Candidate(study, "changed"))
-        else:
-            rest.append(Candidate(study, "retry" if failure else "new"))
-    selection.pending = len(first) + len(rest)
-    selection.changed = len(first)
-    if limit is None:
-        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
-    else:
-        head = heapq.nsmallest(limit, first, key=order_key)
-        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
-    return selection
-
-
-def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                       wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
-    """{month folder: (eligible, exported)} over the studies Horos holds."""
-    wanted_set = wanted_modalities(wanted)
-    months: Dict[str, List[int]] = {}
-    for study in studies:
-        if not is_eligible(study.modalities, wanted_set):
-            continue
-        counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
-        counts[0] += 1
-        if study.uid in exported:
-            counts[1] += 1
-    return {month: (counts[0], counts[1]) for month, counts in months.items()}
-
-
-def month_is_over(month: str, today: dt.date) -> bool:
-    if month == UNKNOWN_DATE_FOLDER:
-        return False
-    year, number = (int(p) for p in month.split("_"))
-    return (year, number) < (today.year, today.month)
-
-
-# =====================================================================================
-# Clinic hours: when a cycle stops at BATCH_SIZE (pure; the clock is passed in)
-# =====================================================================================
-
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
-DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-
-
-@dataclass(frozen=True)
-class ClinicSchedule:
-    """When Horos is in use. hours: (start, end) local hours, the end exclusive, wrapping
-    past midnight when start > end; None: never (no cap). days: weekday numbers, Monday 0."""
-    hours: Optional[Tuple[int, int]]
-    days: Tuple[int, ...]
-
-
-def parse_clinic_hours(text: str) -> Optional[Tuple[int, int]]:
-    """`07-19`, `19-07`, `00-24` -> (start, end); `none` -> None. ValueError otherwise."""
-    cleaned = text.strip().lower()
-    if cleaned == "none":
-        return None
-    match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", cleaned)
-    if not match:
-        raise ValueError("--clinic-hours %r: give HH-HH in local time (07-19, 19-07, "
-                         "00-24) or none" % text)
-    start, end = int(match.group(1)), int(match.group(2))
-    if start > 23 or end > 24:
-        raise ValueError("--clinic-hours %r: hours go from 00 to 24 (00-24 is the whole "
-                         "day)" % text)
-    if start == end % 24 and (start, end) != (0, 24):
-        raise ValueError("--clinic-hours %r: the start and the end are the same hour; use "
-                         "00-24 for the whole day or none for no clinic hours" % text)
-    return start, end
-
-
-def parse_clinic_days(text: str) -> Tuple[int, ...]:
-    """`mon-fri`, `mon-sat`, `mon,wed,fri`, `sat-sun`, `fri-mon` -> weekday numbers."""
-    days = set()
-    for part in text.strip().lower().split(","):
-        ends = [e.strip() for e in part.split("-")]
-        ends = [e[:3] if e in DAY_NAMES else e for e in ends]
-        if len(ends) > 2 or not all(e in WEEKDAYS for e in ends):
-            raise ValueError("--clinic-days %r: give days like mon-fri, mon-sat or "
-                             "mon,wed,fri (mon tue wed thu fri sat sun)" % text)
-        first, last = WEEKDAYS.index(ends[0]), WEEKDAYS.index(ends[-1])
-        days.update((first + step) % 7 for step in range((last - first) % 7 + 1))
-    return tuple(sorted(days))
-
-
-def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
-    return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
-
-
-def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
-    """Whether a cycle starting at this local time is capped at BATCH_SIZE.
-
-    A window that wraps past midnight belongs to the day it starts on: with 19-07 and
-    mon-fri, Saturday 03:00 is still Friday's night, Monday 03:00 is not clinic time.
-    00-24 is every hour of every day, whatever the days say.
-    """
-    if schedule.hours is None:
-        return False
-    start, end = schedule.hours
-    if (start, end) == (0, 24):
-        return True
-    if start < end:
-        return local.weekday() in schedule.days and start <= local.hour < end
-    if local.hour >= start:
-        return local.weekday() in schedule.days
-    return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
-
-
-def capped_at(cfg: Config, now: float) -> bool:
-    """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
-    `now` is in clinic hours, in the Mac's local time."""
-    return in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
-
-
-def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
-                    inside: float, outside: float, interval_seconds: int,
-                    max_cycles: int = 10 * 52 * 7 * 144) -> int:
-    """launchd cycles until `backlog` studies are exported, at `inside` studies per
-    cycle in clinic hours and `outside` per cycle out of them; max_cycles at most."""
-    left, cycles, moment = float(backlog), 0, start
-    step = dt.timedelta(seconds=interval_seconds)
-    while left > 0 and cycles < max_cycles:
-        left -= max(inside if in_clinic_hours(schedule, moment) else outside, 1e-3)
-        cycles += 1
-        moment += step
-    return cycles
-
-
-# =====================================================================================
-# Horos reader: Database.sql, read-only, in short read transactions
-# =====================================================================================
-#
-# Horos keeps Database.sql in rollback-journal mode: while any reader holds a read
-# transaction, Horos cannot commit, and a commit that waits longer than Horos's busy
-# timeout is lost (an import or an edit Horos must retry or report). So no read here
-# lasts long whatever the library's size: the candidate scan reads ZSTUDY in chunks
-# of Z_PK, each in its own transaction, and each study's plan is one more; the lock is
-# released between them, and files are zipped after the connection is closed.
-#
-# Rows read in different transactions need not agree, and need not: a study Horos
-# changes between two chunks is only seen as it was in one of them, and is seen again
-# next cycle. Its fingerprint is either the new one (the change came before its chunk)
-# or the old one (after), and its plan, read later, holds at least as much as that
-# fingerprint says; an old fingerprint recorded with a newer ZIP only makes the next
-# cycle see a difference and export it again. New image rows are found by Z_PK above
-# the high-water mark, read before the scan: rows added later are above it and caught
-# next cycle. A study deleted in between is skipped when its plan finds no row.
-
-# Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
-# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
-# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
-# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
-# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
-# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
-# transaction ends.
-HOROS_CHUNK_ROWS = 1000
 # New image rows per transaction: one index lookup each, cheaper than a study's row.
 IMAGE_CHUNK_FACTOR = 10
-
 REQUIRED_COLUMNS = {
     "ZSTUDY": ("Z_PK", "ZSTUDYINSTANCEUID", "ZNAME", "ZPATIENTID", "ZDATEOFBIRTH", "ZDATE",
                "ZDATEADDED", "ZMODALITY", "ZACCESSIONNUMBER", "ZSTUDYNAME",
@@ -880,12 +699,10 @@ GROUP BY st.Z_PK
 ORDER BY st.Z_PK
 LIMIT :limit
 """
-
 STUDY_EXISTS_SQL = "SELECT 1 FROM ZSTUDY WHERE Z_PK = ?"
 
 # The first read of a transaction takes the SHARED lock, waiting while Horos commits.
 TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
-
 STUDY_INFO_SQL = """
 SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
        ZACCESSIONNUMBER, ZSTUDYNAME, ZMODALITY
@@ -900,7 +717,6 @@ SELECT Z_PK, {series_uid}, ZID, ZMODALITY, ZSERIESDESCRIPTION
 FROM ZSERIES
 WHERE ZSTUDY = ?
 """
-
 STUDY_IMAGES_SQL = """
 SELECT im.Z_PK, im.ZSERIES, im.ZPATHNUMBER, im.ZPATHSTRING, {instance_number}
 FROM ZIMAGE AS im
@@ -912,7 +728,6 @@ WHERE se.ZSTUDY = ?
 # are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
 # count it keeps: this catches them for the price of the new rows only.
 IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
-
 STUDIES_WITH_NEW_IMAGES_SQL = """
 SELECT im.Z_PK, se.ZSTUDY
 FROM ZIMAGE AS im
@@ -921,13 +736,28 @@ WHERE im.Z_PK > :after AND im.Z_PK <= :top
 ORDER BY im.Z_PK
 LIMIT :limit
 """
-
 OPTIONAL_COLUMN_SQL = {
     # placeholder: (table, column, expression when present, expression when absent)
     "series_uid": ("ZSERIES", "ZSERIESDICOMUID",
                    "COALESCE(ZSERIESDICOMUID, ZSERIESINSTANCEUID)", "ZSERIESINSTANCEUID"),
     "instance_number": ("ZIMAGE", "ZINSTANCENUMBER", "im.ZINSTANCENUMBER", "NULL"),
 }
+
+# Two statements, not MIN and MAX in one: SQLite answers a lone MIN() or MAX() of the
+# primary key from the b-tree's edge, but scans the whole table for both at once.
+FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) FROM ZSTUDY"
+LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) FROM ZSTUDY"
+FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) FROM ZIMAGE"
+LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
+
+# One primary-key lookup per sampled row: the cost does not grow with the library.
+IMAGE_AT_OR_AFTER_SQL = """
+SELECT Z_PK, ZPATHNUMBER, ZPATHSTRING
+FROM ZIMAGE
+WHERE Z_PK >= ?
+ORDER BY Z_PK
+LIMIT 1
+"""
 
 
 def horos_uri(db_path: str) -> str:
@@ -986,19 +816,6 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
     return sql.format(**fragments)
 
 
-@dataclass
-class ReadTimes:
-    """The read transactions on Database.sql: how many, their total and the longest."""
-    transactions: int = 0
-    seconds: float = 0.0
-    longest: float = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.transactions += 1
-        self.seconds += seconds
-        self.longest = max(self.longest, seconds)
-
-
 class HorosReader:
     """Database.sql open read-only; every read in a transaction of its own.
 
@@ -1044,52 +861,6 @@ def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS
         conn.close()
 
 
-def _seconds(value) -> Optional[float]:
-    # Core Data writes REALs, which a TIMESTAMP column (NUMERIC affinity) keeps as
-    # INTEGER when whole; only damaged stores need the general conversion.
-    kind = type(value)
-    if (kind is float or kind is int) and -1e12 < value < 1e12:
-        return value
-    return coredata_seconds(value)
-
-
-def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
-    """CANDIDATES_SQL rows, in Z_PK order -> one HorosStudy per StudyInstanceUID.
-
-    Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
-    they are one backup, dated by its first row that has a date. This runs inside the
-    read transaction on Horos's database, once per study of the library: rows are
-    consumed as they come (no list of 50,000 rows), and each modality string (`CT`,
-    `MR`, `CT\\PT` repeat thousands of times) is parsed once.
-    """
-    parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
-    studies: Dict[str, HorosStudy] = {}
-    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
-    for pk, uid, date, added, summary, series_modalities, text in rows:
-        uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
-        tokens = parsed.get((summary, series_modalities))
-        if tokens is None:
-            tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
-                modality_tokens(summary) + modality_tokens(series_modalities)))
-        date, added = _seconds(date), _seconds(added)
-        row_print = study_fingerprint((as_text(text),))
-        first = studies.get(uid)
-        if first is None:
-            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
-            continue
-        prints = row_prints.setdefault(uid, [first.fingerprint])
-        prints.append(row_print)
-        studies[uid] = HorosStudy(
-            uid=uid, pks=first.pks + (pk,),
-            study_date=first.study_date if first.study_date is not None else date,
-            date_added=first.date_added,
-            last_added=max((m for m in (first.last_added, added) if m is not None),
-                           default=None),
-            modalities=tuple(dict.fromkeys(first.modalities + tokens)),
-            fingerprint=study_fingerprint(prints))
-    return list(studies.values())
-
-
 def candidate_chunks(reader: HorosReader) -> Iterable[List[tuple]]:
     """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK order.
 
@@ -1120,15 +891,6 @@ def candidate_chunks(reader: HorosReader) -> Iterable[List[tuple]]:
         after = rows[-1][0]
 
 
-def read_candidates(reader: HorosReader) -> List[HorosStudy]:
-    """Every study in the library, ZSTUDY and ZSERIES read in chunks (candidate_chunks).
-
-    The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
-    different chunks are still one study.
-    """
-    return group_candidates(row for chunk in candidate_chunks(reader) for row in chunk)
-
-
 def image_high_water(reader: HorosReader) -> int:
     with reader.transaction() as conn:
         return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
@@ -1147,54 +909,6 @@ def studies_with_new_images(reader: HorosReader, after: int, top: int) -> set:
             break
         after = rows[-1][0]
     return touched
-
-
-def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
-               files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
-    """The plans of these candidates, one read transaction each (its rows agree); a
-    study Horos deleted since the scan is left out."""
-    plans = []
-    for candidate in candidates:
-        with reader.transaction() as conn:
-            if not any(conn.execute(STUDY_EXISTS_SQL, (pk,)).fetchone()
-                       for pk in candidate.study.pks):
-                log.info("study %s: Horos deleted it since the scan; skipped",
-                         candidate.study.uid)
-                continue
-            plans.append(read_study_plan(conn, reader.columns, candidate.study, files_dir,
-                                         candidate.reason, folder_size))
-    return plans
-
-
-def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
-                    files_dir: str, reason: str = "new",
-                    folder_size: int = DB_FOLDER_SIZE) -> StudyPlan:
-    """Metadata, series and files of one study (all its ZSTUDY rows)."""
-    info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
-    info_rows = [r for r in info_rows if r is not None]
-    series: List[SeriesInfo] = []
-    images: List[ImageRow] = []
-    series_sql = optional_sql(STUDY_SERIES_SQL, columns)
-    images_sql = optional_sql(STUDY_IMAGES_SQL, columns)
-    for pk in study.pks:
-        for row in conn.execute(series_sql, (pk,)):
-            series.append(SeriesInfo(pk=row[0], uid=as_text(row[1]), number=_as_int(row[2]),
-                                     modality=as_text(row[3]).strip(),
-                                     description=as_text(row[4])))
-        for row in conn.execute(images_sql, (pk,)):
-            images.append(ImageRow(series_pk=row[1], path_number=row[2], path_string=row[3],
-                                   instance_number=row[4]))
-    first = info_rows[0] if info_rows else (study.pks[0], study.uid) + (None,) * 7
-    info = StudyInfo(
-        uid=study.uid, pks=study.pks, patient_name=as_text(first[2]),
-        patient_id=as_text(first[3]), birth_date=coredata_to_local_date(first[4]),
-        study_datetime=coredata_to_local(study.study_date),
-        accession_number=as_text(first[6]), description=as_text(first[7]),
-        modalities=study.modalities)
-    ordered_series, files = plan_study_files(series, images, files_dir, folder_size)
-    return StudyPlan(info=info, series=ordered_series, files=files,
-                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
-                     reason=reason)
 
 
 BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
@@ -1260,17 +974,8 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
 
 
 # =====================================================================================
-# Horos preferences: folder size, library location, auto-cleaning (read, never written)
+# Horos preferences
 # =====================================================================================
-#
-# Horos keeps its settings in the macOS defaults domain org.horosproject.horos, a binary
-# plist in ~/Library/Preferences of the user who runs it; an absent key means Horos's
-# built-in default (DefaultsOsiriX.m). Two settings decide whether this backup works
-# and whether it destroys data: DefaultFolderSizeForDB moves every file of the library
-# (the path rule), and Database Auto-Cleaning deletes studies when the library's volume
-# has less free space than its threshold, so a backup on that volume must never write
-# below it. Values set from Horos's settings window may be numbers or strings ("1024"),
-# booleans true/false, 1/0 or "YES"/"NO": all are accepted.
 
 PREF_FOLDER_SIZE = "DefaultFolderSizeForDB"
 PREF_LOCATION = "DATABASELOCATION"
@@ -1279,8 +984,6 @@ PREF_AUTO_CLEANING = "AUTOCLEANINGSPACE"
 PREF_AUTO_CLEANING_SIZE = "AUTOCLEANINGSPACESIZE"
 HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default threshold, in MB (MiB)
 HOROS_WARNING_FACTOR = 1.2        # Horos warns once free space is within 20 % above it
-HOROS_DATA_NAME = "Horos Data"
-MIB = 1024 * 1024                 # Horos's "MB"
 RESERVE_MIN_FREE = "min_free_gb"                  # Reserve.source values (status --json)
 RESERVE_AUTO_CLEANING = "horos_auto_cleaning"
 
@@ -1466,11 +1169,6 @@ def effective_reserve(min_free_gb: float, prefs: HorosPreferences, total_bytes: 
         min_free_gb, why if why.startswith("more") else "as " + why), threshold)
 
 
-def same_disk(path: str, other: str) -> bool:
-    """Whether two paths (or the folders that would hold them) are on one file system."""
-    return os.stat(nearest_existing(path)).st_dev == os.stat(nearest_existing(other)).st_dev
-
-
 def backup_space(cfg: Config, folder: str) -> Tuple[Reserve, int, int]:
     """(the reserve, free bytes, total bytes) of the volume that holds `folder`."""
     existing = nearest_existing(folder)
@@ -1492,28 +1190,434 @@ def log_horos_preferences(cfg: Config) -> None:
                  prefs.path, prefs.folder_size, describe_auto_cleaning(prefs))
 
 
-def preferences_status(cfg: Config) -> dict:
-    """The `horos_preferences` and `reserve` entries of `status --json`."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
-    reserve, _free, _total = backup_space(cfg, cfg.backup_root)
-    return {
-        "horos_preferences": {
-            "path": prefs.path, "found": prefs.found, "folder_size": prefs.folder_size,
-            "auto_cleaning": prefs.auto_cleaning,
-            "auto_cleaning_size": prefs.auto_cleaning_size},
-        "reserve": {"bytes": reserve.bytes, "source": reserve.source,
-                    "detail": reserve.detail,
-                    "horos_threshold_bytes": reserve.horos_threshold},
-    }
+# =====================================================================================
+# Planner
+# =====================================================================================
+
+
+
+def wanted_modalities(wanted: Iterable[str]) -> frozenset:
+    return frozenset(m.strip().upper() for m in wanted)
+
+
+def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
+    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT.
+
+    wanted: from wanted_modalities(), made once per scan of the library.
+    """
+    return not wanted.isdisjoint(modalities)
+
+
+def month_folder(study_datetime: Optional[dt.datetime]) -> str:
+    if study_datetime is None:
+        return UNKNOWN_DATE_FOLDER
+    return "%04d_%02d" % (study_datetime.year, study_datetime.month)
+
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def sanitize_part(text) -> str:
+    """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
+
+    Accents are dropped first (strip_accents); `_` and `.` are stripped from both ends,
+    so `..` and hidden names cannot appear.
+    """
+    cleaned = _NAME_UNSAFE.sub("_", strip_accents(as_text(text))).strip("_.")
+    return cleaned or UNKNOWN
+
+
+def zip_base_name(info: StudyInfo, max_len: int = MAX_NAME_NOEXT) -> str:
+    """`{patient}_{birth}_{studydate}_{uid}` without `.zip`, at most max_len long.
+
+    Only the part before the UID is cut, the patient name first so the two dates stay:
+    the UID is what makes the name unique. A UID that alone exceeds max_len (no valid
+    DICOM UID does) is cut and given a hash suffix, so two such studies still differ.
+    """
+    uid_part = sanitize_part(info.uid)
+    if len(uid_part) >= max_len:
+        digest = hashlib.sha1(info.uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return uid_part[:max_len - 17] + "_" + digest
+    study_day = info.study_datetime.date() if info.study_datetime else None
+    patient = sanitize_part(info.patient_name)
+    dates = format_date(info.birth_date) + "_" + format_date(study_day)
+    room = max_len - len(uid_part) - 1          # for `{patient}_{dates}`
+    if len(patient) + 1 + len(dates) > room:
+        patient_room = room - len(dates) - 1
+        if patient_room >= 1:
+            patient = patient[:patient_room].rstrip("_")
+        else:
+            return ((patient + "_" + dates)[:room].rstrip("_") + "_" + uid_part).lstrip("_")
+    return patient + "_" + dates + "_" + uid_part
+
+
+def zip_relpath(info: StudyInfo) -> str:
+    """Path of a study's ZIP relative to the backup root: `YYYY_MM/<name>.zip`."""
+    return month_folder(info.study_datetime) + "/" + zip_base_name(info) + ".zip"
+
+
+def _c_int_div(number: int, divisor: int) -> int:
+    # Horos computes the folder in C, where integer division truncates toward zero.
+    quotient = abs(number) // divisor
+    return quotient if number >= 0 else -quotient
+
+
+def _leading_int(text: str) -> int:
+    # NSString intValue: optional spaces and sign, then digits; 0 when there are none.
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def resolve_image_path(files_dir: str, path_number, path_string,
+                       folder_size: int = DB_FOLDER_SIZE) -> Optional[str]:
+    """Where a ZIMAGE row's file is, by the rules of Horos's DicomImage.m.
+
+    1. ZPATHNUMBER N:            files_dir/<(N // F + 1) * F>/<N>.dcm
+    2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
+    3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
+    """
+    number = _as_int(path_number)
+    if number is not None:
+        folder = (_c_int_div(number, folder_size) + 1) * folder_size
+        return os.path.join(files_dir, str(folder), "%d.dcm" % number)
+    text = as_text(path_string)
+    if not text:
+        return None
+    if text.startswith("/"):
+        return text
+    stem = os.path.splitext(text)[0]
+    folder = (_c_int_div(_leading_int(stem), folder_size) + 1) * folder_size
+    return os.path.join(files_dir, str(folder), text)
+
+
+def _unique_name(name: str, taken: set) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    stem, ext = os.path.splitext(name)
+    counter = 2
+    while "%s_%d%s" % (stem, counter, ext) in taken:
+        counter += 1
+    unique = "%s_%d%s" % (stem, counter, ext)
+    taken.add(unique)
+    return unique
+
+
+def series_folder_name(series: SeriesInfo) -> str:
+    number = "%04d" % series.number if series.number is not None and series.number >= 0 \
+        else UNKNOWN
+    name = "%s_%s_%s" % (number, sanitize_part(series.modality),
+                         sanitize_part(series.description))
+    return name[:MAX_MEMBER_PART].rstrip("_.")
+
+
+def _member_file_name(path: str) -> str:
+    name = sanitize_part(os.path.basename(path))
+    if len(name) <= MAX_MEMBER_PART:
+        return name
+    stem, ext = os.path.splitext(name)
+    return stem[:MAX_MEMBER_PART - len(ext)] + ext
+
+
+def _series_sort_key(series: SeriesInfo):
+    return (series.number is None, series.number or 0, series.uid, series.pk)
+
+
+def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
+                     files_dir: str, folder_size: int = DB_FOLDER_SIZE
+                     ) -> Tuple[Tuple[SeriesInfo, ...], Tuple[SourceFile, ...]]:
+    """Every file of every series, each once (multi-frame rows share a file).
+
+    Members go in one folder per series (`0002_CT_Abdomen_3mm/10001.dcm`), in series
+    number then instance number order; names are unique within the ZIP.
+    """
+    ordered_series = tuple(sorted(series, key=_series_sort_key))
+    by_series: Dict[int, List[ImageRow]] = {s.pk: [] for s in ordered_series}
+    for image in images:
+        if image.series_pk in by_series:
+            by_series[image.series_pk].append(image)
+    folders: set = set()
+    members: set = set()
+    seen_paths: set = set()
+    files: List[SourceFile] = []
+    for s in ordered_series:
+        folder = _unique_name(series_folder_name(s), folders)
+        rows = sorted(by_series[s.pk], key=lambda im: (_as_int(im.instance_number) or 0,
+                                                       as_text(im.path_string),
+                                                       _as_int(im.path_number) or 0))
+        for image in rows:
+            path = resolve_image_path(files_dir, image.path_number, image.path_string,
+                                      folder_size)
+            if path is None or path in seen_paths:
+                continue
+            seen_paths.add(path)
+            member = _unique_name(folder + "/" + _member_file_name(path), members)
+            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
+    return ordered_series, tuple(files)
+
+
+def study_fingerprint(parts: Sequence[str]) -> str:
+    """A cheap digest of what Horos keeps about a study.
+
+    For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
+    numberOfImages, patient name, ID and birth date, series count and images summed
+    over its series. For a study of several rows, parts are the rows' digests. It moves
+    when Horos adds or removes series or images (Horos recomputes the counts before it
+    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
+    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
+    sent again touches dateAdded, without changing what a backup holds.
+    """
+    text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def _seconds(value) -> Optional[float]:
+    # Core Data writes REALs, which a TIMESTAMP column (NUMERIC affinity) keeps as
+    # INTEGER when whole; only damaged stores need the general conversion.
+    kind = type(value)
+    if (kind is float or kind is int) and -1e12 < value < 1e12:
+        return value
+    return coredata_seconds(value)
+
+
+def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
+    """CANDIDATES_SQL rows, in Z_PK order -> one HorosStudy per StudyInstanceUID.
+
+    Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
+    they are one backup, dated by its first row that has a date. This runs inside the
+    read transaction on Horos's database, once per study of the library: rows are
+    consumed as they come (no list of 50,000 rows), and each modality string (`CT`,
+    `MR`, `CT\\PT` repeat thousands of times) is parsed once.
+    """
+    parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
+    studies: Dict[str, HorosStudy] = {}
+    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
+    for pk, uid, date, added, summary, series_modalities, text in rows:
+        uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
+        tokens = parsed.get((summary, series_modalities))
+        if tokens is None:
+            tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
+                modality_tokens(summary) + modality_tokens(series_modalities)))
+        date, added = _seconds(date), _seconds(added)
+        row_print = study_fingerprint((as_text(text),))
+        first = studies.get(uid)
+        if first is None:
+            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
+            continue
+        prints = row_prints.setdefault(uid, [first.fingerprint])
+        prints.append(row_print)
+        studies[uid] = HorosStudy(
+            uid=uid, pks=first.pks + (pk,),
+            study_date=first.study_date if first.study_date is not None else date,
+            date_added=first.date_added,
+            last_added=max((m for m in (first.last_added, added) if m is not None),
+                           default=None),
+            modalities=tuple(dict.fromkeys(first.modalities + tokens)),
+            fingerprint=study_fingerprint(prints))
+    return list(studies.values())
+
+
+def retry_delay(attempts: int) -> float:
+    """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
+    return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
+
+# What happens to a planned study, given which of its files exist (export_study does
+# it; the dry run says it).
+EXPORT, PARTIAL, DEFER, FAIL = "export", "partial", "defer", "fail"
+
+
+def missing_deferrals(previous: Optional[Failure]) -> int:
+    """How many times in a row the study was deferred for missing files."""
+    return previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
+
+
+def files_decision(present: int, missing: int, previous: Optional[Failure],
+                   missing_retries: int) -> str:
+    """FAIL with no files (NO_FILES); DEFER while files are missing and deferrals are
+    left (Horos may still be writing them: wait, but not for ever); else EXPORT, or
+    PARTIAL without the missing files."""
+    if not present:
+        return FAIL
+    if not missing:
+        return EXPORT
+    return DEFER if missing_deferrals(previous) < missing_retries else PARTIAL
+
+
+def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                   changed: Iterable[str], failures: Mapping[str, Failure],
+                   wanted: Sequence[str], order_by: str, now: float,
+                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
+    """The export queue: studies Horos changed since their export first, then the rest.
+
+    Each part is oldest first by study date (or date added), ties by UID, unknown dates
+    last. Left out: studies that are exported and unchanged, studies Horos added to
+    within settle_seconds, and failed studies waiting for their next attempt (unless
+    Horos changed them since they failed). Failed studies take no slot while they wait.
+    With a limit, only the head of the queue is ordered (a partial sort of 50,000
+    studies is what keeps the read transaction short); the counts cover all of it.
+    """
+    def order_key(candidate: Candidate):
+        study = candidate.study
+        when = study.study_date if order_by == "study_date" else study.date_added
+        return (when is None, when or 0.0, study.uid)
+
+    changed = set(changed)
+    wanted_set = wanted_modalities(wanted)
+    settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
+    # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
+    # study must not wait for ever.
+    bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
+    selection = Selection(queue=[])
+    first: List[Candidate] = []
+    rest: List[Candidate] = []
+    for study in studies:
+        if not is_eligible(study.modalities, wanted_set):
+            continue
+        selection.eligible += 1
+        known = exported.get(study.uid)
+        if known == study.fingerprint and study.uid not in changed:
+            selection.up_to_date += 1
+            continue
+        failure = failures.get(study.uid)
+        if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
+            selection.waiting += 1
+            continue
+        if study.last_added is not None and settled_before < study.last_added < bogus_after:
+            selection.unsettled += 1
+            continue
+        if known is not None:
+            first.append(Candidate(study, "changed"))
+        else:
+            rest.append(Candidate(study, "retry" if failure else "new"))
+    selection.pending = len(first) + len(rest)
+    selection.changed = len(first)
+    if limit is None:
+        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
+    else:
+        head = heapq.nsmallest(limit, first, key=order_key)
+        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
+    return selection
+
+
+def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                       wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """{month folder: (eligible, exported)} over the studies Horos holds."""
+    wanted_set = wanted_modalities(wanted)
+    months: Dict[str, List[int]] = {}
+    for study in studies:
+        if not is_eligible(study.modalities, wanted_set):
+            continue
+        counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
+        counts[0] += 1
+        if study.uid in exported:
+            counts[1] += 1
+    return {month: (counts[0], counts[1]) for month, counts in months.items()}
+
+
+def month_is_over(month: str, today: dt.date) -> bool:
+    if month == UNKNOWN_DATE_FOLDER:
+        return False
+    year, number = (int(p) for p in month.split("_"))
+    return (year, number) < (today.year, today.month)
 
 
 # =====================================================================================
-# Archive writer: the ZIP, fsync, verify, rename
+# Clinic hours
 # =====================================================================================
-#
-# Crash-safety order for one study: write `<name>.zip.part`, fsync it, read it back
-# (testzip + manifest), rename it to `<name>.zip`, fsync the folder, and only then
-# record it in the state. A ZIP is visible under its final name only once verified.
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
+DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass(frozen=True)
+class ClinicSchedule:
+    """When Horos is in use. hours: (start, end) local hours, the end exclusive, wrapping
+    past midnight when start > end; None: never (no cap). days: weekday numbers, Monday 0."""
+    hours: Optional[Tuple[int, int]]
+    days: Tuple[int, ...]
+
+
+def parse_clinic_hours(text: str) -> Optional[Tuple[int, int]]:
+    """`07-19`, `19-07`, `00-24` -> (start, end); `none` -> None. ValueError otherwise."""
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", cleaned)
+    if not match:
+        raise ValueError("--clinic-hours %r: give HH-HH in local time (07-19, 19-07, "
+                         "00-24) or none" % text)
+    start, end = int(match.group(1)), int(match.group(2))
+    if start > 23 or end > 24:
+        raise ValueError("--clinic-hours %r: hours go from 00 to 24 (00-24 is the whole "
+                         "day)" % text)
+    if start == end % 24 and (start, end) != (0, 24):
+        raise ValueError("--clinic-hours %r: the start and the end are the same hour; use "
+                         "00-24 for the whole day or none for no clinic hours" % text)
+    return start, end
+
+
+def parse_clinic_days(text: str) -> Tuple[int, ...]:
+    """`mon-fri`, `mon-sat`, `mon,wed,fri`, `sat-sun`, `fri-mon` -> weekday numbers."""
+    days = set()
+    for part in text.strip().lower().split(","):
+        ends = [e.strip() for e in part.split("-")]
+        ends = [e[:3] if e in DAY_NAMES else e for e in ends]
+        if len(ends) > 2 or not all(e in WEEKDAYS for e in ends):
+            raise ValueError("--clinic-days %r: give days like mon-fri, mon-sat or "
+                             "mon,wed,fri (mon tue wed thu fri sat sun)" % text)
+        first, last = WEEKDAYS.index(ends[0]), WEEKDAYS.index(ends[-1])
+        days.update((first + step) % 7 for step in range((last - first) % 7 + 1))
+    return tuple(sorted(days))
+
+
+def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
+    return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
+
+
+def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
+    """Whether a cycle starting at this local time is capped at BATCH_SIZE.
+
+    A window that wraps past midnight belongs to the day it starts on: with 19-07 and
+    mon-fri, Saturday 03:00 is still Friday's night, Monday 03:00 is not clinic time.
+    00-24 is every hour of every day, whatever the days say.
+    """
+    if schedule.hours is None:
+        return False
+    start, end = schedule.hours
+    if (start, end) == (0, 24):
+        return True
+    if start < end:
+        return local.weekday() in schedule.days and start <= local.hour < end
+    if local.hour >= start:
+        return local.weekday() in schedule.days
+    return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
+
+
+def capped_at(cfg: Config, now: float) -> bool:
+    """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
+    `now` is in clinic hours, in the Mac's local time."""
+    return in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+
+
+def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
+                    inside: float, outside: float, interval_seconds: int,
+                    max_cycles: int = 10 * 52 * 7 * 144) -> int:
+    """launchd cycles until `backlog` studies are exported, at `inside` studies per
+    cycle in clinic hours and `outside` per cycle out of them; max_cycles at most."""
+    left, cycles, moment = float(backlog), 0, start
+    step = dt.timedelta(seconds=interval_seconds)
+    while left > 0 and cycles < max_cycles:
+        left -= max(inside if in_clinic_hours(schedule, moment) else outside, 1e-3)
+        cycles += 1
+        moment += step
+    return cycles
+
+
+# =====================================================================================
+# Archive writer
+# =====================================================================================
+
+
 
 class FileChanged(Exception):
     """A source file vanished, shrank or grew while it was being zipped."""
@@ -1523,35 +1627,8 @@ class ZipVerifyFailed(Exception):
     """A written ZIP failed verification VERIFY_ATTEMPTS times."""
 
 
-def durable_sync(fd: int) -> None:
-    """fsync that reaches the disk: on macOS plain fsync stops in the drive's cache."""
-    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
-    if full_fsync is not None:
-        try:
-            fcntl.fcntl(fd, full_fsync)
-            return
-        except OSError as error:  # some file systems (SMB, FAT) refuse F_FULLFSYNC
-            log.debug("F_FULLFSYNC refused (%s); using fsync", error)
-    os.fsync(fd)
-
-
-def sync_directory(path: str) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        durable_sync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_small_file(path: str, text: str) -> None:
-    """Write a small file whole or not at all (temp file, fsync, rename)."""
-    partial = path + PART_SUFFIX
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        durable_sync(handle.fileno())
-    os.replace(partial, path)
+class SourceUnreadable(Exception):
+    """A source file exists but cannot be read (permissions, I/O error)."""
 
 
 def zip_date_time(mtime: float) -> Tuple[int, int, int, int, int, int]:
@@ -1588,10 +1665,6 @@ def open_source(path: str):
     handle = open(path, "rb", buffering=0)
     bypass_cache(handle.fileno())
     return handle
-
-
-class SourceUnreadable(Exception):
-    """A source file exists but cannot be read (permissions, I/O error)."""
 
 
 class Throttle:
@@ -1800,11 +1873,6 @@ def verify_zip(path: str, throttle: Optional[Throttle] = None
         return "%s: %s" % (type(error).__name__, error), None
 
 
-def remove_if_present(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
 def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceFile],
                        missing: Sequence[str], compression: str, level: int, on_bytes,
                        exported_at: str, throttle: Optional[Throttle] = None) -> dict:
@@ -1836,12 +1904,8 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 
 
 # =====================================================================================
-# State store: BACKUP_ROOT/export_state.sqlite
+# State store
 # =====================================================================================
-#
-# Written in short transactions with synchronous=FULL (and fullfsync on macOS), in
-# rollback-journal mode so the file alone is always the whole state. Times are UTC,
-# ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
 STATE_SCHEMA_VERSION = 5
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
@@ -1958,16 +2022,13 @@ STATE_MIGRATIONS = {
         "ALTER TABLE runs ADD COLUMN horos_transactions INTEGER",
     ),
 }
-
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
-
 EXPORTED_ROW_SQL = """
 SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
        exported_at
 FROM exported_studies
 WHERE study_uid = ?
 """
-
 UPSERT_EXPORTED_SQL = """
 INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
                               source_bytes, fingerprint, study_date, month, patient_name,
@@ -1983,7 +2044,6 @@ ON CONFLICT (study_uid) DO UPDATE SET
     patient_name = excluded.patient_name, modalities = excluded.modalities,
     exported_at = excluded.exported_at, verified_at = excluded.verified_at
 """
-
 DELETE_EXPORTED_SQL = "DELETE FROM exported_studies WHERE study_uid = ?"
 
 # Apart from UPSERT_EXPORTED_SQL so that rows of an older version can be filled alone.
@@ -1993,23 +2053,17 @@ SET patient_id = :patient_id, accession_number = :accession_number,
     birth_date = :birth_date
 WHERE study_uid = :study_uid
 """
-
 BEGIN_WRITE_SQL = """
 INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at, replaces)
 VALUES (?, ?, ?, ?)
 """
-
 END_WRITE_SQL = "DELETE FROM writes_in_progress WHERE zip_path = ?"
-
 WRITES_IN_PROGRESS_SQL = "SELECT zip_path, study_uid, replaces FROM writes_in_progress"
-
 FAILURES_SQL = """
 SELECT study_uid, kind, attempts, next_attempt_at, fingerprint
 FROM failures
 """
-
 FAILURE_ATTEMPTS_SQL = "SELECT attempts FROM failures WHERE study_uid = ?"
-
 RECORD_FAILURE_SQL = """
 INSERT INTO failures (study_uid, kind, detail, attempts, first_failed_at, last_failed_at,
                       next_attempt_at, fingerprint)
@@ -2019,17 +2073,12 @@ ON CONFLICT (study_uid) DO UPDATE SET
     last_failed_at = excluded.last_failed_at, next_attempt_at = excluded.next_attempt_at,
     fingerprint = excluded.fingerprint
 """
-
 CLEAR_FAILURE_SQL = "DELETE FROM failures WHERE study_uid = ?"
-
 CHANGED_STUDIES_SQL = "SELECT study_uid FROM changed_studies"
-
 NOTE_CHANGED_SQL = """
 INSERT OR IGNORE INTO changed_studies (study_uid, detected_at) VALUES (?, ?)
 """
-
 CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
-
 RECORD_RUN_SQL = """
 INSERT INTO runs (started_at, seconds, outcome, studies, files, zip_bytes, source_bytes,
                   failed, deferred, verified, horos_seconds, detail, horos_longest_seconds,
@@ -2038,9 +2087,7 @@ VALUES (:started_at, :seconds, :outcome, :studies, :files, :zip_bytes, :source_b
         :failed, :deferred, :verified, :horos_seconds, :detail, :horos_longest_seconds,
         :horos_transactions)
 """
-
 PRUNE_RUNS_SQL = "DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?"
-
 LAST_RUNS_SQL = """
 SELECT started_at, seconds, outcome, studies, files, zip_bytes, source_bytes, failed,
        deferred, verified, horos_seconds, detail, horos_longest_seconds, horos_transactions
@@ -2058,29 +2105,59 @@ WHERE verified_at IS NULL OR verified_at < :verified_before
 ORDER BY verified_at IS NOT NULL, verified_at, zip_path
 LIMIT :limit
 """
-
 MARK_VERIFIED_SQL = "UPDATE exported_studies SET verified_at = ? WHERE study_uid = ?"
-
 RETRY_NOW_SQL = "UPDATE failures SET next_attempt_at = ? WHERE study_uid = ?"
-
 GET_META_SQL = "SELECT value FROM meta WHERE key = ?"
-
 SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
+# Failed studies by their last kind, and those failing for a week that are still retried
+# (a study Horos deleted keeps its row but is no longer tried).
+ALERT_FAILURES_SQL = """
+SELECT kind, COUNT(*),
+       SUM(first_failed_at <= :week_ago AND last_failed_at >= :retried_after)
+FROM failures
+GROUP BY kind
+"""
+STATE_TOTALS_SQL = """
+SELECT COUNT(*), COALESCE(SUM(zip_bytes), 0), COALESCE(SUM(missing_count > 0), 0)
+FROM exported_studies
+"""
+STATE_MONTHS_SQL = "SELECT month, COUNT(*) FROM exported_studies GROUP BY month"
+UNREAD_ROWS_SQL = """
+SELECT study_uid, zip_path
+FROM exported_studies
+WHERE patient_id IS NULL
+ORDER BY study_uid
+LIMIT ?
+"""
+UNREAD_COUNT_SQL = "SELECT COUNT(*) FROM exported_studies WHERE patient_id IS NULL"
+BACKUP_STUDIES_SQL = """
+SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
+       patient_name, patient_id, accession_number, birth_date, modalities
+FROM exported_studies
+"""
+RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
+RECORD_RESTORE_SQL = """
+INSERT INTO restores (target, study_uid, zip_path, restored_at)
+VALUES (?, ?, ?, ?)
+"""
+FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
+RESTORED_ZIP_NAMES_SQL = "SELECT study_uid, zip_path FROM restores WHERE target = ?"
+RECORD_RESTORE_TARGET_SQL = """
+INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
+VALUES (?, ?, ?, ?)
+"""
+RESTORE_TARGETS_SQL = """
+SELECT t.target, t.selection, t.left_count, t.last_run_at,
+       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target)
+FROM restore_targets AS t
+ORDER BY t.last_run_at DESC
+"""
+ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
+ALL_RESTORE_TARGETS_SQL = """
+SELECT target, selection, left_count, last_run_at FROM restore_targets
+"""
 META_IMAGE_HIGH_WATER = "horos_image_high_water"
-
-
-def utc_iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_utc_iso(text) -> float:
-    """Unix seconds of a utc_iso() string; 0 (long past) for anything else."""
-    try:
-        moment = dt.datetime.strptime(as_text(text), "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        return 0.0
-    return moment.replace(tzinfo=dt.timezone.utc).timestamp()
 
 
 @dataclass(frozen=True)
@@ -2101,6 +2178,59 @@ class StateView:
     changed: set
     failures: Dict[str, Failure]
     image_high_water: Optional[int]
+
+
+@dataclass
+class BackupStudy:
+    """One study of the backup as its state row tells it (find, restore).
+
+    find makes one per study of the backup (50,000+) each time it runs: slots keep
+    that cheap, as for HorosStudy. Nothing changes one once made.
+    """
+    __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
+                 "patient_name", "patient_id", "accession_number", "birth_date",
+                 "modalities")
+    uid: str
+    zip_path: str                      # relative to BACKUP_ROOT
+    zip_bytes: int
+    file_count: int
+    source_bytes: int
+    study_date: Optional[str]          # YYYY-MM-DD
+    patient_name: str
+    patient_id: Optional[str]          # None: written by an older version, not read yet
+    accession_number: Optional[str]
+    birth_date: Optional[str]
+    modalities: Tuple[str, ...]
+
+
+def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """The state opened for reading, never written, even on a read-only disk.
+
+    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
+    the file, so it is opened immutable: no lock is taken (some read-only file systems
+    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
+    mounted read-only), the file holds half a transaction and only its `-journal` can
+    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
+    """
+    path = os.path.abspath(path)
+    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
+    if os.access(os.path.dirname(path), os.W_OK):
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    journal = path + "-journal"
+    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+    memory = sqlite3.connect(":memory:", isolation_level=None)
+    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
+        copy = os.path.join(scratch, STATE_FILE)
+        shutil.copyfile(path, copy)
+        shutil.copyfile(journal, copy + "-journal")
+        recovered = sqlite3.connect(copy, isolation_level=None)
+        try:
+            recovered.backup(memory)
+        finally:
+            recovered.close()
+    log.debug("read %s through a copy: its hot journal was rolled back there", path)
+    return memory
 
 
 class ExportState:
@@ -2300,6 +2430,7 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
 # Issues, logs and progress
 # =====================================================================================
 
+
 # Excel and Numbers run a cell that starts with one of these as a formula
 # (`=HYPERLINK(...)` in a study UID from a hostile DICOM file).
 CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -2435,29 +2566,10 @@ def setup_file_logging(cfg: Config) -> None:
     log.addHandler(handler)
 
 
-def plural(count: int, noun: str, nouns: str = "") -> str:
-    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1000:
-            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
-        count /= 1000.0
-    return "%.2f TB" % count
-
-
 # =====================================================================================
-# File modes: the backup is private to the account that runs it
+# File modes
 # =====================================================================================
-#
-# One mechanism: each command that writes under BACKUP_ROOT (a cycle, verify, reindex,
-# retry) and `restore --to` set the process umask to BACKUP_UMASK before creating
-# anything. Every folder, `.part` (renamed with its mode), state database, issues.csv,
-# log, lock and database copy is then born private, rotations included: a rename keeps
-# the mode, and SQLite creates its journal with the database file's own mode. Nothing
-# is chmod-ed after the fact, except a backup an older version made 0755/0644, which
-# the next run tightens once.
+
 
 
 def use_backup_umask() -> int:
@@ -2519,17 +2631,650 @@ def make_backup_root_private(backup_root: str) -> None:
 
 
 # =====================================================================================
-# Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
+# Alerts
 # =====================================================================================
 
-GB = 1000 ** 3                 # MIN_FREE_GB is in the decimal gigabytes Finder shows
+ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
+SMTP_TIMEOUT_SECONDS = 6.0
+COMMAND_TIMEOUT_SECONDS = 5.0
+HEARTBEAT_TIMEOUT_SECONDS = 3.0
+ALERT_RESERVE_SECONDS = 2.0      # kept for each channel still to come
+ALERT_STATE_BUSY_SECONDS = 2.0   # the state's failures, read after a cycle
+ALERT_REPEAT_SECONDS = 24 * 3600     # one problem alerts at most once a day
+STUDY_FAILING_DAYS = 7               # "failing for a week" digest
+STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Horos)
+ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
+ALERT_BOOK_FILE = "alerts.json"
+ALERT_BOOK_VERSION = 1
+ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
+ALERT_LINE_WIDTH = 76
+
+# Problems: each is one incident at a time, alerted at most once a day while it lasts.
+NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
+STUDIES_FAILING = "STUDIES_FAILING"
+AT_ONCE_KINDS = ("DISK_LOW", "DISK_FULL", "VERIFY_FAILED", "ZIP_BAD")   # issues.csv kinds
+PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
+
+# What a run was, as alerting sees it.
+RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
+PROBLEM_TITLES = {
+    NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
+    "DISK_LOW": "backup volume low on space",
+    "DISK_FULL": "backup volume full",
+    "VERIFY_FAILED": "damaged or missing ZIPs",
+    "ZIP_BAD": "ZIPs failing verification as they are written",
+    STUDIES_FAILING: "studies failing for a week",
+}
+
+
+class AlertNotSent(Exception):
+    """A channel refused or could not deliver; the text says why (no patient data)."""
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one cycle (or `verify`) found, in words and numbers free of patient data."""
+    status: str                                   # RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND
+    reason: str = ""                              # why it failed or was skipped
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # AT_ONCE_KINDS rows
+    zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
+    failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
+    free_bytes: Optional[int] = None              # on the backup volume
+
+
+@dataclass
+class AlertPlan:
+    """What decide_alerts found: problems to alert about now, resolved ones to announce."""
+    due: List[str]
+    resolved: List[str]
+    book: dict               # the bookkeeping after this run, deliveries not yet counted
+
+
+def read_password_file(path: str) -> str:
+    """The SMTP password: the first line of a file nobody but its owner can read."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise CannotRun("--smtp-password-file %s is readable by others (mode %03o); "
+                            "run: chmod 600 '%s'" % (path, st.st_mode & 0o777, path))
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CannotRun("--smtp-password-file %s cannot be read: %s" % (path, error)) \
+            from None
+    if not password:
+        raise CannotRun("--smtp-password-file %s is empty" % path)
+    return password
+
+
+def alert_config_from_args(args: argparse.Namespace) -> AlertConfig:
+    """The alert flags, checked: each mistake is one line and exit 1."""
+    emails = tuple(args.alert_email) if not isinstance(args.alert_email, str) \
+        else parse_addresses(args.alert_email)
+    if emails and not args.smtp_host:
+        raise CannotRun("--alert-email needs --smtp-host (the mail server to send through)")
+    if bool(args.smtp_user) != bool(args.smtp_password_file):
+        raise CannotRun("--smtp-user and --smtp-password-file go together")
+    url = args.heartbeat_url
+    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise CannotRun("--heartbeat-url %s is not an http:// or https:// URL" % url)
+    password = read_password_file(os.path.expanduser(args.smtp_password_file)) \
+        if args.smtp_password_file else ""
+    return AlertConfig(emails=emails, smtp_host=args.smtp_host, smtp_port=args.smtp_port,
+                       smtp_user=args.smtp_user,
+                       smtp_password_file=args.smtp_password_file, smtp_password=password,
+                       command=args.alert_command, heartbeat_url=url,
+                       after_hours=args.alert_after_hours)
+
+
+def alert_book_path() -> str:
+    """Under the home folder (HOME), never on the backup volume."""
+    return os.path.join(os.path.expanduser(ALERT_BOOK_DIR), ALERT_BOOK_FILE)
+
+
+def empty_alert_book() -> dict:
+    return {"version": ALERT_BOOK_VERSION, "last_success": None, "first_failure": None,
+            "failed_cycles": 0, "problems": {}, "unsent_resolved": {}, "last_alert": None}
+
+
+def load_alert_book(path: str) -> dict:
+    """The bookkeeping, or a fresh one (logged) when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            book = json.load(handle)
+    except FileNotFoundError:
+        return empty_alert_book()
+    except (OSError, ValueError) as error:
+        log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
+        return empty_alert_book()
+    if not alert_book_is_valid(book):
+        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
+                  "afresh", path, ALERT_BOOK_VERSION)
+        return empty_alert_book()
+    return dict(empty_alert_book(), **book)
+
+
+def alert_book_is_valid(book) -> bool:
+    """The shape decide_alerts relies on (a hand-edited file may have another)."""
+    def time_or_none(value) -> bool:
+        return value is None or isinstance(value, str)
+
+    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
+        return False
+    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
+    return (isinstance(problems, dict) and isinstance(unsent, dict)
+            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
+                    and time_or_none(p.get("last_alert")) for p in problems.values())
+            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
+                    and isinstance(u.get("cleared"), str) for u in unsent.values())
+            and time_or_none(book.get("last_success"))
+            and time_or_none(book.get("first_failure"))
+            and isinstance(book.get("failed_cycles", 0), int)
+            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
+
+
+def save_alert_book(path: str, book: dict) -> None:
+    """Whole or not at all; a folder we cannot write costs one log line, not the cycle."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_small_file(path, json.dumps(book, indent=1, sort_keys=True) + "\n")
+    except OSError as error:
+        log.error("cannot write alert bookkeeping %s: %s (alerts may repeat every cycle "
+                  "until it can be written)", path, error)
+
+
+def observe_run(book: dict, report: RunReport, now: float,
+                after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
+    """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
+
+    Updates the cycle clock in `book` (last success, first failure). A skipped cycle
+    neither succeeds nor fails, but does not hide a success that is long overdue.
+    """
+    seen: Dict[str, Optional[Tuple[int, str]]] = {}
+    if report.status == RUN_OK:
+        book.update(last_success=utc_iso(now), first_failure=None, failed_cycles=0)
+        seen[NO_SUCCESSFUL_CYCLE] = (0, "")
+    elif report.status in (RUN_FAILED, RUN_SKIPPED):
+        if report.status == RUN_FAILED:
+            book["failed_cycles"] = book.get("failed_cycles", 0) + 1
+            if not book.get("first_failure"):
+                book["first_failure"] = utc_iso(now)
+        reference = book.get("last_success") or book.get("first_failure")
+        overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
+        if report.status == RUN_SKIPPED:
+            overdue = (NO_SUCCESSFUL_CYCLE in book["problems"]
+                       or (overdue and after_seconds > 0))
+        if overdue:
+            if book.get("last_success"):
+                since = "since %s (%s ago)" % (local_time_text(book["last_success"]),
+                                               hours_text(now - parse_utc_iso(reference)))
+            else:
+                since = ("since the first failed cycle at %s (none has succeeded since "
+                         "alerting began)" % local_time_text(book["first_failure"]))
+            seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
+                                         "%s. Failed cycles since: %d." % (
+                                             since, report.reason or report.status,
+                                             book.get("failed_cycles", 0)))
+    free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
+            if report.free_bytes is not None else "")
+    texts = {
+        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
+                                  "study needs plus the reserve (--min-free-gb, or 1.2 x "
+                                  "Horos's auto-cleaning threshold when the backup shares "
+                                  "the library's disk): cycles stop before writing." + free,
+        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
+                                   "the cycle stopped and removed the partial file." + free,
+        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
+                                       "studies are exported again while Horos still has "
+                                       "them." % plural(count, "ZIP was", "ZIPs were"),
+        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification %d "
+                                 "times as it was written (a failing backup disk or "
+                                 "memory?)." % (plural(count, "study could", "studies could"),
+                                                VERIFY_ATTEMPTS),
+    }
+    for kind in AT_ONCE_KINDS:
+        count = report.kinds.get(kind, 0)
+        if kind == "ZIP_BAD":
+            count = max(count, report.zip_bad_waiting or 0)
+        if count:
+            seen[kind] = (count, texts[kind](count))
+        elif report.status == RUN_OK and (kind != "ZIP_BAD"
+                                          or report.zip_bad_waiting is not None):
+            seen[kind] = (0, "")
+    if report.failing_week is not None and report.status != RUN_COMMAND:
+        total = sum(report.failing_week.values())
+        by_kind = ", ".join("%s %d" % (kind, count)
+                            for kind, count in sorted(report.failing_week.items()) if count)
+        seen[STUDIES_FAILING] = (total, "%s failing to export for %d days or more, and "
+                                 "still retried: %s." % (
+                                     plural(total, "study", "studies"), STUDY_FAILING_DAYS,
+                                     by_kind)) if total else (0, "")
+    return seen
+
+
+def decide_alerts(book: dict, report: RunReport, now: float,
+                  after_seconds: float) -> AlertPlan:
+    """Which problems to alert about now, and which to announce as resolved.
+
+    A problem alerts when its incident starts, then at most once every
+    ALERT_REPEAT_SECONDS while it lasts (and again each run until a delivery works);
+    when it clears, one resolved message (if it was ever alerted). A problem that
+    clears and comes back is a new incident.
+    """
+    book = json.loads(json.dumps(book))           # values in, values out
+    problems = book.setdefault("problems", {})
+    unsent = book.setdefault("unsent_resolved", {})
+    for name, seen in observe_run(book, report, now, after_seconds).items():
+        if seen is None:
+            continue
+        count, text = seen
+        current = problems.get(name)
+        if count:
+            if current is None:
+                current = problems[name] = {"since": utc_iso(now), "last_alert": None}
+                unsent.pop(name, None)
+            current.update(count=count, text=text)
+        elif current is not None:
+            del problems[name]
+            if current.get("last_alert"):
+                unsent[name] = {"since": current["since"], "cleared": utc_iso(now)}
+    due = [name for name in PROBLEM_ORDER if name in problems and (
+        not problems[name].get("last_alert")
+        or now - parse_utc_iso(problems[name]["last_alert"]) >= ALERT_REPEAT_SECONDS)]
+    resolved = [name for name in PROBLEM_ORDER if name in unsent]
+    return AlertPlan(due=due, resolved=resolved, book=book)
+
+
+def record_delivery(plan: AlertPlan, now: float, subject: str,
+                    channels: Sequence[str]) -> dict:
+    """The bookkeeping once a message went out by at least one channel."""
+    book = json.loads(json.dumps(plan.book))
+    for name in plan.due:
+        book["problems"][name]["last_alert"] = utc_iso(now)
+    for name in plan.resolved:
+        book["unsent_resolved"].pop(name, None)
+    book["last_alert"] = {"at": utc_iso(now), "subject": subject, "problems": plan.due,
+                          "resolved": plan.resolved, "channels": list(channels)}
+    return book
+
+
+def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
+    """(subject, body). Only kinds, counts, times, the host and our own paths: never a
+    patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
+    problems, unsent = plan.book["problems"], plan.book["unsent_resolved"]
+
+    def title(name: str) -> str:
+        if name == NO_SUCCESSFUL_CYCLE and plan.book.get("last_success"):
+            return "no successful backup cycle since %s" % local_time_text(
+                plan.book["last_success"])
+        return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
+            else "%s (%s)" % (name, PROBLEM_TITLES[name])
+
+    if plan.due:
+        subject = "[Horos backup] %s on %s: %s" % (
+            "PROBLEM" if len(plan.due) == 1 else "%d PROBLEMS" % len(plan.due), host,
+            "; ".join(title(name) for name in plan.due))
+        if plan.resolved:
+            subject += " (resolved: %s)" % ", ".join(plan.resolved)
+    else:
+        subject = "[Horos backup] RESOLVED on %s: %s" % (host, ", ".join(plan.resolved))
+    lines = []
+    for name in plan.due:
+        problem = problems[name]
+        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
+                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
+                                subsequent_indent="  ", break_long_words=False,
+                                break_on_hyphens=False), ""]
+    for name in plan.resolved:
+        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
+                                                   local_time_text(unsent[name]["cleared"])),
+                  ""]
+    if plan.due:
+        lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
+                                "one message says when it is resolved.", ALERT_LINE_WIDTH),
+                  ""]
+    lines += alert_footer(cfg, host)
+    return subject, "\n".join(lines) + "\n"
+
+
+def alert_footer(cfg: Config, host: str) -> List[str]:
+    return ["Host:         %s" % host,
+            "BACKUP_ROOT:  %s" % cfg.backup_root,
+            "Details:      %s" % cfg.issues_path,
+            "Log:          %s" % cfg.log_path,
+            "Status:       python3 %s status" % os.path.abspath(__file__),
+            "",
+            "This message carries no patient data (no names, IDs, birth dates, study UIDs",
+            "or ZIP names): issues.csv and the log on the Mac name the studies."]
+
+
+def issues_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
+
+
+def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
+    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset.
+
+    A file shorter than offset was rotated during the run (append_issue): the rows
+    after offset are then in `issues.csv.1`, and the new file holds the rest."""
+    counts: Dict[str, int] = {}
+    if issues_size(path) < offset:
+        count_issue_kinds(path + ".1", offset, counts)
+        offset = 0
+    count_issue_kinds(path, offset, counts)
+    return counts
+
+
+def count_issue_kinds(path: str, offset: int, counts: Dict[str, int]) -> None:
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
+            for row in csv.reader(handle):
+                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
+                    counts[row[1]] = counts.get(row[1], 0) + 1
+    except FileNotFoundError:
+        return
+    except (OSError, csv.Error) as error:
+        log.error("cannot read %s for alerts: %s", path, error)
+
+
+def free_bytes_of(path: str) -> Optional[int]:
+    try:
+        usage = os.statvfs(nearest_existing(path))
+    except OSError:
+        return None
+    return usage.f_bavail * usage.f_frsize
+
+
+def read_failure_facts(cfg: Config, now: float
+                       ) -> Tuple[Optional[int], Optional[Dict[str, int]]]:
+    """(studies whose last failure is ZIP_BAD, studies failing for a week by kind) from
+    the state, or Nones when it cannot be read."""
+    if not os.path.isfile(cfg.sentinel) or not os.path.isfile(cfg.state_path):
+        return None, None
+    try:
+        state = ExportState(cfg.state_path, min(cfg.busy_timeout, ALERT_STATE_BUSY_SECONDS),
+                            read_only=True)
+    except CannotRun as error:
+        log.debug("alerts cannot read the state: %s", error)
+        return None, None
+    try:
+        zip_bad, failing = 0, {}
+        for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
+                "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
+                "retried_after": utc_iso(now - STUDY_RETRIED_WITHIN_DAYS * 86400)}):
+            if kind == "ZIP_BAD":
+                zip_bad = count
+            if old:
+                failing[kind] = old
+    except sqlite3.Error as error:
+        log.debug("alerts cannot read the state: %s", error)
+        return None, None
+    finally:
+        state.close()
+    return zip_bad, failing
+
+
+def failure_reason(cfg: Config, error: BaseException) -> str:
+    """Why a cycle failed, in fixed words: error texts may name a ZIP (a patient)."""
+    if isinstance(error, DiskSpaceProblem):
+        return "stopped by %s (see issues.csv)" % error.kind
+    if not os.path.isfile(cfg.sentinel):
+        return ("the PACS sentinel %s is missing (is the PACS volume mounted?)"
+                % cfg.sentinel)
+    if not os.path.isdir(os.path.dirname(cfg.backup_root)):
+        return "%s does not exist (is the backup disk mounted?)" % os.path.dirname(
+            cfg.backup_root)
+    if isinstance(error, HorosUnreadable):
+        return ("Horos's database %s could not be read (locked, a hot journal after a "
+                "crash, damaged or missing; the log says which)" % cfg.database_path)
+    if isinstance(error, CannotRun):
+        return "the cycle could not run (the log and stderr say why)"
+    return "unexpected error %s (the log has the details)" % type(error).__name__
+
+
+def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
+                 error: Optional[BaseException]) -> RunReport:
+    zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
+                        else (None, None))
+    if error is not None:
+        if isinstance(error, DiskSpaceProblem):
+            kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
+        status, reason = RUN_FAILED, failure_reason(cfg, error)
+    elif lock_was_held:
+        status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
+    elif kinds.get("INCOMING_OVER_LIMIT"):
+        status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
+    else:
+        status, reason = RUN_OK, ""
+    free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
+        else None
+    return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
+                     failing_week=failing, free_bytes=free)
+
+
+class Deadline:
+    """ALERT_BUDGET_SECONDS shared by the channels, keeping time for those still to come."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.end = clock() + seconds
+
+    def timeout(self, cap: float, later: int) -> float:
+        return max(0.0, min(cap, self.end - self.clock() - ALERT_RESERVE_SECONDS * later))
+
+
+def require_time(seconds: float) -> None:
+    """AlertNotSent when the budget leaves a channel too little time to try."""
+    if seconds < 0.5:
+        raise AlertNotSent("no time left in the %g s alert budget" % ALERT_BUDGET_SECONDS)
+
+
+def within(seconds: float, action) -> None:
+    """action() in a thread, given at most `seconds` (a DNS lookup ignores socket
+    timeouts); AlertNotSent if it fails or is still at it."""
+    require_time(seconds)
+    failure: List[str] = []
+
+    def run() -> None:
+        try:
+            action()
+        except Exception as error:  # reported by the caller's log line, with its type
+            failure.append(str(error) if isinstance(error, AlertNotSent)
+                           else "%s: %s" % (type(error).__name__, error))
+    worker = threading.Thread(target=run, name="alert", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AlertNotSent("no answer within %.1f s" % seconds)
+    if failure:
+        raise AlertNotSent(failure[0])
+
+
+def alert_email_message(alerts: AlertConfig, subject: str, body: str, host: str):
+    """The alert as an email.message.EmailMessage."""
+    import email.message
+    import email.utils
+    message = email.message.EmailMessage()
+    message["Subject"] = subject
+    message["From"] = alerts.smtp_user if "@" in alerts.smtp_user \
+        else "horos_backup_export@%s" % (host or "localhost")
+    message["To"] = ", ".join(alerts.emails)
+    message["Date"] = email.utils.formatdate(localtime=True)
+    message["Message-ID"] = email.utils.make_msgid(domain=host or None)
+    message.set_content(body)
+    return message
+
+
+def send_email(alerts: AlertConfig, message, timeout: float) -> None:
+    """STARTTLS when offered (port 465: TLS from the start); log in only over TLS."""
+    import smtplib
+    import ssl
+    context = ssl.create_default_context()
+    if alerts.smtp_port == 465:
+        client = smtplib.SMTP_SSL(alerts.smtp_host, alerts.smtp_port, timeout=timeout,
+                                  context=context)
+    else:
+        client = smtplib.SMTP(alerts.smtp_host, alerts.smtp_port, timeout=timeout)
+    with client:
+        client.ehlo()
+        tls = alerts.smtp_port == 465
+        if not tls and client.has_extn("starttls"):
+            client.starttls(context=context)
+            client.ehlo()
+            tls = True
+        if alerts.smtp_user:
+            if not tls:
+                raise AlertNotSent("%s:%d offers no STARTTLS: the password is not sent in "
+                                   "clear" % (alerts.smtp_host, alerts.smtp_port))
+            client.login(alerts.smtp_user, alerts.smtp_password)
+        client.send_message(message)
+
+
+def run_alert_command(command: str, subject: str, body: str, timeout: float) -> None:
+    """/bin/sh -c COMMAND, the body on stdin, the subject in HOROS_BACKUP_ALERT_SUBJECT."""
+    env = dict(os.environ, **{ALERT_SUBJECT_ENV: subject})
+    # Its own process group, so a timeout ends what it started too (osascript, curl).
+    process = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                               start_new_session=True)
+    try:
+        _out, err = process.communicate(body.encode("utf-8"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AlertNotSent("still running after %.1f s; stopped" % timeout) from None
+    if process.returncode:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise AlertNotSent("exit status %d %s" % (process.returncode, last[0][:200]))
+
+
+def heartbeat_target(url: str, failed: bool) -> str:
+    """URL after a good cycle, URL/fail after a failed one (healthchecks.io's rule)."""
+    if not failed:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/fail"))
+
+
+def ping_heartbeat(url: str, timeout: float) -> None:
+    import urllib.request
+    request = urllib.request.Request(url, headers={
+        "User-Agent": "horos_backup_export/%s" % TOOL_VERSION})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read(1024)
+
+
+def deliver(alerts: AlertConfig, subject: str, body: str, deadline: Deadline,
+            later: int) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Send by every configured channel: (channels that worked, [(channel, why not)])."""
+    host = socket.gethostname()
+    sent: List[str] = []
+    failed: List[Tuple[str, str]] = []
+    if alerts.emails:
+        message = alert_email_message(alerts, subject, body, host)
+        timeout = deadline.timeout(SMTP_TIMEOUT_SECONDS, later + len(alerts.channels) - 1)
+        try:
+            within(timeout, lambda: send_email(alerts, message, timeout))
+            sent.append("email")
+        except AlertNotSent as error:
+            failed.append(("email", "to %s via %s:%d: %s" % (
+                ", ".join(alerts.emails), alerts.smtp_host, alerts.smtp_port, error)))
+    if alerts.command:
+        timeout = deadline.timeout(COMMAND_TIMEOUT_SECONDS, later)
+        try:
+            require_time(timeout)
+            run_alert_command(alerts.command, subject, body, timeout)
+            sent.append("command")
+        except (AlertNotSent, OSError) as error:
+            failed.append(("command", str(error)))
+    for channel, why in failed:
+        log.error("alert by %s not sent: %s", channel, why)
+    return sent, failed
+
+
+def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
+    """Decide, send, record; then ping the heartbeat. Never raises for a channel."""
+    alerts = cfg.alerts
+    deadline = Deadline(ALERT_BUDGET_SECONDS)
+    ping = heartbeat and bool(alerts.heartbeat_url)
+    if alerts.channels:
+        now = time.time()
+        path = alert_book_path()
+        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600)
+        book = plan.book
+        if plan.due or plan.resolved:
+            subject, body = compose_alert(cfg, plan, socket.gethostname())
+            sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
+            if sent:
+                book = record_delivery(plan, now, subject, sent)
+                log.info("alert sent by %s: %s", " and ".join(sent), subject)
+        save_alert_book(path, book)
+    if ping:
+        url = heartbeat_target(alerts.heartbeat_url, report.status == RUN_FAILED)
+        timeout = deadline.timeout(HEARTBEAT_TIMEOUT_SECONDS, 0)
+        try:
+            within(timeout, lambda: ping_heartbeat(url, timeout))
+        except AlertNotSent as error:
+            log.error("heartbeat %s not reached: %s", url, error)
+
+
+def alerting(cfg: Config) -> bool:
+    return cfg.alerts is not None and bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
+
+
+def alert_status(cfg: Config) -> dict:
+    """The `alerts` object of `status --json` (never the password)."""
+    alerts = cfg.alerts or AlertConfig()
+    path = alert_book_path()
+    book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
+    return {
+        "email": list(alerts.emails), "smtp_host": alerts.smtp_host or None,
+        "smtp_port": alerts.smtp_port, "smtp_user": alerts.smtp_user or None,
+        "smtp_password_file": alerts.smtp_password_file or None,
+        "command": alerts.command or None, "heartbeat_url": alerts.heartbeat_url or None,
+        "alert_after_hours": alerts.after_hours, "bookkeeping": path,
+        "last_success": book["last_success"],
+        "open_problems": {name: {"since": problem["since"], "count": problem.get("count"),
+                                 "last_alert": problem.get("last_alert")}
+                          for name, problem in sorted(book["problems"].items())},
+        "last_alert": book["last_alert"],
+    }
+
+
+def print_alert_status(status: Mapping) -> None:
+    print("Alerts")
+    channels = []
+    if status["email"]:
+        channels.append("email to %s via %s:%d%s" % (
+            ", ".join(status["email"]), status["smtp_host"], status["smtp_port"],
+            " as %s" % status["smtp_user"] if status["smtp_user"] else ""))
+    if status["command"]:
+        channels.append("command %s" % status["command"])
+    print("  %-16s %s" % ("channels", "; ".join(channels) or "none"))
+    print("  %-16s %s" % ("heartbeat", status["heartbeat_url"] or "none"))
+    print("  %-16s after %g h without a successful cycle" % ("no-success alert",
+                                                             status["alert_after_hours"]))
+    for name, problem in status["open_problems"].items():
+        print("  %-16s %s since %s" % ("open problem", name,
+                                       local_time_text(problem["since"])))
+    last = status["last_alert"]
+    print("  %-16s %s" % ("last alert", "%s by %s: %s" % (
+        local_time_text(last["at"]), " and ".join(last["channels"]), last["subject"])
+        if last else "none sent"))
+
+
+# =====================================================================================
+# Cycle
+# =====================================================================================
+
 ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
-
-
-def nearest_existing(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def check_sentinels(cfg: Config) -> None:
@@ -2567,6 +3312,24 @@ def run_lock(lock_path: str):
         os.ftruncate(fd, 0)
         os.write(fd, b"%d\n" % os.getpid())
         yield True
+    finally:
+        os.close(fd)
+
+
+def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
+    """(held, pid of the holder) without disturbing a running cycle for longer than a
+    single flock call."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, _as_int(os.read(fd, 32).decode("ascii", "replace").strip())
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
     finally:
         os.close(fd)
 
@@ -2660,6 +3423,59 @@ def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) ->
         state.forget_export(uid)
     return False
 
+# Manifests of rows an older version wrote are read for at most this long per cycle
+# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
+BACKFILL_SECONDS = 60
+BACKFILL_ROWS_PER_STEP = 200
+
+
+def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
+    """The find fields of one ZIP, read from its manifest only (not its members).
+
+    An unreadable ZIP gets empty fields, so no cycle reads it again; `verify` is what
+    finds and replaces damaged ZIPs.
+    """
+    path = os.path.join(cfg.backup_root, relpath)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = export_record(read_manifest(archive), relpath, 0, None)
+        return dict(record, study_uid=study_uid)
+    except ZIP_READ_ERRORS as error:
+        log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
+                    "and birth date stay unknown to find", relpath, error)
+        append_issue(cfg, "UNREADABLE_ZIP", study_uid, str(error), relpath)
+        return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
+                "birth_date": None}
+
+
+def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
+                           clock=time.monotonic) -> int:
+    """Fill patient ID, accession number and birth date of the rows an older version
+    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
+
+    Rows are committed a step at a time, so a killed cycle keeps what it read and the
+    next one goes on from there. Returns how many rows were filled.
+    """
+    filled = 0
+    while clock() < deadline:
+        rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
+        if not rows:
+            break
+        updates = []
+        for uid, relpath in rows:
+            updates.append(search_fields_from_zip(cfg, uid, relpath))
+            if clock() >= deadline:
+                break
+        with state.transaction() as conn:
+            conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
+        filled += len(updates)
+    if filled:
+        left = state.conn.execute(UNREAD_COUNT_SQL).fetchone()[0]
+        log.info("find: read patient IDs from %s written by an older version (%s)",
+                 plural(filled, "manifest"),
+                 "%d left for the next cycles" % left if left else "all done")
+    return filled
+
 
 @dataclass
 class HorosSnapshot:
@@ -2679,6 +3495,63 @@ def database_for_cycle(cfg: Config) -> str:
         return cfg.database_path
     return refresh_db_copy(cfg.database_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
                            cfg.busy_timeout)
+
+
+def read_candidates(reader: HorosReader) -> List[HorosStudy]:
+    """Every study in the library, ZSTUDY and ZSERIES read in chunks (candidate_chunks).
+
+    The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
+    different chunks are still one study.
+    """
+    return group_candidates(row for chunk in candidate_chunks(reader) for row in chunk)
+
+
+def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
+               files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
+    """The plans of these candidates, one read transaction each (its rows agree); a
+    study Horos deleted since the scan is left out."""
+    plans = []
+    for candidate in candidates:
+        with reader.transaction() as conn:
+            if not any(conn.execute(STUDY_EXISTS_SQL, (pk,)).fetchone()
+                       for pk in candidate.study.pks):
+                log.info("study %s: Horos deleted it since the scan; skipped",
+                         candidate.study.uid)
+                continue
+            plans.append(read_study_plan(conn, reader.columns, candidate.study, files_dir,
+                                         candidate.reason, folder_size))
+    return plans
+
+
+def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
+                    files_dir: str, reason: str = "new",
+                    folder_size: int = DB_FOLDER_SIZE) -> StudyPlan:
+    """Metadata, series and files of one study (all its ZSTUDY rows)."""
+    info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
+    info_rows = [r for r in info_rows if r is not None]
+    series: List[SeriesInfo] = []
+    images: List[ImageRow] = []
+    series_sql = optional_sql(STUDY_SERIES_SQL, columns)
+    images_sql = optional_sql(STUDY_IMAGES_SQL, columns)
+    for pk in study.pks:
+        for row in conn.execute(series_sql, (pk,)):
+            series.append(SeriesInfo(pk=row[0], uid=as_text(row[1]), number=_as_int(row[2]),
+                                     modality=as_text(row[3]).strip(),
+                                     description=as_text(row[4])))
+        for row in conn.execute(images_sql, (pk,)):
+            images.append(ImageRow(series_pk=row[1], path_number=row[2], path_string=row[3],
+                                   instance_number=row[4]))
+    first = info_rows[0] if info_rows else (study.pks[0], study.uid) + (None,) * 7
+    info = StudyInfo(
+        uid=study.uid, pks=study.pks, patient_name=as_text(first[2]),
+        patient_id=as_text(first[3]), birth_date=coredata_to_local_date(first[4]),
+        study_datetime=coredata_to_local(study.study_date),
+        accession_number=as_text(first[6]), description=as_text(first[7]),
+        modalities=study.modalities)
+    ordered_series, files = plan_study_files(series, images, files_dir, folder_size)
+    return StudyPlan(info=info, series=ordered_series, files=files,
+                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
+                     reason=reason)
 
 
 def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
@@ -2762,15 +3635,6 @@ def record_failure(cfg: Config, state: ExportState, plan: StudyPlan, kind: str,
     log.warning("study %s not exported (%s, attempt %d, next in %s): %s", plan.info.uid,
                 kind, attempts, format_duration(retry_delay(attempts)), detail)
     append_issue(cfg, kind, plan.info.uid, detail, extra)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 86400:
-        return "%.1f days" % (seconds / 86400)
-    if seconds >= 3600:
-        return "%.1f h" % (seconds / 3600)
-    return "%.0f min" % (seconds / 60)
-
 
 # What export_study did with a study; only "deferred" leaves its batch slot to the next.
 EXPORTED, FAILED, DEFERRED = "exported", "failed", "deferred"
@@ -3100,674 +3964,6 @@ def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
     append_issue(cfg, problem.kind, "", str(problem))
 
 
-# =====================================================================================
-# Alerts: email, a command and a heartbeat URL, so the backup is never silent
-# =====================================================================================
-#
-# After every cycle (and after `verify`), what happened is reduced to a RunReport; a
-# pure function decides, from the bookkeeping kept in the user's Library (outside the
-# backup volume, so it works while that volume is missing), which problems to alert
-# about and which are resolved; thin edges send by SMTP, run a command, and request
-# the heartbeat URL, all within ALERT_BUDGET_SECONDS. Alerts carry no patient data.
-
-ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
-SMTP_HOST = ""               # --smtp-host
-SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
-SMTP_USER = ""               # --smtp-user; "" sends without logging in (a local relay)
-SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
-ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
-HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
-ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
-
-ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
-SMTP_TIMEOUT_SECONDS = 6.0
-COMMAND_TIMEOUT_SECONDS = 5.0
-HEARTBEAT_TIMEOUT_SECONDS = 3.0
-ALERT_RESERVE_SECONDS = 2.0      # kept for each channel still to come
-ALERT_STATE_BUSY_SECONDS = 2.0   # the state's failures, read after a cycle
-ALERT_REPEAT_SECONDS = 24 * 3600     # one problem alerts at most once a day
-STUDY_FAILING_DAYS = 7               # "failing for a week" digest
-STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Horos)
-ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
-ALERT_BOOK_FILE = "alerts.json"
-ALERT_BOOK_VERSION = 1
-ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
-ALERT_LINE_WIDTH = 76
-
-# Problems: each is one incident at a time, alerted at most once a day while it lasts.
-NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
-STUDIES_FAILING = "STUDIES_FAILING"
-AT_ONCE_KINDS = ("DISK_LOW", "DISK_FULL", "VERIFY_FAILED", "ZIP_BAD")   # issues.csv kinds
-PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
-
-# What a run was, as alerting sees it.
-RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
-
-PROBLEM_TITLES = {
-    NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
-    "DISK_LOW": "backup volume low on space",
-    "DISK_FULL": "backup volume full",
-    "VERIFY_FAILED": "damaged or missing ZIPs",
-    "ZIP_BAD": "ZIPs failing verification as they are written",
-    STUDIES_FAILING: "studies failing for a week",
-}
-
-
-class AlertNotSent(Exception):
-    """A channel refused or could not deliver; the text says why (no patient data)."""
-
-
-@dataclass(frozen=True)
-class AlertConfig:
-    """The alert channels, from the flags; the password is read from its file."""
-    emails: Tuple[str, ...] = ()
-    smtp_host: str = SMTP_HOST
-    smtp_port: int = SMTP_PORT
-    smtp_user: str = SMTP_USER
-    smtp_password_file: str = SMTP_PASSWORD_FILE
-    smtp_password: str = dataclasses.field(default="", repr=False)
-    command: str = ALERT_COMMAND
-    heartbeat_url: str = HEARTBEAT_URL
-    after_hours: float = ALERT_AFTER_HOURS
-
-    @property
-    def channels(self) -> Tuple[str, ...]:
-        """The channels that carry messages (the heartbeat carries none)."""
-        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """What one cycle (or `verify`) found, in words and numbers free of patient data."""
-    status: str                                   # RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND
-    reason: str = ""                              # why it failed or was skipped
-    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # AT_ONCE_KINDS rows
-    zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
-    failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
-    free_bytes: Optional[int] = None              # on the backup volume
-
-
-@dataclass
-class AlertPlan:
-    """What decide_alerts found: problems to alert about now, resolved ones to announce."""
-    due: List[str]
-    resolved: List[str]
-    book: dict               # the bookkeeping after this run, deliveries not yet counted
-
-
-def parse_addresses(text: str) -> Tuple[str, ...]:
-    """--alert-email: comma-separated addresses, each with one @."""
-    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
-    for address in addresses:
-        if address.count("@") != 1 or any(c in address for c in " <>\"\r\n"):
-            raise argparse.ArgumentTypeError("%r is not an email address" % address)
-    return addresses
-
-
-def read_password_file(path: str) -> str:
-    """The SMTP password: the first line of a file nobody but its owner can read."""
-    try:
-        st = os.stat(path)
-        if st.st_mode & 0o077:
-            raise CannotRun("--smtp-password-file %s is readable by others (mode %03o); "
-                            "run: chmod 600 '%s'" % (path, st.st_mode & 0o777, path))
-        with open(path, encoding="utf-8") as handle:
-            password = handle.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CannotRun("--smtp-password-file %s cannot be read: %s" % (path, error)) \
-            from None
-    if not password:
-        raise CannotRun("--smtp-password-file %s is empty" % path)
-    return password
-
-
-def alert_config_from_args(args: argparse.Namespace) -> AlertConfig:
-    """The alert flags, checked: each mistake is one line and exit 1."""
-    emails = tuple(args.alert_email) if not isinstance(args.alert_email, str) \
-        else parse_addresses(args.alert_email)
-    if emails and not args.smtp_host:
-        raise CannotRun("--alert-email needs --smtp-host (the mail server to send through)")
-    if bool(args.smtp_user) != bool(args.smtp_password_file):
-        raise CannotRun("--smtp-user and --smtp-password-file go together")
-    url = args.heartbeat_url
-    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise CannotRun("--heartbeat-url %s is not an http:// or https:// URL" % url)
-    password = read_password_file(os.path.expanduser(args.smtp_password_file)) \
-        if args.smtp_password_file else ""
-    return AlertConfig(emails=emails, smtp_host=args.smtp_host, smtp_port=args.smtp_port,
-                       smtp_user=args.smtp_user,
-                       smtp_password_file=args.smtp_password_file, smtp_password=password,
-                       command=args.alert_command, heartbeat_url=url,
-                       after_hours=args.alert_after_hours)
-
-
-# -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
-
-def alert_book_path() -> str:
-    """Under the home folder (HOME), never on the backup volume."""
-    return os.path.join(os.path.expanduser(ALERT_BOOK_DIR), ALERT_BOOK_FILE)
-
-
-def empty_alert_book() -> dict:
-    return {"version": ALERT_BOOK_VERSION, "last_success": None, "first_failure": None,
-            "failed_cycles": 0, "problems": {}, "unsent_resolved": {}, "last_alert": None}
-
-
-def load_alert_book(path: str) -> dict:
-    """The bookkeeping, or a fresh one (logged) when it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            book = json.load(handle)
-    except FileNotFoundError:
-        return empty_alert_book()
-    except (OSError, ValueError) as error:
-        log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
-        return empty_alert_book()
-    if not alert_book_is_valid(book):
-        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
-                  "afresh", path, ALERT_BOOK_VERSION)
-        return empty_alert_book()
-    return dict(empty_alert_book(), **book)
-
-
-def alert_book_is_valid(book) -> bool:
-    """The shape decide_alerts relies on (a hand-edited file may have another)."""
-    def time_or_none(value) -> bool:
-        return value is None or isinstance(value, str)
-
-    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
-        return False
-    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
-    return (isinstance(problems, dict) and isinstance(unsent, dict)
-            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
-                    and time_or_none(p.get("last_alert")) for p in problems.values())
-            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
-                    and isinstance(u.get("cleared"), str) for u in unsent.values())
-            and time_or_none(book.get("last_success"))
-            and time_or_none(book.get("first_failure"))
-            and isinstance(book.get("failed_cycles", 0), int)
-            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
-
-
-def save_alert_book(path: str, book: dict) -> None:
-    """Whole or not at all; a folder we cannot write costs one log line, not the cycle."""
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_small_file(path, json.dumps(book, indent=1, sort_keys=True) + "\n")
-    except OSError as error:
-        log.error("cannot write alert bookkeeping %s: %s (alerts may repeat every cycle "
-                  "until it can be written)", path, error)
-
-
-# -- the decision: pure -----------------------------------------------------------------
-
-def hours_text(seconds: float) -> str:
-    return "%.0f min" % (seconds / 60) if seconds < 3600 else "%.1f h" % (seconds / 3600)
-
-
-def observe_run(book: dict, report: RunReport, now: float,
-                after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
-    """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
-
-    Updates the cycle clock in `book` (last success, first failure). A skipped cycle
-    neither succeeds nor fails, but does not hide a success that is long overdue.
-    """
-    seen: Dict[str, Optional[Tuple[int, str]]] = {}
-    if report.status == RUN_OK:
-        book.update(last_success=utc_iso(now), first_failure=None, failed_cycles=0)
-        seen[NO_SUCCESSFUL_CYCLE] = (0, "")
-    elif report.status in (RUN_FAILED, RUN_SKIPPED):
-        if report.status == RUN_FAILED:
-            book["failed_cycles"] = book.get("failed_cycles", 0) + 1
-            if not book.get("first_failure"):
-                book["first_failure"] = utc_iso(now)
-        reference = book.get("last_success") or book.get("first_failure")
-        overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
-        if report.status == RUN_SKIPPED:
-            overdue = (NO_SUCCESSFUL_CYCLE in book["problems"]
-                       or (overdue and after_seconds > 0))
-        if overdue:
-            if book.get("last_success"):
-                since = "since %s (%s ago)" % (local_time_text(book["last_success"]),
-                                               hours_text(now - parse_utc_iso(reference)))
-            else:
-                since = ("since the first failed cycle at %s (none has succeeded since "
-                         "alerting began)" % local_time_text(book["first_failure"]))
-            seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
-                                         "%s. Failed cycles since: %d." % (
-                                             since, report.reason or report.status,
-                                             book.get("failed_cycles", 0)))
-    free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
-            if report.free_bytes is not None else "")
-    texts = {
-        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
-                                  "study needs plus the reserve (--min-free-gb, or 1.2 x "
-                                  "Horos's auto-cleaning threshold when the backup shares "
-                                  "the library's disk): cycles stop before writing." + free,
-        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
-                                   "the cycle stopped and removed the partial file." + free,
-        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
-                                       "studies are exported again while Horos still has "
-                                       "them." % plural(count, "ZIP was", "ZIPs were"),
-        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification %d "
-                                 "times as it was written (a failing backup disk or "
-                                 "memory?)." % (plural(count, "study could", "studies could"),
-                                                VERIFY_ATTEMPTS),
-    }
-    for kind in AT_ONCE_KINDS:
-        count = report.kinds.get(kind, 0)
-        if kind == "ZIP_BAD":
-            count = max(count, report.zip_bad_waiting or 0)
-        if count:
-            seen[kind] = (count, texts[kind](count))
-        elif report.status == RUN_OK and (kind != "ZIP_BAD"
-                                          or report.zip_bad_waiting is not None):
-            seen[kind] = (0, "")
-    if report.failing_week is not None and report.status != RUN_COMMAND:
-        total = sum(report.failing_week.values())
-        by_kind = ", ".join("%s %d" % (kind, count)
-                            for kind, count in sorted(report.failing_week.items()) if count)
-        seen[STUDIES_FAILING] = (total, "%s failing to export for %d days or more, and "
-                                 "still retried: %s." % (
-                                     plural(total, "study", "studies"), STUDY_FAILING_DAYS,
-                                     by_kind)) if total else (0, "")
-    return seen
-
-
-def decide_alerts(book: dict, report: RunReport, now: float,
-                  after_seconds: float) -> AlertPlan:
-    """Which problems to alert about now, and which to announce as resolved.
-
-    A problem alerts when its incident starts, then at most once every
-    ALERT_REPEAT_SECONDS while it lasts (and again each run until a delivery works);
-    when it clears, one resolved message (if it was ever alerted). A problem that
-    clears and comes back is a new incident.
-    """
-    book = json.loads(json.dumps(book))           # values in, values out
-    problems = book.setdefault("problems", {})
-    unsent = book.setdefault("unsent_resolved", {})
-    for name, seen in observe_run(book, report, now, after_seconds).items():
-        if seen is None:
-            continue
-        count, text = seen
-        current = problems.get(name)
-        if count:
-            if current is None:
-                current = problems[name] = {"since": utc_iso(now), "last_alert": None}
-                unsent.pop(name, None)
-            current.update(count=count, text=text)
-        elif current is not None:
-            del problems[name]
-            if current.get("last_alert"):
-                unsent[name] = {"since": current["since"], "cleared": utc_iso(now)}
-    due = [name for name in PROBLEM_ORDER if name in problems and (
-        not problems[name].get("last_alert")
-        or now - parse_utc_iso(problems[name]["last_alert"]) >= ALERT_REPEAT_SECONDS)]
-    resolved = [name for name in PROBLEM_ORDER if name in unsent]
-    return AlertPlan(due=due, resolved=resolved, book=book)
-
-
-def record_delivery(plan: AlertPlan, now: float, subject: str,
-                    channels: Sequence[str]) -> dict:
-    """The bookkeeping once a message went out by at least one channel."""
-    book = json.loads(json.dumps(plan.book))
-    for name in plan.due:
-        book["problems"][name]["last_alert"] = utc_iso(now)
-    for name in plan.resolved:
-        book["unsent_resolved"].pop(name, None)
-    book["last_alert"] = {"at": utc_iso(now), "subject": subject, "problems": plan.due,
-                          "resolved": plan.resolved, "channels": list(channels)}
-    return book
-
-
-def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
-    """(subject, body). Only kinds, counts, times, the host and our own paths: never a
-    patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
-    problems, unsent = plan.book["problems"], plan.book["unsent_resolved"]
-
-    def title(name: str) -> str:
-        if name == NO_SUCCESSFUL_CYCLE and plan.book.get("last_success"):
-            return "no successful backup cycle since %s" % local_time_text(
-                plan.book["last_success"])
-        return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
-            else "%s (%s)" % (name, PROBLEM_TITLES[name])
-
-    if plan.due:
-        subject = "[Horos backup] %s on %s: %s" % (
-            "PROBLEM" if len(plan.due) == 1 else "%d PROBLEMS" % len(plan.due), host,
-            "; ".join(title(name) for name in plan.due))
-        if plan.resolved:
-            subject += " (resolved: %s)" % ", ".join(plan.resolved)
-    else:
-        subject = "[Horos backup] RESOLVED on %s: %s" % (host, ", ".join(plan.resolved))
-    lines = []
-    for name in plan.due:
-        problem = problems[name]
-        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
-                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
-                                subsequent_indent="  ", break_long_words=False,
-                                break_on_hyphens=False), ""]
-    for name in plan.resolved:
-        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
-                                                   local_time_text(unsent[name]["cleared"])),
-                  ""]
-    if plan.due:
-        lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
-                                "one message says when it is resolved.", ALERT_LINE_WIDTH),
-                  ""]
-    lines += alert_footer(cfg, host)
-    return subject, "\n".join(lines) + "\n"
-
-
-def alert_footer(cfg: Config, host: str) -> List[str]:
-    return ["Host:         %s" % host,
-            "BACKUP_ROOT:  %s" % cfg.backup_root,
-            "Details:      %s" % cfg.issues_path,
-            "Log:          %s" % cfg.log_path,
-            "Status:       python3 %s status" % os.path.abspath(__file__),
-            "",
-            "This message carries no patient data (no names, IDs, birth dates, study UIDs",
-            "or ZIP names): issues.csv and the log on the Mac name the studies."]
-
-
-# -- what a run was: read from what the cycle wrote ------------------------------------
-
-# Failed studies by their last kind, and those failing for a week that are still retried
-# (a study Horos deleted keeps its row but is no longer tried).
-ALERT_FAILURES_SQL = """
-SELECT kind, COUNT(*),
-       SUM(first_failed_at <= :week_ago AND last_failed_at >= :retried_after)
-FROM failures
-GROUP BY kind
-"""
-
-
-def issues_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
-
-
-def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
-    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset.
-
-    A file shorter than offset was rotated during the run (append_issue): the rows
-    after offset are then in `issues.csv.1`, and the new file holds the rest."""
-    counts: Dict[str, int] = {}
-    if issues_size(path) < offset:
-        count_issue_kinds(path + ".1", offset, counts)
-        offset = 0
-    count_issue_kinds(path, offset, counts)
-    return counts
-
-
-def count_issue_kinds(path: str, offset: int, counts: Dict[str, int]) -> None:
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
-            for row in csv.reader(handle):
-                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
-                    counts[row[1]] = counts.get(row[1], 0) + 1
-    except FileNotFoundError:
-        return
-    except (OSError, csv.Error) as error:
-        log.error("cannot read %s for alerts: %s", path, error)
-
-
-def free_bytes_of(path: str) -> Optional[int]:
-    try:
-        usage = os.statvfs(nearest_existing(path))
-    except OSError:
-        return None
-    return usage.f_bavail * usage.f_frsize
-
-
-def read_failure_facts(cfg: Config, now: float
-                       ) -> Tuple[Optional[int], Optional[Dict[str, int]]]:
-    """(studies whose last failure is ZIP_BAD, studies failing for a week by kind) from
-    the state, or Nones when it cannot be read."""
-    if not os.path.isfile(cfg.sentinel) or not os.path.isfile(cfg.state_path):
-        return None, None
-    try:
-        state = ExportState(cfg.state_path, min(cfg.busy_timeout, ALERT_STATE_BUSY_SECONDS),
-                            read_only=True)
-    except CannotRun as error:
-        log.debug("alerts cannot read the state: %s", error)
-        return None, None
-    try:
-        zip_bad, failing = 0, {}
-        for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
-                "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
-                "retried_after": utc_iso(now - STUDY_RETRIED_WITHIN_DAYS * 86400)}):
-            if kind == "ZIP_BAD":
-                zip_bad = count
-            if old:
-                failing[kind] = old
-    except sqlite3.Error as error:
-        log.debug("alerts cannot read the state: %s", error)
-        return None, None
-    finally:
-        state.close()
-    return zip_bad, failing
-
-
-def failure_reason(cfg: Config, error: BaseException) -> str:
-    """Why a cycle failed, in fixed words: error texts may name a ZIP (a patient)."""
-    if isinstance(error, DiskSpaceProblem):
-        return "stopped by %s (see issues.csv)" % error.kind
-    if not os.path.isfile(cfg.sentinel):
-        return ("the PACS sentinel %s is missing (is the PACS volume mounted?)"
-                % cfg.sentinel)
-    if not os.path.isdir(os.path.dirname(cfg.backup_root)):
-        return "%s does not exist (is the backup disk mounted?)" % os.path.dirname(
-            cfg.backup_root)
-    if isinstance(error, HorosUnreadable):
-        return ("Horos's database %s could not be read (locked, a hot journal after a "
-                "crash, damaged or missing; the log says which)" % cfg.database_path)
-    if isinstance(error, CannotRun):
-        return "the cycle could not run (the log and stderr say why)"
-    return "unexpected error %s (the log has the details)" % type(error).__name__
-
-
-def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
-                 error: Optional[BaseException]) -> RunReport:
-    zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
-                        else (None, None))
-    if error is not None:
-        if isinstance(error, DiskSpaceProblem):
-            kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
-        status, reason = RUN_FAILED, failure_reason(cfg, error)
-    elif lock_was_held:
-        status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
-    elif kinds.get("INCOMING_OVER_LIMIT"):
-        status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
-    else:
-        status, reason = RUN_OK, ""
-    free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
-        else None
-    return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
-                     failing_week=failing, free_bytes=free)
-
-
-# -- the edges: SMTP, a command, an HTTP request ---------------------------------------
-
-class Deadline:
-    """ALERT_BUDGET_SECONDS shared by the channels, keeping time for those still to come."""
-
-    def __init__(self, seconds: float, clock=time.monotonic):
-        self.clock = clock
-        self.end = clock() + seconds
-
-    def timeout(self, cap: float, later: int) -> float:
-        return max(0.0, min(cap, self.end - self.clock() - ALERT_RESERVE_SECONDS * later))
-
-
-def require_time(seconds: float) -> None:
-    """AlertNotSent when the budget leaves a channel too little time to try."""
-    if seconds < 0.5:
-        raise AlertNotSent("no time left in the %g s alert budget" % ALERT_BUDGET_SECONDS)
-
-
-def within(seconds: float, action) -> None:
-    """action() in a thread, given at most `seconds` (a DNS lookup ignores socket
-    timeouts); AlertNotSent if it fails or is still at it."""
-    require_time(seconds)
-    failure: List[str] = []
-
-    def run() -> None:
-        try:
-            action()
-        except Exception as error:  # reported by the caller's log line, with its type
-            failure.append(str(error) if isinstance(error, AlertNotSent)
-                           else "%s: %s" % (type(error).__name__, error))
-    worker = threading.Thread(target=run, name="alert", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise AlertNotSent("no answer within %.1f s" % seconds)
-    if failure:
-        raise AlertNotSent(failure[0])
-
-
-# The mail, TLS and HTTP modules cost every run about 8 MB of memory (ssl above all), and
-# only a run that sends an alert needs them: they are imported where they are used.
-
-def alert_email_message(alerts: AlertConfig, subject: str, body: str, host: str):
-    """The alert as an email.message.EmailMessage."""
-    import email.message
-    import email.utils
-    message = email.message.EmailMessage()
-    message["Subject"] = subject
-    message["From"] = alerts.smtp_user if "@" in alerts.smtp_user \
-        else "horos_backup_export@%s" % (host or "localhost")
-    message["To"] = ", ".join(alerts.emails)
-    message["Date"] = email.utils.formatdate(localtime=True)
-    message["Message-ID"] = email.utils.make_msgid(domain=host or None)
-    message.set_content(body)
-    return message
-
-
-def send_email(alerts: AlertConfig, message, timeout: float) -> None:
-    """STARTTLS when offered (port 465: TLS from the start); log in only over TLS."""
-    import smtplib
-    import ssl
-    context = ssl.create_default_context()
-    if alerts.smtp_port == 465:
-        client = smtplib.SMTP_SSL(alerts.smtp_host, alerts.smtp_port, timeout=timeout,
-                                  context=context)
-    else:
-        client = smtplib.SMTP(alerts.smtp_host, alerts.smtp_port, timeout=timeout)
-    with client:
-        client.ehlo()
-        tls = alerts.smtp_port == 465
-        if not tls and client.has_extn("starttls"):
-            client.starttls(context=context)
-            client.ehlo()
-            tls = True
-        if alerts.smtp_user:
-            if not tls:
-                raise AlertNotSent("%s:%d offers no STARTTLS: the password is not sent in "
-                                   "clear" % (alerts.smtp_host, alerts.smtp_port))
-            client.login(alerts.smtp_user, alerts.smtp_password)
-        client.send_message(message)
-
-
-def run_alert_command(command: str, subject: str, body: str, timeout: float) -> None:
-    """/bin/sh -c COMMAND, the body on stdin, the subject in HOROS_BACKUP_ALERT_SUBJECT."""
-    env = dict(os.environ, **{ALERT_SUBJECT_ENV: subject})
-    # Its own process group, so a timeout ends what it started too (osascript, curl).
-    process = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                               start_new_session=True)
-    try:
-        _out, err = process.communicate(body.encode("utf-8"), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AlertNotSent("still running after %.1f s; stopped" % timeout) from None
-    if process.returncode:
-        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        raise AlertNotSent("exit status %d %s" % (process.returncode, last[0][:200]))
-
-
-def heartbeat_target(url: str, failed: bool) -> str:
-    """URL after a good cycle, URL/fail after a failed one (healthchecks.io's rule)."""
-    if not failed:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/fail"))
-
-
-def ping_heartbeat(url: str, timeout: float) -> None:
-    import urllib.request
-    request = urllib.request.Request(url, headers={
-        "User-Agent": "horos_backup_export/%s" % TOOL_VERSION})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        response.read(1024)
-
-
-def deliver(alerts: AlertConfig, subject: str, body: str, deadline: Deadline,
-            later: int) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Send by every configured channel: (channels that worked, [(channel, why not)])."""
-    host = socket.gethostname()
-    sent: List[str] = []
-    failed: List[Tuple[str, str]] = []
-    if alerts.emails:
-        message = alert_email_message(alerts, subject, body, host)
-        timeout = deadline.timeout(SMTP_TIMEOUT_SECONDS, later + len(alerts.channels) - 1)
-        try:
-            within(timeout, lambda: send_email(alerts, message, timeout))
-            sent.append("email")
-        except AlertNotSent as error:
-            failed.append(("email", "to %s via %s:%d: %s" % (
-                ", ".join(alerts.emails), alerts.smtp_host, alerts.smtp_port, error)))
-    if alerts.command:
-        timeout = deadline.timeout(COMMAND_TIMEOUT_SECONDS, later)
-        try:
-            require_time(timeout)
-            run_alert_command(alerts.command, subject, body, timeout)
-            sent.append("command")
-        except (AlertNotSent, OSError) as error:
-            failed.append(("command", str(error)))
-    for channel, why in failed:
-        log.error("alert by %s not sent: %s", channel, why)
-    return sent, failed
-
-
-def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
-    """Decide, send, record; then ping the heartbeat. Never raises for a channel."""
-    alerts = cfg.alerts
-    deadline = Deadline(ALERT_BUDGET_SECONDS)
-    ping = heartbeat and bool(alerts.heartbeat_url)
-    if alerts.channels:
-        now = time.time()
-        path = alert_book_path()
-        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600)
-        book = plan.book
-        if plan.due or plan.resolved:
-            subject, body = compose_alert(cfg, plan, socket.gethostname())
-            sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
-            if sent:
-                book = record_delivery(plan, now, subject, sent)
-                log.info("alert sent by %s: %s", " and ".join(sent), subject)
-        save_alert_book(path, book)
-    if ping:
-        url = heartbeat_target(alerts.heartbeat_url, report.status == RUN_FAILED)
-        timeout = deadline.timeout(HEARTBEAT_TIMEOUT_SECONDS, 0)
-        try:
-            within(timeout, lambda: ping_heartbeat(url, timeout))
-        except AlertNotSent as error:
-            log.error("heartbeat %s not reached: %s", url, error)
-
-
-def alerting(cfg: Config) -> bool:
-    return cfg.alerts is not None and bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
-
-
 def cycle_with_alerts(cfg: Config) -> int:
     """One cycle, then alerts and the heartbeat, whatever its outcome."""
     if not alerting(cfg):
@@ -3790,84 +3986,11 @@ def cycle_with_alerts(cfg: Config) -> int:
     return code
 
 
-def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
-                       max_gb: Optional[float]) -> int:
-    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
-    if not (cfg.alerts is not None and cfg.alerts.channels):
-        return verify_command(cfg, verify_all, limit, max_gb)
-    offset = issues_size(cfg.issues_path)
-    code = verify_command(cfg, verify_all, limit, max_gb)
-    bad = issue_kinds_since(cfg.issues_path, offset).get("VERIFY_FAILED", 0)
-    if bad:
-        alert_after_run(cfg, RunReport(status=RUN_COMMAND, kinds={"VERIFY_FAILED": bad}),
-                        heartbeat=False)
-    return code
-
-
-def test_alert_command(cfg: Config) -> int:
-    """Send one test message by every configured channel; never the heartbeat."""
-    alerts = cfg.alerts
-    if alerts is None or not alerts.channels:
-        raise CannotRun("no alert channel configured: give --alert-email with --smtp-host, "
-                        "or --alert-command")
-    host = socket.gethostname()
-    subject = "[Horos backup] TEST on %s" % host
-    body = "\n".join(["A test of horos_backup_export's alerts: if you read this, alerts "
-                      "reach you.", ""] + alert_footer(cfg, host)) + "\n"
-    sent, failed = deliver(alerts, subject, body, Deadline(ALERT_BUDGET_SECONDS), 0)
-    for channel in sent:
-        print("test alert sent by %s%s" % (channel, " to " + ", ".join(alerts.emails)
-                                           if channel == "email" else ""))
-    for channel, why in failed:
-        print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
-              file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def alert_status(cfg: Config) -> dict:
-    """The `alerts` object of `status --json` (never the password)."""
-    alerts = cfg.alerts or AlertConfig()
-    path = alert_book_path()
-    book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
-    return {
-        "email": list(alerts.emails), "smtp_host": alerts.smtp_host or None,
-        "smtp_port": alerts.smtp_port, "smtp_user": alerts.smtp_user or None,
-        "smtp_password_file": alerts.smtp_password_file or None,
-        "command": alerts.command or None, "heartbeat_url": alerts.heartbeat_url or None,
-        "alert_after_hours": alerts.after_hours, "bookkeeping": path,
-        "last_success": book["last_success"],
-        "open_problems": {name: {"since": problem["since"], "count": problem.get("count"),
-                                 "last_alert": problem.get("last_alert")}
-                          for name, problem in sorted(book["problems"].items())},
-        "last_alert": book["last_alert"],
-    }
-
-
-def print_alert_status(status: Mapping) -> None:
-    print("Alerts")
-    channels = []
-    if status["email"]:
-        channels.append("email to %s via %s:%d%s" % (
-            ", ".join(status["email"]), status["smtp_host"], status["smtp_port"],
-            " as %s" % status["smtp_user"] if status["smtp_user"] else ""))
-    if status["command"]:
-        channels.append("command %s" % status["command"])
-    print("  %-16s %s" % ("channels", "; ".join(channels) or "none"))
-    print("  %-16s %s" % ("heartbeat", status["heartbeat_url"] or "none"))
-    print("  %-16s after %g h without a successful cycle" % ("no-success alert",
-                                                             status["alert_after_hours"]))
-    for name, problem in status["open_problems"].items():
-        print("  %-16s %s since %s" % ("open problem", name,
-                                       local_time_text(problem["since"])))
-    last = status["last_alert"]
-    print("  %-16s %s" % ("last alert", "%s by %s: %s" % (
-        local_time_text(last["at"]), " and ".join(last["channels"]), last["subject"])
-        if last else "none sent"))
-
-
 # =====================================================================================
-# Operator commands: dry run, status, verify, restore, reindex, retry
+# Operator commands
 # =====================================================================================
+
+
 
 @contextlib.contextmanager
 def operator_lock(cfg: Config):
@@ -3894,20 +4017,31 @@ def prepare_backup_root(cfg: Config) -> None:
     open_backup_root(cfg)
 
 
+def prepare_backup_alone(cfg: Config, purpose: str) -> int:
+    """What reindex and restore --into-horos need: a writable BACKUP_ROOT, its .tmp and
+    log, private as a cycle makes them. The PACS volume may be gone (a backup moved to a
+    recovery disk): with its sentinel the usual checks apply; without it BACKUP_ROOT must
+    already exist, so nothing is ever created on a disk that is not mounted. Returns
+    the umask the user had."""
+    if os.path.isfile(cfg.sentinel):
+        check_sentinels(cfg)
+    elif not os.path.isdir(cfg.backup_root):
+        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
+                        "the backup disk mounted? (check --backup-root; nothing was done)"
+                        % (cfg.sentinel, cfg.backup_root))
+    if os.path.isdir(cfg.backup_root) and not os.access(cfg.backup_root, os.W_OK):
+        raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
+                        "backup to a writable disk (find and restore --to DIR work on a "
+                        "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
+    return open_backup_root(cfg)
+
+
 def read_state_view(cfg: Config) -> StateView:
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
         return state.view()
     finally:
         state.close()
-
-
-def local_time_text(utc_text) -> str:
-    """A state timestamp as the Mac's local time, for people."""
-    seconds = parse_utc_iso(utc_text)
-    if not seconds:
-        return as_text(utc_text) or "-"
-    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
 
 
 def dry_run(cfg: Config) -> int:
@@ -3953,32 +4087,6 @@ def dry_run(cfg: Config) -> int:
     if not snapshot.plans:
         print("(nothing to export)")
     return EXIT_OK
-
-
-def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
-    """(held, pid of the holder) without disturbing a running cycle for longer than a
-    single flock call."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False, None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, _as_int(os.read(fd, 32).decode("ascii", "replace").strip())
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, None
-    finally:
-        os.close(fd)
-
-
-STATE_TOTALS_SQL = """
-SELECT COUNT(*), COALESCE(SUM(zip_bytes), 0), COALESCE(SUM(missing_count > 0), 0)
-FROM exported_studies
-"""
-
-STATE_MONTHS_SQL = "SELECT month, COUNT(*) FROM exported_studies GROUP BY month"
 
 
 def gather_status(cfg: Config, now: float) -> dict:
@@ -4059,6 +4167,21 @@ def gather_status(cfg: Config, now: float) -> dict:
         **preferences_status(cfg),
         "restores": restores,
         "alerts": alert_status(cfg),
+    }
+
+
+def preferences_status(cfg: Config) -> dict:
+    """The `horos_preferences` and `reserve` entries of `status --json`."""
+    prefs = cfg.horos_prefs or HorosPreferences("")
+    reserve, _free, _total = backup_space(cfg, cfg.backup_root)
+    return {
+        "horos_preferences": {
+            "path": prefs.path, "found": prefs.found, "folder_size": prefs.folder_size,
+            "auto_cleaning": prefs.auto_cleaning,
+            "auto_cleaning_size": prefs.auto_cleaning_size},
+        "reserve": {"bytes": reserve.bytes, "source": reserve.source,
+                    "detail": reserve.detail,
+                    "horos_threshold_bytes": reserve.horos_threshold},
     }
 
 
@@ -4201,91 +4324,18 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
     return EXIT_FAILED if result.bad else EXIT_OK
 
 
-class RestoreRefused(Exception):
-    """A ZIP that cannot be restored safely; nothing of it was written."""
-
-
-def safe_member_path(name: str) -> List[str]:
-    """The parts of a member name, or RestoreRefused if it could escape the target."""
-    parts = name.split("/")
-    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
-            or ".." in parts or "" in parts[:-1] or re.match(r"^[A-Za-z]:", name)):
-        raise RestoreRefused("unsafe member name %r" % name)
-    return parts
-
-
-def restore_zip(zip_path: str, parent: str, staging_parent: str, on_bytes=None,
-                before_rename=None) -> Tuple[str, int]:
-    """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
-
-    The files are written in a staging folder next to it and the folder is renamed
-    into place whole, so nobody (Horos included) sees half a study, and nothing that
-    exists is overwritten. on_bytes(count) follows the bytes written; before_rename
-    (manifest) runs once the study is staged in full.
-    """
-    folder_name = os.path.basename(zip_path)
-    if folder_name.endswith(".zip"):
-        folder_name = folder_name[:-len(".zip")]
-    target = os.path.join(parent, folder_name)
-    if os.path.lexists(target):
-        raise RestoreRefused("%s already exists; nothing was overwritten" % target)
-    with zipfile.ZipFile(zip_path) as archive:
-        manifest = read_manifest(archive)
-        sizes = {entry["name"]: entry["size"] for entry in manifest["files"]}
-        members = [info for info in archive.infolist()
-                   if info.filename != MANIFEST_NAME and not info.is_dir()]
-        for info in members:
-            safe_member_path(info.filename)
-        os.makedirs(staging_parent, exist_ok=True)
-        staging = os.path.join(staging_parent, "%s%d-%s" % (RESTORE_STAGING_PREFIX,
-                                                             os.getpid(), folder_name))
-        os.mkdir(staging)
-        try:
-            for info in members:
-                destination = os.path.join(staging, *safe_member_path(info.filename))
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                with archive.open(info) as src, open(destination, "xb") as dst:
-                    while True:                                      # CRC checked at EOF
-                        chunk = src.read(COPY_CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        dst.write(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
-                if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
-                    raise RestoreRefused("%s: size differs from the manifest" % info.filename)
-                stamp = time.mktime(info.date_time + (0, 0, -1))
-                os.utime(destination, (stamp, stamp))
-            if before_rename is not None:
-                before_rename(manifest)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging)
-            raise
-    return target, len(members)
-
-
-def resolve_zip_argument(cfg: Config, text: str) -> str:
-    """A ZIP named as a path, or relative to BACKUP_ROOT (`2019_03/X.zip`)."""
-    if os.path.exists(text) or os.path.isabs(text):
-        return os.path.abspath(text)
-    return os.path.join(cfg.backup_root, text)
-
-
-def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
-                    into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
-                    find_texts: Sequence[str] = ()) -> int:
-    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
-    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
-    if not (zips or select_all or months or find_texts):
-        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
-                        "--find TEXT")
-    if into_horos:
-        return feed_horos(cfg, zips, select_all, months, find_texts)
-    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
-
-
-MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
+def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
+                       max_gb: Optional[float]) -> int:
+    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
+    if not (cfg.alerts is not None and cfg.alerts.channels):
+        return verify_command(cfg, verify_all, limit, max_gb)
+    offset = issues_size(cfg.issues_path)
+    code = verify_command(cfg, verify_all, limit, max_gb)
+    bad = issue_kinds_since(cfg.issues_path, offset).get("VERIFY_FAILED", 0)
+    if bad:
+        alert_after_run(cfg, RunReport(status=RUN_COMMAND, kinds={"VERIFY_FAILED": bad}),
+                        heartbeat=False)
+    return code
 
 
 def reindex_command(cfg: Config) -> int:
@@ -4358,6 +4408,29 @@ def reindex_command(cfg: Config) -> int:
     return EXIT_FAILED if unreadable else EXIT_OK
 
 
+def carry_over_restores(old_path: str, state: ExportState) -> None:
+    """Keep the restore progress of the state reindex replaces: without it, a feeding
+    under way would give Horos every study a second time."""
+    if not os.path.exists(old_path):
+        return
+    try:
+        old = ExportState(old_path, read_only=True)
+    except CannotRun as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+        return
+    try:
+        restores = list(old.conn.execute(ALL_RESTORES_SQL))
+        targets = list(old.conn.execute(ALL_RESTORE_TARGETS_SQL))
+    except sqlite3.Error as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+        return
+    finally:
+        old.close()
+    with state.transaction() as conn:
+        conn.executemany(RECORD_RESTORE_SQL, restores)
+        conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
+
+
 def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
     """Clear the back-off of failed studies (all of them when none are named)."""
     prepare_backup_root(cfg)
@@ -4379,14 +4452,29 @@ def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
     return EXIT_FAILED if unknown else EXIT_OK
 
 
+def test_alert_command(cfg: Config) -> int:
+    """Send one test message by every configured channel; never the heartbeat."""
+    alerts = cfg.alerts
+    if alerts is None or not alerts.channels:
+        raise CannotRun("no alert channel configured: give --alert-email with --smtp-host, "
+                        "or --alert-command")
+    host = socket.gethostname()
+    subject = "[Horos backup] TEST on %s" % host
+    body = "\n".join(["A test of horos_backup_export's alerts: if you read this, alerts "
+                      "reach you.", ""] + alert_footer(cfg, host)) + "\n"
+    sent, failed = deliver(alerts, subject, body, Deadline(ALERT_BUDGET_SECONDS), 0)
+    for channel in sent:
+        print("test alert sent by %s%s" % (channel, " to " + ", ".join(alerts.emails)
+                                           if channel == "email" else ""))
+    for channel, why in failed:
+        print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
+              file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # =====================================================================================
-# Doctor: a read-only check of the installation, end to end
+# Doctor
 # =====================================================================================
-#
-# Meant for the day the script is installed and for any day something looks wrong. It
-# writes nothing at all (no folder, log, lock, state or database snapshot), so it is
-# safe on a volume that is not mounted and next to a running cycle; Database.sql is
-# read in one short read transaction of index lookups.
 
 CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP = "ok", "warn", "fail", "skip"
 PATH_SAMPLE_SIZE = 200            # image rows whose files the path rule must find
@@ -4396,24 +4484,9 @@ FAT_FILE_SYSTEMS = frozenset({"msdos", "vfat", "fat", "fat12", "fat16", "fat32",
 LAUNCHD_LABEL = "com.horos.backup"
 MIN_PYTHON = (3, 8)
 LAUNCH_AGENT_PLIST = "~/Library/LaunchAgents/com.horos.backup.plist"
+
 # A successful cycle older than this means launchd is not running the job.
 LAST_CYCLE_LATE_SECONDS = 3 * LAUNCHD_INTERVAL_SECONDS + MAX_RUN_SECONDS
-
-# Two statements, not MIN and MAX in one: SQLite answers a lone MIN() or MAX() of the
-# primary key from the b-tree's edge, but scans the whole table for both at once.
-FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) FROM ZSTUDY"
-LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) FROM ZSTUDY"
-FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) FROM ZIMAGE"
-LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
-
-# One primary-key lookup per sampled row: the cost does not grow with the library.
-IMAGE_AT_OR_AFTER_SQL = """
-SELECT Z_PK, ZPATHNUMBER, ZPATHSTRING
-FROM ZIMAGE
-WHERE Z_PK >= ?
-ORDER BY Z_PK
-LIMIT 1
-"""
 
 
 @dataclass(frozen=True)
@@ -4809,189 +4882,9 @@ def doctor_command(cfg: Config, as_json: bool) -> int:
 
 
 # =====================================================================================
-# Find and disaster recovery: search the backup alone, feed a new Horos at its pace
+# Find
 # =====================================================================================
-#
-# The day these are needed the Horos disk may be dead: `find` and `restore` read
-# BACKUP_ROOT (its state and ZIPs) and nothing else, with no PACS sentinel and no
-# Database.sql. `find` and `restore --to DIR` never write there, so they work on a
-# read-only recovery disk.
 
-# Manifests of rows an older version wrote are read for at most this long per cycle
-# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
-BACKFILL_SECONDS = 60
-BACKFILL_ROWS_PER_STEP = 200
-RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
-RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
-
-UNREAD_ROWS_SQL = """
-SELECT study_uid, zip_path
-FROM exported_studies
-WHERE patient_id IS NULL
-ORDER BY study_uid
-LIMIT ?
-"""
-
-UNREAD_COUNT_SQL = "SELECT COUNT(*) FROM exported_studies WHERE patient_id IS NULL"
-
-BACKUP_STUDIES_SQL = """
-SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
-       patient_name, patient_id, accession_number, birth_date, modalities
-FROM exported_studies
-"""
-
-RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
-
-RECORD_RESTORE_SQL = """
-INSERT INTO restores (target, study_uid, zip_path, restored_at)
-VALUES (?, ?, ?, ?)
-"""
-
-FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
-
-RESTORED_ZIP_NAMES_SQL = "SELECT study_uid, zip_path FROM restores WHERE target = ?"
-
-RECORD_RESTORE_TARGET_SQL = """
-INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
-VALUES (?, ?, ?, ?)
-"""
-
-RESTORE_TARGETS_SQL = """
-SELECT t.target, t.selection, t.left_count, t.last_run_at,
-       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target)
-FROM restore_targets AS t
-ORDER BY t.last_run_at DESC
-"""
-
-ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
-
-ALL_RESTORE_TARGETS_SQL = """
-SELECT target, selection, left_count, last_run_at FROM restore_targets
-"""
-
-
-def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
-    """The state opened for reading, never written, even on a read-only disk.
-
-    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
-    the file, so it is opened immutable: no lock is taken (some read-only file systems
-    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
-    mounted read-only), the file holds half a transaction and only its `-journal` can
-    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
-    """
-    path = os.path.abspath(path)
-    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
-    if os.access(os.path.dirname(path), os.W_OK):
-        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
-    journal = path + "-journal"
-    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
-        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
-    memory = sqlite3.connect(":memory:", isolation_level=None)
-    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
-        copy = os.path.join(scratch, STATE_FILE)
-        shutil.copyfile(path, copy)
-        shutil.copyfile(journal, copy + "-journal")
-        recovered = sqlite3.connect(copy, isolation_level=None)
-        try:
-            recovered.backup(memory)
-        finally:
-            recovered.close()
-    log.debug("read %s through a copy: its hot journal was rolled back there", path)
-    return memory
-
-
-def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
-    """The find fields of one ZIP, read from its manifest only (not its members).
-
-    An unreadable ZIP gets empty fields, so no cycle reads it again; `verify` is what
-    finds and replaces damaged ZIPs.
-    """
-    path = os.path.join(cfg.backup_root, relpath)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            record = export_record(read_manifest(archive), relpath, 0, None)
-        return dict(record, study_uid=study_uid)
-    except ZIP_READ_ERRORS as error:
-        log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
-                    "and birth date stay unknown to find", relpath, error)
-        append_issue(cfg, "UNREADABLE_ZIP", study_uid, str(error), relpath)
-        return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
-                "birth_date": None}
-
-
-def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
-                           clock=time.monotonic) -> int:
-    """Fill patient ID, accession number and birth date of the rows an older version
-    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
-
-    Rows are committed a step at a time, so a killed cycle keeps what it read and the
-    next one goes on from there. Returns how many rows were filled.
-    """
-    filled = 0
-    while clock() < deadline:
-        rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
-        if not rows:
-            break
-        updates = []
-        for uid, relpath in rows:
-            updates.append(search_fields_from_zip(cfg, uid, relpath))
-            if clock() >= deadline:
-                break
-        with state.transaction() as conn:
-            conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
-        filled += len(updates)
-    if filled:
-        left = state.conn.execute(UNREAD_COUNT_SQL).fetchone()[0]
-        log.info("find: read patient IDs from %s written by an older version (%s)",
-                 plural(filled, "manifest"),
-                 "%d left for the next cycles" % left if left else "all done")
-    return filled
-
-
-def carry_over_restores(old_path: str, state: ExportState) -> None:
-    """Keep the restore progress of the state reindex replaces: without it, a feeding
-    under way would give Horos every study a second time."""
-    if not os.path.exists(old_path):
-        return
-    try:
-        old = ExportState(old_path, read_only=True)
-    except CannotRun as error:
-        log.warning("reindex: the restore progress in the old state is lost: %s", error)
-        return
-    try:
-        restores = list(old.conn.execute(ALL_RESTORES_SQL))
-        targets = list(old.conn.execute(ALL_RESTORE_TARGETS_SQL))
-    except sqlite3.Error as error:
-        log.warning("reindex: the restore progress in the old state is lost: %s", error)
-        return
-    finally:
-        old.close()
-    with state.transaction() as conn:
-        conn.executemany(RECORD_RESTORE_SQL, restores)
-        conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
-
-
-@dataclass
-class BackupStudy:
-    """One study of the backup as its state row tells it (find, restore).
-
-    find makes one per study of the backup (50,000+) each time it runs: slots keep
-    that cheap, as for HorosStudy. Nothing changes one once made.
-    """
-    __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
-                 "patient_name", "patient_id", "accession_number", "birth_date",
-                 "modalities")
-    uid: str
-    zip_path: str                      # relative to BACKUP_ROOT
-    zip_bytes: int
-    file_count: int
-    source_bytes: int
-    study_date: Optional[str]          # YYYY-MM-DD
-    patient_name: str
-    patient_id: Optional[str]          # None: written by an older version, not read yet
-    accession_number: Optional[str]
-    birth_date: Optional[str]
-    modalities: Tuple[str, ...]
 
 
 def read_backup_studies(cfg: Config) -> List[BackupStudy]:
@@ -5065,11 +4958,6 @@ def find_studies(studies: Sequence[BackupStudy], terms: Sequence[str]
                                         s.study_date or "", s.uid))
 
 
-def printable(text) -> str:
-    """A name as one safe line on a terminal (no control characters)."""
-    return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
-
-
 def find_result(cfg: Config, study: BackupStudy) -> dict:
     """One object of `find --json` (README: find)."""
     return {
@@ -5130,7 +5018,84 @@ def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
     return EXIT_OK
 
 
-# -- restore by selection, and feeding a new Horos ------------------------------------
+# =====================================================================================
+# Restore
+# =====================================================================================
+
+RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
+RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
+
+
+class RestoreRefused(Exception):
+    """A ZIP that cannot be restored safely; nothing of it was written."""
+
+
+def safe_member_path(name: str) -> List[str]:
+    """The parts of a member name, or RestoreRefused if it could escape the target."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+            or ".." in parts or "" in parts[:-1] or re.match(r"^[A-Za-z]:", name)):
+        raise RestoreRefused("unsafe member name %r" % name)
+    return parts
+
+
+def restore_zip(zip_path: str, parent: str, staging_parent: str, on_bytes=None,
+                before_rename=None) -> Tuple[str, int]:
+    """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
+
+    The files are written in a staging folder next to it and the folder is renamed
+    into place whole, so nobody (Horos included) sees half a study, and nothing that
+    exists is overwritten. on_bytes(count) follows the bytes written; before_rename
+    (manifest) runs once the study is staged in full.
+    """
+    folder_name = os.path.basename(zip_path)
+    if folder_name.endswith(".zip"):
+        folder_name = folder_name[:-len(".zip")]
+    target = os.path.join(parent, folder_name)
+    if os.path.lexists(target):
+        raise RestoreRefused("%s already exists; nothing was overwritten" % target)
+    with zipfile.ZipFile(zip_path) as archive:
+        manifest = read_manifest(archive)
+        sizes = {entry["name"]: entry["size"] for entry in manifest["files"]}
+        members = [info for info in archive.infolist()
+                   if info.filename != MANIFEST_NAME and not info.is_dir()]
+        for info in members:
+            safe_member_path(info.filename)
+        os.makedirs(staging_parent, exist_ok=True)
+        staging = os.path.join(staging_parent, "%s%d-%s" % (RESTORE_STAGING_PREFIX,
+                                                             os.getpid(), folder_name))
+        os.mkdir(staging)
+        try:
+            for info in members:
+                destination = os.path.join(staging, *safe_member_path(info.filename))
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                with archive.open(info) as src, open(destination, "xb") as dst:
+                    while True:                                      # CRC checked at EOF
+                        chunk = src.read(COPY_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+                if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
+                    raise RestoreRefused("%s: size differs from the manifest" % info.filename)
+                stamp = time.mktime(info.date_time + (0, 0, -1))
+                os.utime(destination, (stamp, stamp))
+            if before_rename is not None:
+                before_rename(manifest)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+    return target, len(members)
+
+
+def resolve_zip_argument(cfg: Config, text: str) -> str:
+    """A ZIP named as a path, or relative to BACKUP_ROOT (`2019_03/X.zip`)."""
+    if os.path.exists(text) or os.path.isabs(text):
+        return os.path.abspath(text)
+    return os.path.join(cfg.backup_root, text)
+
 
 @dataclass(frozen=True)
 class RestoreItem:
@@ -5140,15 +5105,6 @@ class RestoreItem:
     zip_path: str          # as the state names it (or as given)
     files: int
     source_bytes: int
-
-
-def month_argument(text: str) -> str:
-    """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
-    month = text.strip().replace("-", "_")
-    if not MONTH_FOLDER.match(month):
-        raise argparse.ArgumentTypeError("%r is not a month: use YYYY_MM, e.g. 2019_03, "
-                                         "or %s" % (text, UNKNOWN_DATE_FOLDER))
-    return month
 
 
 def select_studies(studies: Sequence[BackupStudy], select_all: bool,
@@ -5270,25 +5226,6 @@ class RestoreProgress(Progress):
         return "restore %d/%d studies  %d/%d files  %.1f of %.1f MB  %.1f MB/s  %s" % (
             self.studies_done, self.studies, self.files_done, self.files, self.done / 1e6,
             self.total / 1e6, rate / 1e6, left)
-
-
-def prepare_backup_alone(cfg: Config, purpose: str) -> int:
-    """What reindex and restore --into-horos need: a writable BACKUP_ROOT, its .tmp and
-    log, private as a cycle makes them. The PACS volume may be gone (a backup moved to a
-    recovery disk): with its sentinel the usual checks apply; without it BACKUP_ROOT must
-    already exist, so nothing is ever created on a disk that is not mounted. Returns
-    the umask the user had."""
-    if os.path.isfile(cfg.sentinel):
-        check_sentinels(cfg)
-    elif not os.path.isdir(cfg.backup_root):
-        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
-                        "the backup disk mounted? (check --backup-root; nothing was done)"
-                        % (cfg.sentinel, cfg.backup_root))
-    if os.path.isdir(cfg.backup_root) and not os.access(cfg.backup_root, os.W_OK):
-        raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
-                        "backup to a writable disk (find and restore --to DIR work on a "
-                        "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
-    return open_backup_root(cfg)
 
 
 def staged_folder_name(entry_name: str) -> Optional[str]:
@@ -5483,37 +5420,22 @@ def restore_targets_status(state: ExportState) -> List[dict]:
             for row in state.conn.execute(RESTORE_TARGETS_SQL)]
 
 
+def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
+                    into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
+                    find_texts: Sequence[str] = ()) -> int:
+    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
+    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
+    if not (zips or select_all or months or find_texts):
+        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
+                        "--find TEXT")
+    if into_horos:
+        return feed_horos(cfg, zips, select_all, months, find_texts)
+    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
+
+
 # =====================================================================================
 # CLI
 # =====================================================================================
-
-def parse_modalities(text: str) -> Tuple[str, ...]:
-    tokens = tuple(t.strip().upper() for t in text.split(",") if t.strip())
-    if not tokens:
-        raise argparse.ArgumentTypeError("give at least one modality, e.g. CT,MR")
-    return tokens
-
-
-def bounded_number(kind, low, high=None):
-    """An argparse type: a number of `kind` (int or float) from low to high."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a %s" % (
-                text, "whole number" if kind is int else "number")) from None
-        if value != value or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                "must be from %s to %s" % (low, high) if high is not None
-                else "must be %s or more" % low)
-        return value
-    return parse
-
-
-positive_int = bounded_number(int, 1)
-non_negative_int = bounded_number(int, 0)
-non_negative_float = bounded_number(float, 0)
-compress_level = bounded_number(int, 0, 9)
 
 
 # Flags every command takes, before or after its name: (flags, argparse options, default).
@@ -5593,7 +5515,6 @@ COMMON_FLAGS = (
     # Rows per read transaction on Database.sql (default HOROS_CHUNK_ROWS); for tests.
     (("--horos-chunk-rows",), dict(type=positive_int, help=argparse.SUPPRESS), 0),
 )
-
 COMMANDS = {
     "status": "where the backup stands (--json for scripts)",
     "verify": "re-read ZIPs and check every member; damaged ones are exported again",
@@ -5778,14 +5699,6 @@ def run_command(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "retry":
         return retry_command(cfg, args.study_uids)
     return test_alert_command(cfg)
-
-
-class Terminated(Exception):
-    """launchd (or kill) sent SIGTERM."""
-
-
-def raise_terminated(_signum, _frame):
-    raise Terminated()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
