@@ -51,24 +51,52 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from xml.parsers.expat import ExpatError
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
 # =====================================================================================
 # Constants
 # =====================================================================================
+#
+# The settings first: each is the default of one flag (declared once, on its Config
+# field), and editing it here changes what the copy launchd runs does. The README's
+# configuration table lists them; a test checks that the three agree.
 
 TOOL_VERSION = "1.0.0"
+
+# The commands: the first word on the command line (CYCLE: none, a backup cycle).
+CYCLE = "cycle"
+STATUS = "status"
+VERIFY = "verify"
+RESTORE = "restore"
+REINDEX = "reindex"
+RETRY = "retry"
+DOCTOR = "doctor"
+FIND = "find"
+TEST_ALERT = "test-alert"
+EVERY_COMMAND = (CYCLE, STATUS, VERIFY, RESTORE, REINDEX, RETRY, DOCTOR, FIND, TEST_ALERT)
+OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c != TEST_ALERT)
+READS_HOROS_DATA = (CYCLE, STATUS, DOCTOR, RESTORE)     # Horos Data and its preferences
+ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT)
+
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
-SENTINEL = os.path.join(PACS_ROOT, ".pacs_sentinel")            # follows --pacs-root
-HOROS_DATA_DIR = os.path.join(PACS_ROOT, "Database", "Horos Data")  # --horos-data
-BACKUP_ROOT = os.path.join(PACS_ROOT, "Backup")                 # --backup-root
+# Where the sentinel, Horos Data and the backup sit on the PACS volume; --pacs-root X
+# puts them below X instead.
+SENTINEL_NAME = ".pacs_sentinel"
+HOROS_DATA_NAME = "Horos Data"
+HOROS_DATA_SUBDIR = os.path.join("Database", HOROS_DATA_NAME)
+BACKUP_SUBDIR = "Backup"
+SENTINEL = os.path.join(PACS_ROOT, SENTINEL_NAME)               # follows --pacs-root
+HOROS_DATA_DIR = os.path.join(PACS_ROOT, HOROS_DATA_SUBDIR)     # --horos-data
+BACKUP_ROOT = os.path.join(PACS_ROOT, BACKUP_SUBDIR)            # --backup-root
+# Horos's settings, of the user who runs Horos (expanded with that user's HOME).
+HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
+
 BATCH_SIZE = 15                                                 # --batch-size
 INCOMING_MAX_FILES = 25_000                                     # --incoming-max-files
 ORDER_BY = "study_date"                                         # --order-by
 MODS = ("CT", "MR")                                             # --modalities CT,MR
 USE_DB_COPY = False                                             # --use-db-copy
-MAX_NAME_NOEXT = 128
 
 # Deflate level 1 halves CT and MR (about 51% of the bytes on CT-like data) for a fifth
 # of level 6's CPU; levels 6 and 9 save 1-2% more (BENCHMARKS.md). On a small Mac with a
@@ -96,9 +124,6 @@ MAX_MBPS = 0.0                                                  # --max-mbps
 # launchd's next tick (600 s); the lock would make that tick skip anyway.
 MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
 
-# Horos's settings, of the user who runs Horos (expanded with that user's HOME).
-HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
-
 # Inside clinic hours (local time, the end exclusive; 19-07 wraps past midnight) a cycle
 # exports up to BATCH_SIZE studies, so Horos and its users never feel it. Outside them
 # it keeps going until MAX_RUN_SECONDS: a 50,000-study backlog drains over nights and
@@ -106,6 +131,8 @@ HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-pr
 # "00-24": the cap at every hour of every day.
 CLINIC_HOURS = "07-19"                                          # --clinic-hours
 CLINIC_DAYS = "mon-fri"                                         # --clinic-days
+
+# Alerts (README: Alerts). No channel is set by default: a cycle then sends nothing.
 ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
 SMTP_HOST = ""               # --smtp-host
 SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
@@ -114,15 +141,18 @@ SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
 ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
 HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
 ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
+ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"   # the subject, for --alert-command
 
-# Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
-# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
-# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
-# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
-# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
-# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
-# transaction ends.
-HOROS_CHUNK_ROWS = 1000
+# Rows per candidate-scan transaction (for tests and the benchmark, a hidden flag).
+# Measured at 150,000 studies / 750,000 series on this project's 2-core machine, idle:
+# 1,000 studies take 4-6 ms in SQLite, 2,000 take 9-12 ms, 5,000 23-28 ms, and the
+# whole scan costs the same 0.6-0.7 s at any size from 500 up. Under a load of 3
+# (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses the CPU mid-transaction
+# keeps the lock meanwhile. 1,000 keeps the longest near 25 ms there, half the 50 ms
+# target, for a slower Mac; a chunk's rows are grouped after its transaction ends.
+HOROS_CHUNK_ROWS = 1000                                         # --horos-chunk-rows
+
+MAX_NAME_NOEXT = 128         # longest ZIP name without `.zip`
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
@@ -140,18 +170,20 @@ ISSUES_BACKUP_COUNT = 5
 # umask of launchd or of the person's shell. 0o027 lets the folder's group read (README,
 # "File modes").
 BACKUP_UMASK = 0o077
+
 ORDER_CHOICES = ("study_date", "date_added")
 COMPRESSION_CHOICES = ("stored", "deflate")
 VERIFY_ATTEMPTS = 3          # write + testzip() attempts before a study counts as failed
 RETRY_BACKOFF_SECONDS = (3600, 6 * 3600, 24 * 3600)  # after failure 1, 2, 3+ (then daily)
 DB_FOLDER_SIZE = 10000       # Horos preference DefaultFolderSizeForDB
+HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default auto-cleaning threshold, in MB (MiB)
 COREDATA_EPOCH_OFFSET = 978307200  # 2001-01-01T00:00:00Z in Unix seconds
 COPY_CHUNK_BYTES = 1024 * 1024
+GB = 1000 ** 3               # MIN_FREE_GB is in the decimal gigabytes Finder shows
+MIB = 1024 * 1024            # Horos's "MB"
 
 # Names on disk. Users and their scripts rely on these (README, "Files").
-SENTINEL_NAME = ".pacs_sentinel"
 BACKUP_SENTINEL_NAME = ".backup_sentinel"   # in BACKUP_ROOT's parent, when on another disk
-HOROS_DATA_NAME = "Horos Data"
 HOROS_DATABASE_FILE = "Database.sql"
 HOROS_FILES_DIR = "DATABASE.noindex"
 HOROS_INCOMING_DIR = "INCOMING.noindex"
@@ -172,13 +204,52 @@ MANIFEST_NAME = "horos-backup-manifest.json"
 MANIFEST_FORMAT = "horos-backup-manifest"
 MANIFEST_FORMAT_VERSION = 1
 ISSUES_HEADER = ("timestamp", "kind", "study_uid", "detail", "extra")
-EXIT_OK = 0
-EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
 
 # ZIP can store no timestamp before 1980 or after 2107 (MS-DOS date fields).
 ZIP_MIN_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 ZIP_MAX_DATE_TIME = (2107, 12, 31, 23, 59, 58)
 MAX_MEMBER_PART = 80         # characters of one folder or file name inside a ZIP
+
+EXIT_OK = 0
+EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
+EXIT_USAGE = 2        # a bad command line (argparse's own code)
+EXIT_INTERRUPTED = 130
+
+# issues.csv kinds (README: issues.csv). The first five are also a failed study's
+# `failures.kind`.
+NO_FILES = "NO_FILES"                        # none of its files exist
+MISSING_FILES = "MISSING_FILES"              # some are missing: deferred
+FILE_CHANGED = "FILE_CHANGED"                # a file moved while it was zipped
+UNREADABLE_FILE = "UNREADABLE_FILE"
+ZIP_BAD = "ZIP_BAD"                          # failed verification as it was written
+PARTIAL = "PARTIAL"                          # exported without its missing files
+INCOMING_OVER_LIMIT = "INCOMING_OVER_LIMIT"  # the cycle was skipped
+HOROS_DB_UNREADABLE = "HOROS_DB_UNREADABLE"
+DISK_LOW = "DISK_LOW"
+DISK_FULL = "DISK_FULL"
+VERIFY_FAILED = "VERIFY_FAILED"              # a ZIP read back is missing or damaged
+UNREADABLE_ZIP = "UNREADABLE_ZIP"            # a ZIP whose manifest cannot be read
+
+
+class Outcome:
+    """What a cycle did with a study it took up (export_study), or would do
+    (files_decision, the dry run). NO_FILES and DEFERRED come before anything is
+    written: the study leaves its batch slot to the next one."""
+    EXPORTED = "exported"
+    PARTIAL = "partial"          # exported without the files still missing
+    DEFERRED = "deferred"        # some files missing: tried again later
+    NO_FILES = "no_files"        # none of its files exist
+    FAILED = "failed"            # written, but it failed (FILE_CHANGED, ZIP_BAD ...)
+
+
+# runs.outcome (README: State): how a cycle ended.
+CYCLE_OK = "ok"
+CYCLE_SKIPPED_INCOMING = "skipped_incoming"
+CYCLE_DISK_LOW = "disk_low"
+CYCLE_DISK_FULL = "disk_full"
+CYCLE_HOROS_UNREADABLE = "horos_unreadable"
+CYCLE_ERROR = "error"
+CYCLE_SKIPPED_LOCK = "skipped_lock"   # another run holds the lock; not recorded in runs
 
 
 # =====================================================================================
@@ -302,8 +373,6 @@ def printable(text) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
 
 
-GB = 1000 ** 3                 # MIN_FREE_GB is in the decimal gigabytes Finder shows
-MIB = 1024 * 1024                 # Horos's "MB"
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:
@@ -448,37 +517,160 @@ def month_argument(text: str) -> str:
 # =====================================================================================
 # Data types
 # =====================================================================================
+#
+# The settings first. Each is one field of Config (or AlertConfig) whose default is its
+# constant and whose metadata is its Flag: the argparse flags, which command takes
+# which, and the README's configuration table all follow from these declarations.
 
+@dataclass(frozen=True)
+class Flag:
+    """How a setting is given on the command line."""
+    name: str                       # "--batch-size"
+    constant: str                   # "BATCH_SIZE": the constant that holds the default
+    help: str                       # " (default X)" is added from the field's default
+    commands: Tuple[str, ...]       # the commands that take it (CYCLE: a backup cycle)
+    type: Optional[Callable[[str], object]] = None   # parses text, the constant's too
+    choices: Optional[Tuple[str, ...]] = None
+    metavar: Optional[str] = None
+    switch: bool = False            # takes no value: on when given
+    default_text: str = ""          # the default in --help, when not the value itself
+    hidden: bool = False            # not in --help (for tests and the benchmark)
+
+
+def setting(default, flag: Flag):
+    """A field whose default is a constant users may edit, and whose flag is `flag`."""
+    return dataclasses.field(default=default, metadata={"flag": flag})
+
+
+@dataclass(frozen=True)
+class HorosPreferences:
+    """What Horos's settings say; Horos's defaults for what the file does not hold."""
+    path: str
+    found: bool = False              # False: no file at the default path
+    folder_size: int = DB_FOLDER_SIZE
+    database_location: int = 0       # 0: ~/Documents/Horos Data; 1: DATABASELOCATIONURL
+    database_location_url: str = ""
+    auto_cleaning: bool = True
+    auto_cleaning_size: int = HOROS_AUTO_CLEANING_SIZE   # MB, or -N: N % of the volume
+    problem: str = ""                # doctor only: why the file could not be used
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """The alert channels (README: Alerts); the password is read from its file."""
+    emails: Tuple[str, ...] = setting(ALERT_EMAIL, Flag(
+        "--alert-email", "ALERT_EMAIL", "email alerts to these addresses (needs --smtp-host)",
+        ALERTING_COMMANDS, type=parse_addresses, metavar="ADDR[,ADDR...]"))
+    smtp_host: str = setting(SMTP_HOST, Flag(
+        "--smtp-host", "SMTP_HOST", "mail server for --alert-email", ALERTING_COMMANDS))
+    smtp_port: int = setting(SMTP_PORT, Flag(
+        "--smtp-port", "SMTP_PORT", "its port; STARTTLS when offered, 465 is TLS from the "
+        "start", ALERTING_COMMANDS, type=bounded_number(int, 1, 65535)))
+    smtp_user: str = setting(SMTP_USER, Flag(
+        "--smtp-user", "SMTP_USER", "log in as this user (only over TLS)",
+        ALERTING_COMMANDS))
+    smtp_password_file: str = setting(SMTP_PASSWORD_FILE, Flag(
+        "--smtp-password-file", "SMTP_PASSWORD_FILE", "the password, first line of a file "
+        "only its owner can read (chmod 600)", ALERTING_COMMANDS, metavar="FILE"))
+    command: str = setting(ALERT_COMMAND, Flag(
+        "--alert-command", "ALERT_COMMAND", "run by /bin/sh -c for each alert: the message "
+        "on stdin, the subject in $%s" % ALERT_SUBJECT_ENV, ALERTING_COMMANDS, metavar="CMD"))
+    heartbeat_url: str = setting(HEARTBEAT_URL, Flag(
+        "--heartbeat-url", "HEARTBEAT_URL", "requested after every cycle that ends well, "
+        "URL/fail after a failed one", ALERTING_COMMANDS, metavar="URL"))
+    after_hours: float = setting(ALERT_AFTER_HOURS, Flag(
+        "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded for "
+        "this long; 0: at the first failed cycle", ALERTING_COMMANDS,
+        type=non_negative_float))
+    smtp_password: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def channels(self) -> Tuple[str, ...]:
+        """The channels that carry messages (the heartbeat carries none)."""
+        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything a run depends on, resolved from flags and constants."""
-    pacs_root: str
-    sentinel: str
-    horos_data: str
-    backup_root: str
-    batch_size: int = BATCH_SIZE
-    incoming_max_files: int = INCOMING_MAX_FILES
-    order_by: str = ORDER_BY
-    modalities: Tuple[str, ...] = MODS
-    use_db_copy: bool = USE_DB_COPY
-    compression: str = COMPRESSION
-    compress_level: int = COMPRESS_LEVEL
-    busy_timeout: float = BUSY_TIMEOUT_SECONDS
-    settle_minutes: float = SETTLE_MINUTES
-    missing_retries: int = MISSING_RETRIES
-    min_free_gb: float = MIN_FREE_GB
-    verify_per_run: int = VERIFY_PER_RUN
-    max_mbps: float = MAX_MBPS
-    max_run_seconds: float = MAX_RUN_SECONDS
-    verbose: bool = False
-    folder_size: int = DB_FOLDER_SIZE                 # Horos's DefaultFolderSizeForDB
-    horos_prefs: Optional["HorosPreferences"] = None  # None: Horos's defaults
-    alerts: Optional["AlertConfig"] = None    # None: no alerts (see Alerts)
-    clinic_hours: str = CLINIC_HOURS
-    clinic_days: str = CLINIC_DAYS
-    horos_chunk_rows: int = 0        # 0: HOROS_CHUNK_ROWS (a smaller value for tests)
+    pacs_root: str = setting(PACS_ROOT, Flag(
+        "--pacs-root", "PACS_ROOT", "the PACS volume; holds %s" % SENTINEL_NAME,
+        EVERY_COMMAND))
+    horos_data: str = setting(HOROS_DATA_DIR, Flag(
+        "--horos-data", "HOROS_DATA_DIR", "the Horos Data folder", READS_HOROS_DATA,
+        default_text="PACS_ROOT/%s, or the folder Horos's preferences name"
+        % HOROS_DATA_SUBDIR))
+    backup_root: str = setting(BACKUP_ROOT, Flag(
+        "--backup-root", "BACKUP_ROOT", "where ZIPs and state go", EVERY_COMMAND,
+        default_text="PACS_ROOT/%s" % BACKUP_SUBDIR))
+    batch_size: int = setting(BATCH_SIZE, Flag(
+        "--batch-size", "BATCH_SIZE", "studies per cycle in clinic hours", (CYCLE, STATUS),
+        type=positive_int))
+    incoming_max_files: int = setting(INCOMING_MAX_FILES, Flag(
+        "--incoming-max-files", "INCOMING_MAX_FILES", "skip the cycle while "
+        "INCOMING.noindex holds more files; restore --into-horos fills it up to this",
+        (CYCLE, RESTORE), type=positive_int))
+    order_by: str = setting(ORDER_BY, Flag(
+        "--order-by", "ORDER_BY", "export order, oldest first", (CYCLE,),
+        choices=ORDER_CHOICES))
+    modalities: Tuple[str, ...] = setting(MODS, Flag(
+        "--modalities", "MODS", "studies to back up, comma-separated", (CYCLE, STATUS),
+        type=parse_modalities))
+    use_db_copy: bool = setting(USE_DB_COPY, Flag(
+        "--use-db-copy", "USE_DB_COPY", "read a snapshot of Database.sql in "
+        "BACKUP_ROOT/.tmp/dbcopy", (CYCLE,), switch=True))
+    compression: str = setting(COMPRESSION, Flag(
+        "--compression", "COMPRESSION", "ZIP member compression", (CYCLE,),
+        choices=COMPRESSION_CHOICES))
+    compress_level: int = setting(COMPRESS_LEVEL, Flag(
+        "--compress-level", "COMPRESS_LEVEL", "deflate level 0-9", (CYCLE,),
+        type=bounded_number(int, 0, 9)))
+    busy_timeout: float = setting(BUSY_TIMEOUT_SECONDS, Flag(
+        "--busy-timeout", "BUSY_TIMEOUT_SECONDS", "seconds to wait for a locked database",
+        OPENS_A_DATABASE, type=non_negative_float))
+    settle_minutes: float = setting(SETTLE_MINUTES, Flag(
+        "--settle-minutes", "SETTLE_MINUTES", "export a study once Horos added nothing to "
+        "it for this long", (CYCLE, STATUS), type=non_negative_float))
+    missing_retries: int = setting(MISSING_RETRIES, Flag(
+        "--missing-retries", "MISSING_RETRIES", "times a study with missing files is "
+        "deferred before it is exported without them", (CYCLE,), type=non_negative_int))
+    min_free_gb: float = setting(MIN_FREE_GB, Flag(
+        "--min-free-gb", "MIN_FREE_GB", "free space to leave on the backup volume; 0 turns "
+        "the check off", (CYCLE, STATUS, DOCTOR), type=non_negative_float))
+    verify_per_run: int = setting(VERIFY_PER_RUN, Flag(
+        "--verify-per-run", "VERIFY_PER_RUN", "old ZIPs each cycle reads back", (CYCLE,),
+        type=non_negative_int))
+    max_mbps: float = setting(MAX_MBPS, Flag(
+        "--max-mbps", "MAX_MBPS", "cap on MB/s read while exporting and verifying; 0: no "
+        "cap", (CYCLE, VERIFY), type=non_negative_float))
+    max_run_seconds: float = setting(MAX_RUN_SECONDS, Flag(
+        "--max-run-seconds", "MAX_RUN_SECONDS", "start no new study after this long; 0: "
+        "no limit", (CYCLE, STATUS), type=non_negative_float))
+    verbose: bool = setting(False, Flag(
+        "--verbose", "", "debug logging", EVERY_COMMAND, switch=True))
+    horos_prefs_file: str = setting(HOROS_PREFS, Flag(
+        "--horos-prefs", "HOROS_PREFS", "Horos's preferences", READS_HOROS_DATA,
+        metavar="PLIST"))
+    clinic_hours: str = setting(CLINIC_HOURS, Flag(
+        "--clinic-hours", "CLINIC_HOURS", "local hours Horos is in use, the end exclusive "
+        "(19-07 wraps): up to --batch-size studies per cycle then, until --max-run-seconds "
+        "outside; none: never capped; 00-24: always", (CYCLE, STATUS), metavar="HH-HH"))
+    clinic_days: str = setting(CLINIC_DAYS, Flag(
+        "--clinic-days", "CLINIC_DAYS", "days with clinic hours: mon-fri, mon-sat, "
+        "mon,wed,fri", (CYCLE, STATUS), metavar="DAYS"))
+    horos_chunk_rows: int = setting(HOROS_CHUNK_ROWS, Flag(
+        "--horos-chunk-rows", "HOROS_CHUNK_ROWS", "ZSTUDY rows per read transaction on "
+        "Database.sql", (CYCLE, STATUS), type=positive_int, hidden=True))
+    # Derived, not flags: the sentinel follows --pacs-root; Horos's preferences are read
+    # from --horos-prefs; the alert settings are checked and the password read.
+    sentinel: str = SENTINEL
+    horos_prefs: HorosPreferences = HorosPreferences(path="")
+    alerts: AlertConfig = AlertConfig()
+
+    @property
+    def folder_size(self) -> int:
+        """Horos's DefaultFolderSizeForDB: where the path rule finds every file."""
+        return self.horos_prefs.folder_size
 
     @property
     def database_path(self) -> str:
@@ -512,32 +704,11 @@ class Config:
     def log_path(self) -> str:
         return os.path.join(self.backup_root, LOG_DIR, LOG_FILE)
 
-    @property
-    def schedule(self) -> "ClinicSchedule":
-        return clinic_schedule(self.clinic_hours, self.clinic_days)
 
-    @property
-    def chunk_rows(self) -> int:
-        return self.horos_chunk_rows or HOROS_CHUNK_ROWS
-
-
-@dataclass(frozen=True)
-class AlertConfig:
-    """The alert channels, from the flags; the password is read from its file."""
-    emails: Tuple[str, ...] = ()
-    smtp_host: str = SMTP_HOST
-    smtp_port: int = SMTP_PORT
-    smtp_user: str = SMTP_USER
-    smtp_password_file: str = SMTP_PASSWORD_FILE
-    smtp_password: str = dataclasses.field(default="", repr=False)
-    command: str = ALERT_COMMAND
-    heartbeat_url: str = HEARTBEAT_URL
-    after_hours: float = ALERT_AFTER_HOURS
-
-    @property
-    def channels(self) -> Tuple[str, ...]:
-        """The channels that carry messages (the heartbeat carries none)."""
-        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
+def setting_fields() -> List[dataclasses.Field]:
+    """The fields of Config and AlertConfig that have a flag, in --help order."""
+    return [field for kind in (Config, AlertConfig) for field in dataclasses.fields(kind)
+            if "flag" in field.metadata]
 
 
 @dataclass
@@ -982,7 +1153,6 @@ PREF_LOCATION = "DATABASELOCATION"
 PREF_LOCATION_URL = "DATABASELOCATIONURL"
 PREF_AUTO_CLEANING = "AUTOCLEANINGSPACE"
 PREF_AUTO_CLEANING_SIZE = "AUTOCLEANINGSPACESIZE"
-HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default threshold, in MB (MiB)
 HOROS_WARNING_FACTOR = 1.2        # Horos warns once free space is within 20 % above it
 RESERVE_MIN_FREE = "min_free_gb"                  # Reserve.source values (status --json)
 RESERVE_AUTO_CLEANING = "horos_auto_cleaning"
@@ -990,19 +1160,6 @@ RESERVE_AUTO_CLEANING = "horos_auto_cleaning"
 
 class HorosPreferencesUnreadable(CannotRun):
     """Horos's preferences file exists but cannot be read, or holds a value we cannot use."""
-
-
-@dataclass(frozen=True)
-class HorosPreferences:
-    """What Horos's settings say; Horos's defaults for what the file does not hold."""
-    path: str
-    found: bool = False              # False: no file at the default path
-    folder_size: int = DB_FOLDER_SIZE
-    database_location: int = 0       # 0: ~/Documents/Horos Data; 1: DATABASELOCATIONURL
-    database_location_url: str = ""
-    auto_cleaning: bool = True
-    auto_cleaning_size: int = HOROS_AUTO_CLEANING_SIZE   # MB, or -N: N % of the volume
-    problem: str = ""                # doctor only: why the file could not be used
 
 
 @dataclass(frozen=True)
@@ -1174,14 +1331,14 @@ def backup_space(cfg: Config, folder: str) -> Tuple[Reserve, int, int]:
     existing = nearest_existing(folder)
     usage = os.statvfs(existing)
     total = usage.f_blocks * usage.f_frsize
-    reserve = effective_reserve(cfg.min_free_gb, cfg.horos_prefs or HorosPreferences(""),
+    reserve = effective_reserve(cfg.min_free_gb, cfg.horos_prefs,
                                 total, same_disk(existing, cfg.horos_data))
     return reserve, usage.f_bavail * usage.f_frsize, total
 
 
 def log_horos_preferences(cfg: Config) -> None:
     """Once per cycle: which Horos settings apply."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
+    prefs = cfg.horos_prefs
     if prefs.found:
         log.debug("Horos preferences %s: folder size %d, %s", prefs.path, prefs.folder_size,
                   describe_auto_cleaning(prefs))
@@ -1574,6 +1731,11 @@ def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
     return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
 
 
+def config_schedule(cfg: Config) -> ClinicSchedule:
+    """The schedule of --clinic-hours and --clinic-days (checked when the flags were read)."""
+    return clinic_schedule(cfg.clinic_hours, cfg.clinic_days)
+
+
 def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
     """Whether a cycle starting at this local time is capped at BATCH_SIZE.
 
@@ -1596,7 +1758,7 @@ def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
 def capped_at(cfg: Config, now: float) -> bool:
     """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
     `now` is in clinic hours, in the Mac's local time."""
-    return in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
+    return in_clinic_hours(config_schedule(cfg), dt.datetime.fromtimestamp(now))
 
 
 def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
@@ -2646,7 +2808,6 @@ STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Hor
 ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
 ALERT_BOOK_FILE = "alerts.json"
 ALERT_BOOK_VERSION = 1
-ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
 ALERT_LINE_WIDTH = 76
 
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
@@ -2707,24 +2868,20 @@ def read_password_file(path: str) -> str:
     return password
 
 
-def alert_config_from_args(args: argparse.Namespace) -> AlertConfig:
-    """The alert flags, checked: each mistake is one line and exit 1."""
-    emails = tuple(args.alert_email) if not isinstance(args.alert_email, str) \
-        else parse_addresses(args.alert_email)
-    if emails and not args.smtp_host:
+def checked_alert_config(alerts: AlertConfig) -> AlertConfig:
+    """The alert settings, checked, with the password read: each mistake is one line
+    and exit 1."""
+    if alerts.emails and not alerts.smtp_host:
         raise CannotRun("--alert-email needs --smtp-host (the mail server to send through)")
-    if bool(args.smtp_user) != bool(args.smtp_password_file):
+    if bool(alerts.smtp_user) != bool(alerts.smtp_password_file):
         raise CannotRun("--smtp-user and --smtp-password-file go together")
-    url = args.heartbeat_url
+    url = alerts.heartbeat_url
     if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise CannotRun("--heartbeat-url %s is not an http:// or https:// URL" % url)
-    password = read_password_file(os.path.expanduser(args.smtp_password_file)) \
-        if args.smtp_password_file else ""
-    return AlertConfig(emails=emails, smtp_host=args.smtp_host, smtp_port=args.smtp_port,
-                       smtp_user=args.smtp_user,
-                       smtp_password_file=args.smtp_password_file, smtp_password=password,
-                       command=args.alert_command, heartbeat_url=url,
-                       after_hours=args.alert_after_hours)
+    if not alerts.smtp_password_file:
+        return alerts
+    return dataclasses.replace(alerts, smtp_password=read_password_file(
+        os.path.expanduser(alerts.smtp_password_file)))
 
 
 def alert_book_path() -> str:
@@ -3226,12 +3383,12 @@ def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
 
 
 def alerting(cfg: Config) -> bool:
-    return cfg.alerts is not None and bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
+    return bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
 
 
 def alert_status(cfg: Config) -> dict:
     """The `alerts` object of `status --json` (never the password)."""
-    alerts = cfg.alerts or AlertConfig()
+    alerts = cfg.alerts
     path = alert_book_path()
     book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
     return {
@@ -3566,7 +3723,7 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
     exported, high_water = view.exported, view.image_high_water
     times = times if times is not None else ReadTimes()
     started = time.monotonic()
-    with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
+    with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows, times) as reader:
         top = image_high_water(reader)
         touched = set()
         # top < high_water: Horos rebuilt its database and numbered its rows anew.
@@ -3595,7 +3752,7 @@ def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
     needed: Database.sql is open only while a group is read, never while zipping."""
     group = cfg.batch_size * 2
     for first in range(0, len(candidates), group):
-        with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
+        with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows, times) as reader:
             plans = read_plans(reader, candidates[first:first + group], cfg.horos_files_dir,
                                cfg.folder_size)
         yield from plans
@@ -4102,7 +4259,7 @@ def gather_status(cfg: Config, now: float) -> dict:
     finally:
         state.close()
     times = ReadTimes()
-    with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.chunk_rows,
+    with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.horos_chunk_rows,
                            times) as reader:
         studies = read_candidates(reader)
     selection = plan_selection(studies, view.exported, view.changed, view.failures,
@@ -4123,7 +4280,7 @@ def gather_status(cfg: Config, now: float) -> dict:
     busy_seconds = sum(r["seconds"] for r in exporting_runs)
     backlog = selection.pending + selection.unsettled
     inside, outside = cycle_capacity(cfg, exporting_runs)
-    cycles = cycles_to_drain(backlog, cfg.schedule, dt.datetime.fromtimestamp(now), inside,
+    cycles = cycles_to_drain(backlog, config_schedule(cfg), dt.datetime.fromtimestamp(now), inside,
                              outside, LAUNCHD_INTERVAL_SECONDS)
     held, pid = lock_holder(cfg.lock_path)
     usage = os.statvfs(nearest_existing(cfg.backup_root))
@@ -4172,7 +4329,7 @@ def gather_status(cfg: Config, now: float) -> dict:
 
 def preferences_status(cfg: Config) -> dict:
     """The `horos_preferences` and `reserve` entries of `status --json`."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
+    prefs = cfg.horos_prefs
     reserve, _free, _total = backup_space(cfg, cfg.backup_root)
     return {
         "horos_preferences": {
@@ -4327,7 +4484,7 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
 def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
                        max_gb: Optional[float]) -> int:
     """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
-    if not (cfg.alerts is not None and cfg.alerts.channels):
+    if not cfg.alerts.channels:
         return verify_command(cfg, verify_all, limit, max_gb)
     offset = issues_size(cfg.issues_path)
     code = verify_command(cfg, verify_all, limit, max_gb)
@@ -4853,7 +5010,7 @@ def launchd_check() -> Check:
 
 def run_doctor(cfg: Config, now: float) -> List[Check]:
     """Every check, in the order a person would fix them."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
+    prefs = cfg.horos_prefs
     checks = [python_check()]
     checks.extend(sentinel_checks(cfg))
     checks.append(preferences_check(cfg, prefs))
@@ -5436,166 +5593,198 @@ def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
 # =====================================================================================
 # CLI
 # =====================================================================================
+#
+# One table of commands: what each runs, and its own arguments. The settings are added
+# from their declarations (Config and AlertConfig); each command gets those whose Flag
+# names it. A setting may stand before the command's name or after it.
+
+@dataclass(frozen=True)
+class Argument:
+    """An argument of one command besides the settings (argparse's add_argument)."""
+    names: Tuple[str, ...]
+    options: Mapping[str, object]
+    group: str = ""          # arguments of one group exclude each other
 
 
-# Flags every command takes, before or after its name: (flags, argparse options, default).
-# Paths default to None here and derive from --pacs-root in config_from_args.
-COMMON_FLAGS = (
-    (("--pacs-root",), dict(help="the PACS volume; holds .pacs_sentinel (default %s)"
-                             % PACS_ROOT), None),
-    (("--horos-data",), dict(help="the Horos Data folder (default PACS_ROOT/Database/"
-                              "Horos Data)"), None),
-    (("--backup-root",), dict(help="where ZIPs and state go (default PACS_ROOT/Backup)"),
-     None),
-    (("--batch-size",), dict(type=positive_int, help="studies per cycle (default %d)"
-                              % BATCH_SIZE), BATCH_SIZE),
-    (("--incoming-max-files",), dict(type=positive_int, help="skip the cycle while "
-                                      "INCOMING.noindex holds more files (default %d)"
-                                      % INCOMING_MAX_FILES), INCOMING_MAX_FILES),
-    (("--order-by",), dict(choices=ORDER_CHOICES, help="export order, oldest first "
-                            "(default %s)" % ORDER_BY), ORDER_BY),
-    (("--modalities",), dict(type=parse_modalities, help="studies to back up, "
-                              "comma-separated (default %s)" % ",".join(MODS)), MODS),
-    (("--use-db-copy",), dict(action="store_true", help="read a snapshot of Database.sql "
-                               "in BACKUP_ROOT/.tmp/dbcopy"), USE_DB_COPY),
-    (("--compression",), dict(choices=COMPRESSION_CHOICES, help="ZIP member compression "
-                               "(default %s)" % COMPRESSION), COMPRESSION),
-    (("--compress-level",), dict(type=compress_level, help="deflate level 0-9 (default %d)"
-                                  % COMPRESS_LEVEL), COMPRESS_LEVEL),
-    (("--busy-timeout",), dict(type=non_negative_float, help="seconds to wait for a locked "
-                                "database (default %g)" % BUSY_TIMEOUT_SECONDS),
-     BUSY_TIMEOUT_SECONDS),
-    (("--settle-minutes",), dict(type=non_negative_float, help="export a study once Horos "
-                                  "added nothing to it for this long (default %g)"
-                                  % SETTLE_MINUTES), SETTLE_MINUTES),
-    (("--missing-retries",), dict(type=non_negative_int, help="times a study with missing "
-                                   "files is deferred before it is exported without them "
-                                   "(default %d)" % MISSING_RETRIES), MISSING_RETRIES),
-    (("--min-free-gb",), dict(type=non_negative_float, help="free space to leave on the "
-                               "backup volume; 0 turns the check off (default %g)"
-                               % MIN_FREE_GB), MIN_FREE_GB),
-    (("--verify-per-run",), dict(type=non_negative_int, help="old ZIPs each cycle reads "
-                                  "back (default %d)" % VERIFY_PER_RUN), VERIFY_PER_RUN),
-    (("--max-mbps",), dict(type=non_negative_float, help="cap on MB/s read while exporting "
-                            "and verifying; 0: no cap (default %g)" % MAX_MBPS), MAX_MBPS),
-    (("--max-run-seconds",), dict(type=non_negative_float, help="start no new study after "
-                                   "this long; 0: no limit (default %g)" % MAX_RUN_SECONDS),
-     MAX_RUN_SECONDS),
-    (("--verbose",), dict(action="store_true", help="debug logging"), False),
-    (("--horos-prefs",), dict(metavar="PLIST", help="Horos's preferences (default %s)"
-                               % HOROS_PREFS), None),
-    (("--alert-email",), dict(type=parse_addresses, metavar="ADDR[,ADDR...]",
-                              help="email alerts to these addresses (needs --smtp-host)"),
-     ALERT_EMAIL),
-    (("--smtp-host",), dict(help="mail server for --alert-email"), SMTP_HOST),
-    (("--smtp-port",), dict(type=bounded_number(int, 1, 65535), help="its port; STARTTLS "
-                             "when offered, 465 is TLS from the start (default %d)"
-                             % SMTP_PORT), SMTP_PORT),
-    (("--smtp-user",), dict(help="log in as this user (only over TLS)"), SMTP_USER),
-    (("--smtp-password-file",), dict(metavar="FILE", help="the password, first line of a "
-                                      "file only its owner can read (chmod 600)"),
-     SMTP_PASSWORD_FILE),
-    (("--alert-command",), dict(metavar="CMD", help="run by /bin/sh -c for each alert: "
-                                 "the message on stdin, the subject in $%s"
-                                 % ALERT_SUBJECT_ENV), ALERT_COMMAND),
-    (("--heartbeat-url",), dict(metavar="URL", help="requested after every cycle that ends "
-                                 "well, URL/fail after a failed one"), HEARTBEAT_URL),
-    (("--alert-after-hours",), dict(type=non_negative_float, help="alert when no cycle has "
-                                     "succeeded for this long; 0: at the first failed "
-                                     "cycle (default %g)" % ALERT_AFTER_HOURS),
-     ALERT_AFTER_HOURS),
-    (("--clinic-hours",), dict(metavar="HH-HH", help="local hours Horos is in use, the end "
-                                "exclusive (19-07 wraps): up to --batch-size studies per "
-                                "cycle then, until --max-run-seconds outside; none: never "
-                                "capped; 00-24: always (default %s)" % CLINIC_HOURS),
-     CLINIC_HOURS),
-    (("--clinic-days",), dict(metavar="DAYS", help="days with clinic hours: mon-fri, "
-                               "mon-sat, mon,wed,fri (default %s)" % CLINIC_DAYS),
-     CLINIC_DAYS),
-    # Rows per read transaction on Database.sql (default HOROS_CHUNK_ROWS); for tests.
-    (("--horos-chunk-rows",), dict(type=positive_int, help=argparse.SUPPRESS), 0),
-)
-COMMANDS = {
-    "status": "where the backup stands (--json for scripts)",
-    "verify": "re-read ZIPs and check every member; damaged ones are exported again",
-    "restore": "extract study ZIPs into a folder, or back into Horos",
-    "reindex": "rebuild export_state.sqlite from the ZIPs' manifests",
-    "retry": "clear the back-off of failed studies",
-    "doctor": "check the installation end to end; writes nothing (--json for scripts)",
-    "find": "search the backup alone for studies by patient, ID, date or modality",
-    "test-alert": "send one test message by every configured alert channel",
-}
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[Config, argparse.Namespace], int]
+    arguments: Tuple[Argument, ...] = ()
+    required_groups: Tuple[str, ...] = ()    # groups of which one argument must be given
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("options every command takes")
-    for flags, options, _default in COMMON_FLAGS:
-        # SUPPRESS: a flag given before the command name is not reset after it.
-        group.add_argument(*flags, default=argparse.SUPPRESS, **options)
+def run_cycle_command(cfg: Config, args: argparse.Namespace) -> int:
+    return dry_run(cfg) if args.dry_run else cycle_with_alerts(cfg)
+
+
+def run_status(cfg: Config, args: argparse.Namespace) -> int:
+    return status_command(cfg, args.json)
+
+
+def run_verify(cfg: Config, args: argparse.Namespace) -> int:
+    return verify_with_alerts(cfg, args.all, args.limit, args.max_gb)
+
+
+def run_restore(cfg: Config, args: argparse.Namespace) -> int:
+    return restore_command(cfg, args.zips, args.to, args.into_horos, args.all, args.month,
+                           args.find)
+
+
+def run_reindex(cfg: Config, args: argparse.Namespace) -> int:
+    return reindex_command(cfg)
+
+
+def run_retry(cfg: Config, args: argparse.Namespace) -> int:
+    return retry_command(cfg, args.study_uids)
+
+
+def run_doctor_command(cfg: Config, args: argparse.Namespace) -> int:
+    return doctor_command(cfg, args.json)
+
+
+def run_find(cfg: Config, args: argparse.Namespace) -> int:
+    return find_command(cfg, args.texts, args.json)
+
+
+def run_test_alert(cfg: Config, args: argparse.Namespace) -> int:
+    return test_alert_command(cfg)
+
+
+JSON = Argument(("--json",), dict(action="store_true", help="machine-readable"))
+
+COMMANDS = {command.name: command for command in (
+    Command(CYCLE, "Export every CT/MR study of a Horos library to one verified ZIP per "
+            "study, in monthly folders. With no command, runs one backup cycle.",
+            run_cycle_command, (
+                Argument(("--dry-run",), dict(action="store_true", help="list what the next "
+                                              "cycle would export; write nothing")),)),
+    Command(STATUS, "where the backup stands (--json for scripts)", run_status, (JSON,)),
+    Command(VERIFY, "re-read ZIPs and check every member; damaged ones are exported again",
+            run_verify, (
+                Argument(("--all",), dict(action="store_true", help="every ZIP"), "how_much"),
+                Argument(("--limit",), dict(type=positive_int, metavar="N",
+                                            help="the N longest-unverified ZIPs (default %d)"
+                                            % VERIFY_DEFAULT_LIMIT), "how_much"),
+                Argument(("--max-gb",), dict(type=non_negative_float, metavar="X",
+                                             help="longest-unverified ZIPs until X GB are "
+                                             "read"), "how_much"))),
+    Command(RESTORE, "extract study ZIPs into a folder, or back into Horos", run_restore, (
+        Argument(("zips",), dict(nargs="*", metavar="ZIP", help="study ZIPs (a path, or "
+                                 "relative to BACKUP_ROOT)")),
+        Argument(("--all",), dict(action="store_true", help="every study of the backup"),
+                 "which"),
+        Argument(("--month",), dict(action="append", type=month_argument, default=[],
+                                    metavar="YYYY_MM", help="the studies of a month folder "
+                                    "(repeatable)"), "which"),
+        Argument(("--find",), dict(nargs="+", default=[], metavar="TEXT",
+                                   help="the studies `find TEXT...` lists"), "which"),
+        Argument(("--to",), dict(metavar="DIR", help="a folder (created if needed); each "
+                                 "study becomes a new folder in it"), "where"),
+        Argument(("--into-horos",), dict(action="store_true", help="into INCOMING.noindex, "
+                                         "for Horos to import"), "where")),
+        required_groups=("where",)),
+    Command(REINDEX, "rebuild export_state.sqlite from the ZIPs' manifests", run_reindex),
+    Command(RETRY, "clear the back-off of failed studies", run_retry, (
+        Argument(("study_uids",), dict(nargs="*", metavar="STUDY_UID", help="the studies to "
+                                       "retry (default: every failed study)")),)),
+    Command(DOCTOR, "check the installation end to end; writes nothing (--json for "
+            "scripts)", run_doctor_command, (JSON,)),
+    Command(FIND, "search the backup alone for studies by patient, ID, date or modality",
+            run_find, (
+                Argument(("texts",), dict(nargs="+", metavar="TEXT", help="words that must "
+                                          "all match: part of the patient name, ID or "
+                                          "accession number, the start of the study UID or "
+                                          "date (2019, 2019-03), or a modality")),
+                JSON)),
+    Command(TEST_ALERT, "send one test message by every configured alert channel",
+            run_test_alert),
+)}
+
+
+def default_text(field: dataclasses.Field) -> str:
+    """A setting's default as --help shows it."""
+    flag = field.metadata["flag"]
+    if flag.default_text or flag.switch:
+        return flag.default_text
+    value = field.default
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return "%g" % value
+    return str(value)
+
+
+def add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    group = parser.add_argument_group("settings (README: Configuration)")
+    for field in setting_fields():
+        flag = field.metadata["flag"]
+        if command not in flag.commands:
+            continue
+        shown = default_text(field)
+        options: Dict[str, object] = dict(
+            dest=field.name, help=argparse.SUPPRESS if flag.hidden
+            else flag.help + (" (default %s)" % shown if shown else ""),
+            # SUPPRESS: a setting given before the command's name is not reset after it.
+            default=argparse.SUPPRESS)
+        if flag.switch:
+            options["action"] = "store_true"
+        else:
+            options.update(type=flag.type, choices=flag.choices, metavar=flag.metavar
+                           or flag.name.lstrip("-").replace("-", "_").upper())
+        group.add_argument(flag.name, **options)
+
+
+def add_command_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
+    groups: Dict[str, Any] = {}
+    for argument in command.arguments:
+        target = parser
+        if argument.group:
+            if argument.group not in groups:
+                groups[argument.group] = parser.add_mutually_exclusive_group(
+                    required=argument.group in command.required_groups)
+            target = groups[argument.group]
+        target.add_argument(*argument.names, **argument.options)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="horos_backup_export.py",
-        description="Export every CT/MR study of a Horos library to one verified ZIP per "
-                    "study, in monthly folders. With no command, runs one backup cycle.")
-    add_common_flags(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what the next cycle would export; write nothing")
+    cycle = COMMANDS[CYCLE]
+    parser = argparse.ArgumentParser(prog="horos_backup_export.py", description=cycle.help)
+    add_settings(parser, CYCLE)
+    add_command_arguments(parser, cycle)
     parser.add_argument("--version", action="version", version="%(prog)s " + TOOL_VERSION)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     title="commands (none: run one backup cycle)")
-    sub = {name: commands.add_parser(name, help=text, description=text)
-           for name, text in COMMANDS.items()}
-    for subparser in sub.values():
-        add_common_flags(subparser)
-    sub["status"].add_argument("--json", action="store_true", help="machine-readable")
-    how_much = sub["verify"].add_mutually_exclusive_group()
-    how_much.add_argument("--all", action="store_true", help="every ZIP")
-    how_much.add_argument("--limit", type=positive_int, metavar="N",
-                          help="the N longest-unverified ZIPs (default %d)"
-                          % VERIFY_DEFAULT_LIMIT)
-    how_much.add_argument("--max-gb", type=non_negative_float, metavar="X",
-                          help="longest-unverified ZIPs until X GB are read")
-    sub["restore"].add_argument("zips", nargs="*", metavar="ZIP",
-                                help="study ZIPs (a path, or relative to BACKUP_ROOT)")
-    which = sub["restore"].add_mutually_exclusive_group()
-    which.add_argument("--all", action="store_true", help="every study of the backup")
-    which.add_argument("--month", action="append", type=month_argument, default=[],
-                       metavar="YYYY_MM", help="the studies of a month folder (repeatable)")
-    which.add_argument("--find", nargs="+", default=[], metavar="TEXT",
-                       help="the studies `find TEXT...` lists")
-    where = sub["restore"].add_mutually_exclusive_group(required=True)
-    where.add_argument("--to", metavar="DIR", help="a folder (created if needed); each "
-                       "study becomes a new folder in it")
-    where.add_argument("--into-horos", action="store_true",
-                       help="into INCOMING.noindex, for Horos to import")
-    sub["retry"].add_argument("study_uids", nargs="*", metavar="STUDY_UID",
-                              help="the studies to retry (default: every failed study)")
-    sub["doctor"].add_argument("--json", action="store_true", help="machine-readable")
-    sub["find"].add_argument("texts", nargs="+", metavar="TEXT",
-                             help="words that must all match: part of the patient name, ID "
-                             "or accession number, the start of the study UID or date "
-                             "(2019, 2019-03), or a modality")
-    sub["find"].add_argument("--json", action="store_true", help="machine-readable")
+    subparsers = parser.add_subparsers(dest="command_name", metavar="COMMAND",
+                                       title="commands (none: run one backup cycle)")
+    for command in COMMANDS.values():
+        if command.name == CYCLE:
+            continue
+        subparser = subparsers.add_parser(command.name, help=command.help,
+                                          description=command.help)
+        add_settings(subparser, command.name)
+        add_command_arguments(subparser, command)
     return parser
 
 
-def option_names(parser: argparse.ArgumentParser) -> set:
-    """Every option string the parser and its commands' parsers take."""
-    names = set()
-    for action in parser._actions:
-        names.update(action.option_strings)
-        if isinstance(action.choices, dict):          # the commands' subparsers
-            for subparser in action.choices.values():
-                names.update(option_names(subparser))
+def option_names() -> set:
+    """Every option string the script takes, from the declarations (not from argparse)."""
+    names = {"-h", "--help", "--version"}
+    names.update(field.metadata["flag"].name for field in setting_fields())
+    names.update(name for command in COMMANDS.values() for argument in command.arguments
+                 for name in argument.names if name.startswith("-"))
     return names
 
 
-def reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+def usage_error(message: str) -> None:
+    """argparse's exit code, in one line: the usage text would bury the message."""
+    print("horos_backup_export.py: error: %s" % message, file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def reject_unknown_options(argv: Sequence[str]) -> None:
     """Name a mistyped flag, one line, exit 2. Left to argparse, `--pacs-rot X` reads X
     as the command and reports "invalid choice: 'X'", which hides the typo."""
-    known = option_names(parser)
+    known = option_names()
     for token in argv:
         if token == "--":
             return
@@ -5607,106 +5796,96 @@ def reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str])
                 or name in known:
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1)
-        print("%s: error: unrecognized option %s%s" % (
-            parser.prog, name, " (did you mean %s?)" % close[0] if close else ""),
-            file=sys.stderr)
-        sys.exit(2)
+        usage_error("unrecognized option %s%s" % (
+            name, " (did you mean %s?)" % close[0] if close else ""))
+
+
+def drop_settings_of_the_cycle(args: argparse.Namespace, command: str) -> None:
+    """Settings before a command's name are the cycle's (copied from the plist, say):
+    the command keeps those it takes and ignores the rest. --dry-run there is refused:
+    `--dry-run restore ...` must not restore for real."""
+    if command == CYCLE:
+        return
+    if args.dry_run:
+        usage_error("--dry-run applies to a backup cycle, not to `%s`" % command)
+    for field in setting_fields():
+        flag = field.metadata["flag"]
+        if hasattr(args, field.name) and command not in flag.commands:
+            log.debug("%s ignored: `%s` does not use it", flag.name, command)
+            delattr(args, field.name)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = build_parser()
-    reject_unknown_options(parser, sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    for flags, _options, default in COMMON_FLAGS:
-        name = flags[0].lstrip("-").replace("-", "_")
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    try:
-        clinic_schedule(args.clinic_hours, args.clinic_days)
-    except ValueError as error:
-        # argparse's exit code, but one line: the usage text would bury the value.
-        print("horos_backup_export.py: error: %s" % error, file=sys.stderr)
-        raise SystemExit(2) from None
+    reject_unknown_options(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    drop_settings_of_the_cycle(args, args.command_name or CYCLE)
+    if hasattr(args, "clinic_hours") or hasattr(args, "clinic_days"):
+        try:
+            clinic_schedule(getattr(args, "clinic_hours", CLINIC_HOURS),
+                            getattr(args, "clinic_days", CLINIC_DAYS))
+        except ValueError as error:
+            usage_error(str(error))
     return args
+
+
+def setting_values(kind, args: argparse.Namespace) -> Dict[str, object]:
+    """{field: value} of the settings of Config or AlertConfig: the flag when given,
+    else the constant, parsed by the flag's type as the flag's text would be."""
+    values = {}
+    for field in dataclasses.fields(kind):
+        flag = field.metadata.get("flag")
+        if flag is None:
+            continue
+        value = getattr(args, field.name, field.default)
+        if isinstance(value, str) and flag.type is not None and not hasattr(args, field.name):
+            try:
+                value = flag.type(value)
+            except argparse.ArgumentTypeError as error:
+                raise CannotRun("%s = %r at the top of %s: %s" % (
+                    flag.constant, value, os.path.basename(__file__), error)) from None
+        values[field.name] = value
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Flags over constants. Without --pacs-root the path constants apply as edited at
     the top of this file (but Horos Data follows Horos's preferences when they exist);
     with it, paths derive from it unless given on their own."""
-    if args.pacs_root:
-        pacs_root = os.path.abspath(args.pacs_root)
+    command = args.command_name or CYCLE
+    values = setting_values(Config, args)
+    sentinel = SENTINEL
+    if hasattr(args, "pacs_root"):
+        pacs_root = values["pacs_root"] = os.path.abspath(args.pacs_root)
         sentinel = os.path.join(pacs_root, SENTINEL_NAME)
-        horos_data = os.path.join(pacs_root, "Database", "Horos Data")
-        backup_root = os.path.join(pacs_root, "Backup")
-    else:
-        pacs_root, sentinel, horos_data, backup_root = (PACS_ROOT, SENTINEL, HOROS_DATA_DIR,
-                                                        BACKUP_ROOT)
-    prefs = load_horos_preferences(os.path.abspath(os.path.expanduser(
-        args.horos_prefs or HOROS_PREFS)), explicit=args.horos_prefs is not None,
-        # find and restore read the backup alone (a recovery Mac may hold a Horos whose
-        # settings are damaged); doctor reports the problem as a check.
-        tolerant=args.command in ("doctor", "find", "restore"))
-    if not args.pacs_root and prefs.found:
-        horos_data = horos_data_folder(prefs, os.path.expanduser("~"))
-    return Config(
-        pacs_root=pacs_root,
-        sentinel=sentinel,
-        horos_data=os.path.abspath(args.horos_data or horos_data),
-        backup_root=os.path.abspath(args.backup_root or backup_root),
-        batch_size=args.batch_size,
-        incoming_max_files=args.incoming_max_files,
-        order_by=args.order_by,
-        modalities=tuple(args.modalities),
-        use_db_copy=args.use_db_copy,
-        compression=args.compression,
-        compress_level=args.compress_level,
-        busy_timeout=args.busy_timeout,
-        settle_minutes=args.settle_minutes,
-        missing_retries=args.missing_retries,
-        min_free_gb=args.min_free_gb,
-        verify_per_run=args.verify_per_run,
-        max_mbps=args.max_mbps,
-        max_run_seconds=args.max_run_seconds,
-        verbose=args.verbose,
-        folder_size=prefs.folder_size,
-        horos_prefs=prefs,
-        alerts=alert_config_from_args(args),
-        clinic_hours=args.clinic_hours,
-        clinic_days=args.clinic_days,
-        horos_chunk_rows=args.horos_chunk_rows,
-    )
-
-
-def run_command(args: argparse.Namespace, cfg: Config) -> int:
-    if args.command is None:
-        return dry_run(cfg) if args.dry_run else cycle_with_alerts(cfg)
-    if args.dry_run:
-        raise CannotRun("--dry-run applies to a backup cycle, not to `%s`" % args.command)
-    if args.command == "status":
-        return status_command(cfg, args.json)
-    if args.command == "verify":
-        return verify_with_alerts(cfg, args.all, args.limit, args.max_gb)
-    if args.command == "restore":
-        return restore_command(cfg, args.zips, args.to, args.into_horos, args.all,
-                               args.month, args.find)
-    if args.command == "reindex":
-        return reindex_command(cfg)
-    if args.command == "doctor":
-        return doctor_command(cfg, args.json)
-    if args.command == "find":
-        return find_command(cfg, args.texts, args.json)
-    if args.command == "retry":
-        return retry_command(cfg, args.study_uids)
-    return test_alert_command(cfg)
+        if not hasattr(args, "horos_data"):
+            values["horos_data"] = os.path.join(pacs_root, HOROS_DATA_SUBDIR)
+        if not hasattr(args, "backup_root"):
+            values["backup_root"] = os.path.join(pacs_root, BACKUP_SUBDIR)
+    prefs = HorosPreferences(path="")
+    if command in READS_HOROS_DATA:
+        prefs = load_horos_preferences(
+            os.path.abspath(os.path.expanduser(values["horos_prefs_file"])),
+            explicit=hasattr(args, "horos_prefs_file"),
+            # restore reads the backup (a recovery Mac may hold a Horos whose settings
+            # are damaged); doctor reports the problem as a check.
+            tolerant=command in (DOCTOR, RESTORE))
+        if not hasattr(args, "pacs_root") and not hasattr(args, "horos_data") and prefs.found:
+            values["horos_data"] = horos_data_folder(prefs, os.path.expanduser("~"))
+    values["horos_data"] = os.path.abspath(values["horos_data"])
+    values["backup_root"] = os.path.abspath(values["backup_root"])
+    alerts = AlertConfig(**setting_values(AlertConfig, args))
+    if command in ALERTING_COMMANDS:
+        alerts = checked_alert_config(alerts)
+    return Config(sentinel=sentinel, horos_prefs=prefs, alerts=alerts, **values)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    setup_console_logging(args.verbose)
+    setup_console_logging(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return run_command(args, config_from_args(args))
+        cfg = config_from_args(args)
+        return COMMANDS[args.command_name or CYCLE].run(cfg, args)
     except CannotRun as error:
         log.debug("cannot run: %s", error)
         print("horos_backup_export: error: %s" % error, file=sys.stderr)
@@ -5714,7 +5893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, Terminated):
         print("horos_backup_export: interrupted; partial files are removed next run",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `status | head` closed the pipe: what was wanted is printed. Point stdout at
         # /dev/null so the interpreter's last flush fails no more.

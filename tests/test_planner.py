@@ -2,6 +2,7 @@
 
 import datetime as dt
 import os
+import sys
 import time
 
 import pytest
@@ -398,19 +399,35 @@ def test_no_throttle_at_zero():
 
 # -- configuration ---------------------------------------------------------------------
 
-def test_path_constants_apply_unless_pacs_root_is_given(monkeypatch):
+def test_path_constants_apply_unless_pacs_root_is_given(tmp_path, monkeypatch):
     # What a person does who edits the constants at the top of the copied script.
-    monkeypatch.setattr(hbe, "HOROS_DATA_DIR", "/Volumes/RAID/Horos Data")
-    monkeypatch.setattr(hbe, "BACKUP_ROOT", "/Volumes/BACKUP/Horos")
-    cfg = hbe.config_from_args(hbe.parse_args([]))
+    import importlib.util
+    with open(hbe.__file__, encoding="utf-8") as handle:
+        text = handle.read()
+    for old, new in (
+            ("HOROS_DATA_DIR = os.path.join(PACS_ROOT, HOROS_DATA_SUBDIR)",
+             'HOROS_DATA_DIR = "/Volumes/RAID/Horos Data"'),
+            ("BACKUP_ROOT = os.path.join(PACS_ROOT, BACKUP_SUBDIR)",
+             'BACKUP_ROOT = "/Volumes/BACKUP/Horos"'),
+            ("BATCH_SIZE = 15 ", "BATCH_SIZE = 4 ")):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    edited = tmp_path / "horos_backup_export.py"
+    edited.write_text(text, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("edited_copy", str(edited))
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "edited_copy", copy)     # dataclasses look it up
+    spec.loader.exec_module(copy)
+    cfg = copy.config_from_args(copy.parse_args([]))
     assert (cfg.pacs_root, cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
         "/Volumes/PACS", "/Volumes/PACS/.pacs_sentinel", "/Volumes/RAID/Horos Data",
         "/Volumes/BACKUP/Horos")
-    cfg = hbe.config_from_args(hbe.parse_args(["--pacs-root", "/X"]))
+    assert cfg.batch_size == 4
+    cfg = copy.config_from_args(copy.parse_args(["--pacs-root", "/X"]))
     assert (cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
         "/X/.pacs_sentinel", "/X/Database/Horos Data", "/X/Backup")
-    cfg = hbe.config_from_args(hbe.parse_args(["status", "--pacs-root", "/X",
-                                               "--backup-root", "/B/H"]))
+    cfg = copy.config_from_args(copy.parse_args(["status", "--pacs-root", "/X",
+                                                 "--backup-root", "/B/H"]))
     assert (cfg.horos_data, cfg.backup_root) == ("/X/Database/Horos Data", "/B/H")
 
 
