@@ -18,6 +18,7 @@ Sections, in the order data flows:
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime as dt
@@ -51,7 +52,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from xml.parsers.expat import ExpatError
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 
 # =====================================================================================
@@ -298,7 +299,7 @@ def as_text(value) -> str:
     return str(value)
 
 
-def _as_int(value) -> Optional[int]:
+def as_int(value) -> Optional[int]:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -768,10 +769,28 @@ class SeriesInfo:
 
 @dataclass(frozen=True)
 class ImageRow:
+    pk: int
     series_pk: int
     path_number: object
     path_string: object
     instance_number: object
+
+
+@dataclass(frozen=True)
+class StudyRows:
+    """One study as one read transaction found it: its fields, series and image rows."""
+    info: StudyInfo
+    series: Tuple[SeriesInfo, ...]
+    images: Tuple[ImageRow, ...]
+
+
+@dataclass(frozen=True)
+class TableRanges:
+    """The lowest and highest Z_PK of ZSTUDY and ZIMAGE (doctor's sample)."""
+    first_study: Optional[int]
+    last_study: Optional[int]
+    first_image: Optional[int]
+    last_image: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -824,6 +843,10 @@ class Selection:
 
 @dataclass
 class CycleSummary:
+    """What one cycle did: its `runs` row, the log's last line, what alerts read."""
+    outcome: str = CYCLE_ERROR       # runs.outcome; CYCLE_SKIPPED_LOCK is not recorded
+    detail: str = ""
+    issue_kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # issues.csv rows
     studies: int = 0
     files: int = 0
     source_bytes: int = 0
@@ -832,16 +855,32 @@ class CycleSummary:
     deferred: int = 0
     verified: int = 0
     horos_seconds: Optional[float] = None
-    horos_times: "ReadTimes" = dataclasses.field(default_factory=lambda: ReadTimes())
+    horos_times: ReadTimes = dataclasses.field(default_factory=ReadTimes)
 
 
 # =====================================================================================
-# Horos reader
+# Horos reader: every query on Database.sql, read-only, in short read transactions
 # =====================================================================================
-
+#
+# Horos keeps Database.sql in rollback-journal mode: while any reader holds a read
+# transaction, Horos cannot commit, and a commit that waits longer than Horos's busy
+# timeout is lost (an import or an edit Horos must retry or report). So no read here
+# lasts long whatever the library's size: the candidate scan reads ZSTUDY in chunks
+# of Z_PK, each in its own transaction, and each study's plan is one more; the lock is
+# released between them, and files are zipped after the connection is closed.
+#
+# Rows read in different transactions need not agree, and need not: a study Horos
+# changes between two chunks is only seen as it was in one of them, and is seen again
+# next cycle. Its fingerprint is either the new one (the change came before its chunk)
+# or the old one (after), and its plan, read later, holds at least as much as that
+# fingerprint says; an old fingerprint recorded with a newer ZIP only makes the next
+# cycle see a difference and export it again. New image rows are found by Z_PK above
+# the high-water mark, read before the scan: rows added later are above it and caught
+# next cycle. A study deleted in between is skipped when its plan finds no row.
 
 # New image rows per transaction: one index lookup each, cheaper than a study's row.
 IMAGE_CHUNK_FACTOR = 10
+
 REQUIRED_COLUMNS = {
     "ZSTUDY": ("Z_PK", "ZSTUDYINSTANCEUID", "ZNAME", "ZPATIENTID", "ZDATEOFBIRTH", "ZDATE",
                "ZDATEADDED", "ZMODALITY", "ZACCESSIONNUMBER", "ZSTUDYNAME",
@@ -851,6 +890,9 @@ REQUIRED_COLUMNS = {
     "ZIMAGE": ("Z_PK", "ZSERIES", "ZPATHNUMBER", "ZPATHSTRING"),
 }
 
+# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
+TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
+
 # One row per ZSTUDY row with what the planner needs, in Z_PK order (the table's own
 # order: no sort), :limit rows after Z_PK :after (a seek on the primary key). The
 # fingerprint's fields are formatted here as integers and strings only: the text form
@@ -858,11 +900,12 @@ REQUIRED_COLUMNS = {
 # changed. Series' dateAdded is not read: Horos sets the study's
 # in the same place, for every file it imports (DicomDatabase.mm).
 CANDIDATES_SQL = """
-SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
-       GROUP_CONCAT(se.ZMODALITY, '\\'),
+SELECT st.Z_PK AS pk, st.ZSTUDYINSTANCEUID AS uid, st.ZDATE AS study_date,
+       st.ZDATEADDED AS date_added, st.ZMODALITY AS modality_summary,
+       GROUP_CONCAT(se.ZMODALITY, '\\') AS series_modalities,
        printf('%d|%s|%d|%s|%s|%d|%d|%d', st.ZDATE * 1000, st.ZMODALITY,
               st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH * 1000,
-              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES))
+              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES)) AS fingerprint_text
 FROM ZSTUDY AS st
 LEFT JOIN ZSERIES AS se ON se.ZSTUDY = st.Z_PK
 WHERE st.Z_PK > :after
@@ -870,13 +913,10 @@ GROUP BY st.Z_PK
 ORDER BY st.Z_PK
 LIMIT :limit
 """
-STUDY_EXISTS_SQL = "SELECT 1 FROM ZSTUDY WHERE Z_PK = ?"
 
-# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
-TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
 STUDY_INFO_SQL = """
-SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
-       ZACCESSIONNUMBER, ZSTUDYNAME, ZMODALITY
+SELECT ZNAME AS patient_name, ZPATIENTID AS patient_id, ZDATEOFBIRTH AS birth_date,
+       ZACCESSIONNUMBER AS accession_number, ZSTUDYNAME AS description
 FROM ZSTUDY
 WHERE Z_PK = ?
 """
@@ -884,29 +924,20 @@ WHERE Z_PK = ?
 # {series_uid} and {instance_number} are filled from OPTIONAL_COLUMN_SQL only: column
 # names some Horos/OsiriX versions lack, never values.
 STUDY_SERIES_SQL = """
-SELECT Z_PK, {series_uid}, ZID, ZMODALITY, ZSERIESDESCRIPTION
+SELECT Z_PK AS pk, {series_uid} AS uid, ZID AS number, ZMODALITY AS modality,
+       ZSERIESDESCRIPTION AS description
 FROM ZSERIES
 WHERE ZSTUDY = ?
 """
+
 STUDY_IMAGES_SQL = """
-SELECT im.Z_PK, im.ZSERIES, im.ZPATHNUMBER, im.ZPATHSTRING, {instance_number}
+SELECT im.Z_PK AS pk, im.ZSERIES AS series_pk, im.ZPATHNUMBER AS path_number,
+       im.ZPATHSTRING AS path_string, {instance_number} AS instance_number
 FROM ZIMAGE AS im
 JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
 WHERE se.ZSTUDY = ?
 """
 
-# Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
-# are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
-# count it keeps: this catches them for the price of the new rows only.
-IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
-STUDIES_WITH_NEW_IMAGES_SQL = """
-SELECT im.Z_PK, se.ZSTUDY
-FROM ZIMAGE AS im
-LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
-WHERE im.Z_PK > :after AND im.Z_PK <= :top
-ORDER BY im.Z_PK
-LIMIT :limit
-"""
 OPTIONAL_COLUMN_SQL = {
     # placeholder: (table, column, expression when present, expression when absent)
     "series_uid": ("ZSERIES", "ZSERIESDICOMUID",
@@ -914,21 +945,39 @@ OPTIONAL_COLUMN_SQL = {
     "instance_number": ("ZIMAGE", "ZINSTANCENUMBER", "im.ZINSTANCENUMBER", "NULL"),
 }
 
-# Two statements, not MIN and MAX in one: SQLite answers a lone MIN() or MAX() of the
-# primary key from the b-tree's edge, but scans the whole table for both at once.
-FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) FROM ZSTUDY"
-LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) FROM ZSTUDY"
-FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) FROM ZIMAGE"
-LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
+# Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
+# are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
+# count it keeps: this catches them for the price of the new rows only.
+IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) AS top FROM ZIMAGE"
+
+STUDIES_WITH_NEW_IMAGES_SQL = """
+SELECT im.Z_PK AS pk, se.ZSTUDY AS study_pk
+FROM ZIMAGE AS im
+LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
+WHERE im.Z_PK > :after AND im.Z_PK <= :top
+ORDER BY im.Z_PK
+LIMIT :limit
+"""
+
+# doctor's sample. Two statements each, not MIN and MAX in one: SQLite answers a lone
+# MIN() or MAX() of the primary key from the b-tree's edge, but scans the whole table
+# for both at once.
+FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) AS pk FROM ZSTUDY"
+LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) AS pk FROM ZSTUDY"
+FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) AS pk FROM ZIMAGE"
+LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) AS pk FROM ZIMAGE"
 
 # One primary-key lookup per sampled row: the cost does not grow with the library.
 IMAGE_AT_OR_AFTER_SQL = """
-SELECT Z_PK, ZPATHNUMBER, ZPATHSTRING
+SELECT Z_PK AS pk, ZSERIES AS series_pk, ZPATHNUMBER AS path_number,
+       ZPATHSTRING AS path_string, NULL AS instance_number
 FROM ZIMAGE
 WHERE Z_PK >= ?
 ORDER BY Z_PK
 LIMIT 1
 """
+
+BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
 
 
 def horos_uri(db_path: str) -> str:
@@ -950,6 +999,11 @@ def describe_sqlite_error(error: sqlite3.Error, db_path: str, busy_timeout: floa
     return "cannot read Horos database %s: %s" % (db_path, text)
 
 
+def replacing_decoder(raw: bytes) -> str:
+    # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
+    return raw.decode("utf-8", "replace")
+
+
 def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection:
     """Database.sql opened read-only (never written, never a journal created)."""
     if not os.path.isfile(db_path):
@@ -959,8 +1013,8 @@ def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection
                                isolation_level=None, check_same_thread=False)
     except sqlite3.Error as error:
         raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
-    # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
-    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    conn.text_factory = replacing_decoder
+    conn.row_factory = sqlite3.Row
     return conn
 
 
@@ -968,14 +1022,16 @@ def read_table_columns(conn: sqlite3.Connection) -> Dict[str, set]:
     """{table: {column}} for the Horos tables, checked against REQUIRED_COLUMNS."""
     columns = {}
     for table, required in REQUIRED_COLUMNS.items():
-        present = {row[1].upper() for row in conn.execute("PRAGMA table_info(%s)" % table)}
+        # A table name from REQUIRED_COLUMNS, never a value: PRAGMA takes no parameter.
+        present = {row["name"].upper()
+                   for row in conn.execute("PRAGMA table_info(%s)" % table)}
         if not present:
-            raise HorosUnreadable("Horos database has no table %s: is this a Horos Database.sql?"
-                            % table)
+            raise HorosUnreadable("Horos database has no table %s: is this a Horos "
+                                  "Database.sql?" % table)
         missing = [c for c in required if c not in present]
         if missing:
-            raise HorosUnreadable("Horos database table %s has no column %s (unsupported Horos "
-                            "version?)" % (table, ", ".join(missing)))
+            raise HorosUnreadable("Horos database table %s has no column %s (unsupported "
+                                  "Horos version?)" % (table, ", ".join(missing)))
         columns[table] = present
     return columns
 
@@ -985,6 +1041,12 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
                  for placeholder, (table, column, present, absent)
                  in OPTIONAL_COLUMN_SQL.items()}
     return sql.format(**fragments)
+
+
+def image_row(row: sqlite3.Row) -> ImageRow:
+    return ImageRow(pk=row["pk"], series_pk=row["series_pk"],
+                    path_number=row["path_number"], path_string=row["path_string"],
+                    instance_number=row["instance_number"])
 
 
 class HorosReader:
@@ -1001,6 +1063,8 @@ class HorosReader:
         self.times = times
         with self.transaction():
             self.columns = read_table_columns(conn)
+        self.series_sql = optional_sql(STUDY_SERIES_SQL, self.columns)
+        self.images_sql = optional_sql(STUDY_IMAGES_SQL, self.columns)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1018,6 +1082,103 @@ class HorosReader:
             if started is not None:
                 self.times.add(time.perf_counter() - started)
 
+    def candidate_chunks(self) -> Iterator[List[sqlite3.Row]]:
+        """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK
+        order.
+
+        sqlite3 decodes the text in C; only a chunk holding text that is not UTF-8 is
+        read again with the replacing decoder (one Python call per value).
+        """
+        after = 0
+        while True:
+            bounds = {"after": after, "limit": self.chunk_rows}
+            self.conn.text_factory = str
+            try:
+                with self.transaction() as conn:
+                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+            except sqlite3.OperationalError as error:
+                if "decode" not in str(error):
+                    raise
+                log.debug("Database.sql holds text that is not UTF-8: %s", error)
+                self.conn.text_factory = replacing_decoder
+                with self.transaction() as conn:
+                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+            finally:
+                self.conn.text_factory = replacing_decoder
+            if rows:
+                yield rows
+            if len(rows) < self.chunk_rows:
+                return
+            after = rows[-1]["pk"]
+
+    def image_high_water(self) -> int:
+        with self.transaction() as conn:
+            return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()["top"] or 0
+
+    def studies_with_new_images(self, after: int, top: int) -> set:
+        """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
+        touched = set()
+        limit = self.chunk_rows * IMAGE_CHUNK_FACTOR
+        while after < top:
+            with self.transaction() as conn:
+                rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
+                                    {"after": after, "top": top, "limit": limit}).fetchall()
+            touched.update(row["study_pk"] for row in rows if row["study_pk"] is not None)
+            if len(rows) < limit:
+                break
+            after = rows[-1]["pk"]
+        return touched
+
+    def read_study(self, study: HorosStudy) -> Optional[StudyRows]:
+        """The fields, series and image rows of one study (all its ZSTUDY rows), in one
+        read transaction so that they agree; None when Horos deleted it since the scan."""
+        with self.transaction() as conn:
+            found = [row for row in (conn.execute(STUDY_INFO_SQL, (pk,)).fetchone()
+                                     for pk in study.pks) if row is not None]
+            if not found:
+                return None
+            series: List[SeriesInfo] = []
+            images: List[ImageRow] = []
+            for pk in study.pks:
+                series.extend(SeriesInfo(pk=row["pk"], uid=as_text(row["uid"]),
+                                         number=as_int(row["number"]),
+                                         modality=as_text(row["modality"]).strip(),
+                                         description=as_text(row["description"]))
+                              for row in conn.execute(self.series_sql, (pk,)))
+                images.extend(image_row(row) for row in conn.execute(self.images_sql, (pk,)))
+        first = found[0]
+        info = StudyInfo(
+            uid=study.uid, pks=study.pks, patient_name=as_text(first["patient_name"]),
+            patient_id=as_text(first["patient_id"]),
+            birth_date=coredata_to_local_date(first["birth_date"]),
+            study_datetime=coredata_to_local(study.study_date),
+            accession_number=as_text(first["accession_number"]),
+            description=as_text(first["description"]), modalities=study.modalities)
+        return StudyRows(info=info, series=tuple(series), images=tuple(images))
+
+    def table_ranges(self) -> TableRanges:
+        """The lowest and highest Z_PK of ZSTUDY and of ZIMAGE (None: an empty table)."""
+        with self.transaction() as conn:
+            first_study, last_study, first_image, last_image = (
+                conn.execute(sql).fetchone()["pk"] for sql in (
+                    FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL,
+                    LAST_IMAGE_PK_SQL))
+        return TableRanges(first_study, last_study, first_image, last_image)
+
+    def images_at_or_after(self, targets: Sequence[int], group: int) -> List[ImageRow]:
+        """The first image row at or after each Z_PK in targets, each row once, `group`
+        lookups per read transaction."""
+        rows: List[ImageRow] = []
+        seen = set()
+        for first in range(0, len(targets), group):
+            with self.transaction() as conn:
+                for target in targets[first:first + group]:
+                    row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
+                    if row is not None and row["pk"] not in seen:
+                        seen.add(row["pk"])
+                        rows.append(image_row(row))
+        return rows
+
 
 @contextlib.contextmanager
 def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS_CHUNK_ROWS,
@@ -1030,59 +1191,6 @@ def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS
         raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
     finally:
         conn.close()
-
-
-def candidate_chunks(reader: HorosReader) -> Iterable[List[tuple]]:
-    """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK order.
-
-    sqlite3 decodes the text in C; only a chunk holding text that is not UTF-8 is read
-    again with the connection's replacing decoder (one Python call per value).
-    """
-    conn, after = reader.conn, 0
-    replacing = conn.text_factory
-    while True:
-        bounds = {"after": after, "limit": reader.chunk_rows}
-        conn.text_factory = str
-        try:
-            with reader.transaction():
-                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
-        except sqlite3.OperationalError as error:
-            if "decode" not in str(error):
-                raise
-            log.debug("Database.sql holds text that is not UTF-8: %s", error)
-            conn.text_factory = replacing
-            with reader.transaction():
-                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
-        finally:
-            conn.text_factory = replacing
-        if rows:
-            yield rows
-        if len(rows) < reader.chunk_rows:
-            return
-        after = rows[-1][0]
-
-
-def image_high_water(reader: HorosReader) -> int:
-    with reader.transaction() as conn:
-        return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
-
-
-def studies_with_new_images(reader: HorosReader, after: int, top: int) -> set:
-    """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
-    touched = set()
-    limit = reader.chunk_rows * IMAGE_CHUNK_FACTOR
-    while after < top:
-        with reader.transaction() as conn:
-            rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
-                                {"after": after, "top": top, "limit": limit}).fetchall()
-        touched.update(study for _pk, study in rows if study is not None)
-        if len(rows) < limit:
-            break
-        after = rows[-1][0]
-    return touched
-
-
-BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
 
 
 def database_stamp(db_path: str) -> Dict[str, int]:
@@ -1142,6 +1250,7 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     write_small_file(stamp_path, json.dumps(stamp))
     log.info("database copy refreshed in %.2f s: %s", time.monotonic() - started, copy_path)
     return copy_path
+
 
 
 # =====================================================================================
@@ -1433,7 +1542,7 @@ def resolve_image_path(files_dir: str, path_number, path_string,
     2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
     3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
     """
-    number = _as_int(path_number)
+    number = as_int(path_number)
     if number is not None:
         folder = (_c_int_div(number, folder_size) + 1) * folder_size
         return os.path.join(files_dir, str(folder), "%d.dcm" % number)
@@ -1499,9 +1608,9 @@ def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
     files: List[SourceFile] = []
     for s in ordered_series:
         folder = _unique_name(series_folder_name(s), folders)
-        rows = sorted(by_series[s.pk], key=lambda im: (_as_int(im.instance_number) or 0,
+        rows = sorted(by_series[s.pk], key=lambda im: (as_int(im.instance_number) or 0,
                                                        as_text(im.path_string),
-                                                       _as_int(im.path_number) or 0))
+                                                       as_int(im.path_number) or 0))
         for image in rows:
             path = resolve_image_path(files_dir, image.path_number, image.path_string,
                                       folder_size)
@@ -1537,25 +1646,28 @@ def _seconds(value) -> Optional[float]:
     return coredata_seconds(value)
 
 
-def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
-    """CANDIDATES_SQL rows, in Z_PK order -> one HorosStudy per StudyInstanceUID.
+def group_candidates(rows: Iterable[Mapping]) -> List[HorosStudy]:
+    """Candidate rows (HorosReader.candidate_chunks), in Z_PK order -> one HorosStudy
+    per StudyInstanceUID.
 
     Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
-    they are one backup, dated by its first row that has a date. This runs inside the
-    read transaction on Horos's database, once per study of the library: rows are
-    consumed as they come (no list of 50,000 rows), and each modality string (`CT`,
-    `MR`, `CT\\PT` repeat thousands of times) is parsed once.
+    they are one backup, dated by its first row that has a date. This runs once per
+    study of the library: rows are consumed as they come (no list of 50,000 rows), and
+    each modality string (`CT`, `MR`, `CT\\PT` repeat thousands of times) is parsed
+    once.
     """
     parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
     studies: Dict[str, HorosStudy] = {}
     row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
-    for pk, uid, date, added, summary, series_modalities, text in rows:
+    for row in rows:
+        pk, uid, text = row["pk"], row["uid"], row["fingerprint_text"]
+        summary, series_modalities = row["modality_summary"], row["series_modalities"]
         uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
         tokens = parsed.get((summary, series_modalities))
         if tokens is None:
             tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
                 modality_tokens(summary) + modality_tokens(series_modalities)))
-        date, added = _seconds(date), _seconds(added)
+        date, added = _seconds(row["study_date"]), _seconds(row["date_added"])
         row_print = study_fingerprint((as_text(text),))
         first = studies.get(uid)
         if first is None:
@@ -1574,30 +1686,38 @@ def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
     return list(studies.values())
 
 
+def plan_study(rows: StudyRows, study: HorosStudy, files_dir: str, folder_size: int,
+               reason: str = "new") -> StudyPlan:
+    """What the cycle writes for one study: its files in ZIP order, and its ZIP's name."""
+    ordered_series, files = plan_study_files(rows.series, rows.images, files_dir,
+                                             folder_size)
+    return StudyPlan(info=rows.info, series=ordered_series, files=files,
+                     zip_relpath=zip_relpath(rows.info), fingerprint=study.fingerprint,
+                     reason=reason)
+
+
 def retry_delay(attempts: int) -> float:
     """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
     return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
 
-# What happens to a planned study, given which of its files exist (export_study does
-# it; the dry run says it).
-EXPORT, PARTIAL, DEFER, FAIL = "export", "partial", "defer", "fail"
-
-
 def missing_deferrals(previous: Optional[Failure]) -> int:
     """How many times in a row the study was deferred for missing files."""
-    return previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
+    return previous.attempts if previous and previous.kind == MISSING_FILES else 0
 
 
 def files_decision(present: int, missing: int, previous: Optional[Failure],
                    missing_retries: int) -> str:
-    """FAIL with no files (NO_FILES); DEFER while files are missing and deferrals are
-    left (Horos may still be writing them: wait, but not for ever); else EXPORT, or
-    PARTIAL without the missing files."""
+    """What to do with a study, given which of its files exist: Outcome.NO_FILES with
+    none; DEFERRED while files are missing and deferrals are left (Horos may still be
+    writing them: wait, but not for ever); else EXPORTED, or PARTIAL without the
+    missing files."""
     if not present:
-        return FAIL
+        return Outcome.NO_FILES
     if not missing:
-        return EXPORT
-    return DEFER if missing_deferrals(previous) < missing_retries else PARTIAL
+        return Outcome.EXPORTED
+    if missing_deferrals(previous) < missing_retries:
+        return Outcome.DEFERRED
+    return Outcome.PARTIAL
 
 
 def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
@@ -2185,12 +2305,14 @@ STATE_MIGRATIONS = {
     ),
 }
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
+
 EXPORTED_ROW_SQL = """
 SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
        exported_at
 FROM exported_studies
 WHERE study_uid = ?
 """
+
 UPSERT_EXPORTED_SQL = """
 INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
                               source_bytes, fingerprint, study_date, month, patient_name,
@@ -2206,6 +2328,7 @@ ON CONFLICT (study_uid) DO UPDATE SET
     patient_name = excluded.patient_name, modalities = excluded.modalities,
     exported_at = excluded.exported_at, verified_at = excluded.verified_at
 """
+
 DELETE_EXPORTED_SQL = "DELETE FROM exported_studies WHERE study_uid = ?"
 
 # Apart from UPSERT_EXPORTED_SQL so that rows of an older version can be filled alone.
@@ -2215,17 +2338,23 @@ SET patient_id = :patient_id, accession_number = :accession_number,
     birth_date = :birth_date
 WHERE study_uid = :study_uid
 """
+
 BEGIN_WRITE_SQL = """
 INSERT OR REPLACE INTO writes_in_progress (zip_path, study_uid, started_at, replaces)
 VALUES (?, ?, ?, ?)
 """
+
 END_WRITE_SQL = "DELETE FROM writes_in_progress WHERE zip_path = ?"
+
 WRITES_IN_PROGRESS_SQL = "SELECT zip_path, study_uid, replaces FROM writes_in_progress"
+
 FAILURES_SQL = """
 SELECT study_uid, kind, attempts, next_attempt_at, fingerprint
 FROM failures
 """
+
 FAILURE_ATTEMPTS_SQL = "SELECT attempts FROM failures WHERE study_uid = ?"
+
 RECORD_FAILURE_SQL = """
 INSERT INTO failures (study_uid, kind, detail, attempts, first_failed_at, last_failed_at,
                       next_attempt_at, fingerprint)
@@ -2235,12 +2364,28 @@ ON CONFLICT (study_uid) DO UPDATE SET
     last_failed_at = excluded.last_failed_at, next_attempt_at = excluded.next_attempt_at,
     fingerprint = excluded.fingerprint
 """
+
 CLEAR_FAILURE_SQL = "DELETE FROM failures WHERE study_uid = ?"
+
+# Failed studies by their last kind, and those failing since :failing_before that were
+# still tried after :retried_after (a study Horos deleted keeps its row but is no
+# longer tried): what alerts count.
+FAILURES_BY_KIND_SQL = """
+SELECT kind, COUNT(*) AS studies,
+       SUM(first_failed_at <= :failing_before AND last_failed_at >= :retried_after)
+           AS failing_long
+FROM failures
+GROUP BY kind
+"""
+
 CHANGED_STUDIES_SQL = "SELECT study_uid FROM changed_studies"
+
 NOTE_CHANGED_SQL = """
 INSERT OR IGNORE INTO changed_studies (study_uid, detected_at) VALUES (?, ?)
 """
+
 CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
+
 RECORD_RUN_SQL = """
 INSERT INTO runs (started_at, seconds, outcome, studies, files, zip_bytes, source_bytes,
                   failed, deferred, verified, horos_seconds, detail, horos_longest_seconds,
@@ -2249,7 +2394,9 @@ VALUES (:started_at, :seconds, :outcome, :studies, :files, :zip_bytes, :source_b
         :failed, :deferred, :verified, :horos_seconds, :detail, :horos_longest_seconds,
         :horos_transactions)
 """
+
 PRUNE_RUNS_SQL = "DELETE FROM runs WHERE id <= (SELECT MAX(id) FROM runs) - ?"
+
 LAST_RUNS_SQL = """
 SELECT started_at, seconds, outcome, studies, files, zip_bytes, source_bytes, failed,
        deferred, verified, horos_seconds, detail, horos_longest_seconds, horos_transactions
@@ -2267,24 +2414,29 @@ WHERE verified_at IS NULL OR verified_at < :verified_before
 ORDER BY verified_at IS NOT NULL, verified_at, zip_path
 LIMIT :limit
 """
+
 MARK_VERIFIED_SQL = "UPDATE exported_studies SET verified_at = ? WHERE study_uid = ?"
+
 RETRY_NOW_SQL = "UPDATE failures SET next_attempt_at = ? WHERE study_uid = ?"
+
 GET_META_SQL = "SELECT value FROM meta WHERE key = ?"
+
 SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
-# Failed studies by their last kind, and those failing for a week that are still retried
-# (a study Horos deleted keeps its row but is no longer tried).
-ALERT_FAILURES_SQL = """
-SELECT kind, COUNT(*),
-       SUM(first_failed_at <= :week_ago AND last_failed_at >= :retried_after)
-FROM failures
-GROUP BY kind
-"""
+META_IMAGE_HIGH_WATER = "horos_image_high_water"
+
 STATE_TOTALS_SQL = """
-SELECT COUNT(*), COALESCE(SUM(zip_bytes), 0), COALESCE(SUM(missing_count > 0), 0)
+SELECT COUNT(*) AS exported, COALESCE(SUM(zip_bytes), 0) AS zip_bytes,
+       COALESCE(SUM(missing_count > 0), 0) AS partial
 FROM exported_studies
 """
-STATE_MONTHS_SQL = "SELECT month, COUNT(*) FROM exported_studies GROUP BY month"
+
+STATE_MONTHS_SQL = """
+SELECT month, COUNT(*) AS studies
+FROM exported_studies
+GROUP BY month
+"""
+
 UNREAD_ROWS_SQL = """
 SELECT study_uid, zip_path
 FROM exported_studies
@@ -2292,34 +2444,43 @@ WHERE patient_id IS NULL
 ORDER BY study_uid
 LIMIT ?
 """
-UNREAD_COUNT_SQL = "SELECT COUNT(*) FROM exported_studies WHERE patient_id IS NULL"
+
+UNREAD_COUNT_SQL = "SELECT COUNT(*) AS unread FROM exported_studies WHERE patient_id IS NULL"
+
 BACKUP_STUDIES_SQL = """
 SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
        patient_name, patient_id, accession_number, birth_date, modalities
 FROM exported_studies
 """
+
 RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
+
 RECORD_RESTORE_SQL = """
 INSERT INTO restores (target, study_uid, zip_path, restored_at)
-VALUES (?, ?, ?, ?)
+VALUES (:target, :study_uid, :zip_path, :restored_at)
 """
+
 FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
-RESTORED_ZIP_NAMES_SQL = "SELECT study_uid, zip_path FROM restores WHERE target = ?"
+
+RESTORED_ZIP_PATHS_SQL = "SELECT zip_path FROM restores WHERE target = ?"
+
 RECORD_RESTORE_TARGET_SQL = """
 INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
-VALUES (?, ?, ?, ?)
+VALUES (:target, :selection, :left_count, :last_run_at)
 """
+
 RESTORE_TARGETS_SQL = """
 SELECT t.target, t.selection, t.left_count, t.last_run_at,
-       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target)
+       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target) AS restored
 FROM restore_targets AS t
 ORDER BY t.last_run_at DESC
 """
+
 ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
+
 ALL_RESTORE_TARGETS_SQL = """
 SELECT target, selection, left_count, last_run_at FROM restore_targets
 """
-META_IMAGE_HIGH_WATER = "horos_image_high_water"
 
 
 @dataclass(frozen=True)
@@ -2331,6 +2492,45 @@ class ExportedRow:
     missing_count: int
     fingerprint: str
     exported_at: str
+
+
+@dataclass(frozen=True)
+class WriteInProgress:
+    """A ZIP a run began to write and has not recorded (README: writes_in_progress)."""
+    zip_path: str
+    study_uid: str
+    replaces: Optional[str]       # the ZIP of the same study under its old name
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    study_uid: str
+    zip_path: str
+    zip_bytes: int
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    """Studies whose last failure is of one kind, and how many of them fail for long."""
+    studies: int
+    failing_long: int
+
+
+@dataclass(frozen=True)
+class StateTotals:
+    exported: int
+    zip_bytes: int
+    partial: int             # exported without some missing files
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    """One library `restore --into-horos` feeds (README: restore_targets)."""
+    target: str
+    selection: str
+    left: int
+    last_run_at: str
+    restored: int
 
 
 @dataclass
@@ -2395,8 +2595,13 @@ def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connectio
     return memory
 
 
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
 class ExportState:
-    """export_state.sqlite: what is exported, what failed, what a killed run was writing.
+    """export_state.sqlite: what is exported, what failed, what a killed run was writing,
+    what was restored where. Every query on it is a method here.
 
     read_only=True never writes the file, nor creates it: a missing file reads as
     empty, and a file from an older version is upgraded in a copy in memory.
@@ -2413,10 +2618,11 @@ class ExportState:
                 self.conn.execute("PRAGMA journal_mode = DELETE")
                 self.conn.execute("PRAGMA synchronous = FULL")
                 self.conn.execute("PRAGMA fullfsync = ON")
+            self.conn.row_factory = sqlite3.Row
             self.migrate()
         except sqlite3.Error as error:
             if is_disk_full(error):
-                raise DiskSpaceProblem("DISK_FULL", "backup volume full: cannot update %s"
+                raise DiskSpaceProblem(DISK_FULL, "backup volume full: cannot update %s"
                                        % path) from None
             raise CannotRun("state database %s cannot be used (%s); move it aside and run "
                             "`horos_backup_export.py reindex` to rebuild it from the ZIPs"
@@ -2428,7 +2634,7 @@ class ExportState:
         if not os.path.exists(path):
             return memory
         conn = connect_state_read_only(path, busy_timeout)
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= STATE_SCHEMA_VERSION:
+        if schema_version(conn) >= STATE_SCHEMA_VERSION:
             memory.close()
             return conn
         conn.backup(memory)
@@ -2436,7 +2642,7 @@ class ExportState:
         return memory
 
     def migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        version = schema_version(self.conn)
         if version > STATE_SCHEMA_VERSION:
             raise CannotRun("state database %s was written by a newer version (schema %d); "
                             "update horos_backup_export.py" % (self.path, version))
@@ -2445,6 +2651,7 @@ class ExportState:
             with self.transaction() as conn:
                 for statement in STATE_MIGRATIONS[step]:
                     conn.execute(statement)
+                # A PRAGMA takes no parameter; step is one of our own integers.
                 conn.execute("PRAGMA user_version = %d" % step)
 
     def close(self) -> None:
@@ -2460,8 +2667,11 @@ class ExportState:
             raise
         self.conn.execute("COMMIT")
 
+    # -- exported studies ---------------------------------------------------------------
+
     def exported_fingerprints(self) -> Dict[str, str]:
-        return dict(self.conn.execute(EXPORTED_FINGERPRINTS_SQL))
+        return {row["study_uid"]: row["fingerprint"]
+                for row in self.conn.execute(EXPORTED_FINGERPRINTS_SQL)}
 
     def view(self) -> StateView:
         return StateView(exported=self.exported_fingerprints(), changed=self.changed_uids(),
@@ -2469,23 +2679,11 @@ class ExportState:
 
     def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
-        return ExportedRow(*row) if row else None
+        return ExportedRow(**dict(row)) if row else None
 
     def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
             conn.execute(DELETE_EXPORTED_SQL, (study_uid,))
-
-    def begin_write(self, study_uid: str, zip_path: str, replaces: Optional[str],
-                    now: float) -> None:
-        with self.transaction() as conn:
-            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now), replaces))
-
-    def end_write(self, zip_path: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(END_WRITE_SQL, (zip_path,))
-
-    def writes_in_progress(self) -> List[Tuple[str, str, Optional[str]]]:
-        return list(self.conn.execute(WRITES_IN_PROGRESS_SQL))
 
     def record_export(self, record: Mapping[str, object], keep_write: bool = False) -> None:
         """The study's row, the end of its write and of its failures, in one transaction.
@@ -2500,18 +2698,77 @@ class ExportState:
             if not keep_write:
                 conn.execute(END_WRITE_SQL, (record["zip_path"],))
 
+    def replace_exported(self, records: Sequence[Mapping[str, object]]) -> None:
+        """reindex: the rows of these records, in one transaction."""
+        with self.transaction() as conn:
+            conn.executemany(UPSERT_EXPORTED_SQL, [dict(r) for r in records])
+            conn.executemany(SET_SEARCH_FIELDS_SQL, [dict(r) for r in records])
+
+    def totals(self) -> StateTotals:
+        return StateTotals(**dict(self.conn.execute(STATE_TOTALS_SQL).fetchone()))
+
+    def exported_by_month(self) -> Dict[str, int]:
+        return {row["month"]: row["studies"] for row in self.conn.execute(STATE_MONTHS_SQL)}
+
+    def backup_studies(self) -> List[BackupStudy]:
+        """Every exported study, as find and restore see it."""
+        parsed: Dict[object, Tuple[str, ...]] = {}   # `CT`, `MR\SR` repeat thousands of times
+        studies = []
+        for row in self.conn.execute(BACKUP_STUDIES_SQL):
+            modalities = parsed.get(row["modalities"])
+            if modalities is None:
+                modalities = parsed[row["modalities"]] = modality_tokens(row["modalities"])
+            studies.append(BackupStudy(
+                as_text(row["study_uid"]), as_text(row["zip_path"]), row["zip_bytes"] or 0,
+                row["file_count"] or 0, row["source_bytes"] or 0, row["study_date"],
+                as_text(row["patient_name"]), row["patient_id"], row["accession_number"],
+                row["birth_date"], modalities))
+        return studies
+
+    # -- the find fields of rows an older version wrote ---------------------------------
+
+    def unread_rows(self, limit: int) -> List[Tuple[str, str]]:
+        """(study_uid, zip_path) of rows whose find fields were never read."""
+        return [(row["study_uid"], row["zip_path"])
+                for row in self.conn.execute(UNREAD_ROWS_SQL, (limit,))]
+
+    def unread_count(self) -> int:
+        return self.conn.execute(UNREAD_COUNT_SQL).fetchone()["unread"]
+
+    def set_search_fields(self, updates: Sequence[Mapping[str, object]]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(SET_SEARCH_FIELDS_SQL, [dict(u) for u in updates])
+
+    # -- writes under way ---------------------------------------------------------------
+
+    def begin_write(self, study_uid: str, zip_path: str, replaces: Optional[str],
+                    now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now), replaces))
+
+    def end_write(self, zip_path: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(END_WRITE_SQL, (zip_path,))
+
+    def writes_in_progress(self) -> List[WriteInProgress]:
+        return [WriteInProgress(**dict(row))
+                for row in self.conn.execute(WRITES_IN_PROGRESS_SQL)]
+
+    # -- failures -----------------------------------------------------------------------
+
     def failures(self) -> Dict[str, Failure]:
-        return {row[0]: Failure(study_uid=row[0], kind=row[1], attempts=row[2],
-                                next_attempt=parse_utc_iso(row[3]),
-                                fingerprint=as_text(row[4]))
-                for row in self.conn.execute(FAILURES_SQL)}
+        return {row["study_uid"]: Failure(
+            study_uid=row["study_uid"], kind=row["kind"], attempts=row["attempts"],
+            next_attempt=parse_utc_iso(row["next_attempt_at"]),
+            fingerprint=as_text(row["fingerprint"]))
+            for row in self.conn.execute(FAILURES_SQL)}
 
     def record_failure(self, study_uid: str, kind: str, detail: str, fingerprint: str,
                        now: float) -> int:
         """Count one more failure; returns how many in a row the study has had."""
         with self.transaction() as conn:
             row = conn.execute(FAILURE_ATTEMPTS_SQL, (study_uid,)).fetchone()
-            attempts = (row[0] if row else 0) + 1
+            attempts = (row["attempts"] if row else 0) + 1
             conn.execute(RECORD_FAILURE_SQL, {
                 "study_uid": study_uid, "kind": kind, "detail": detail, "attempts": attempts,
                 "now": utc_iso(now), "next_attempt_at": utc_iso(now + retry_delay(attempts)),
@@ -2527,17 +2784,28 @@ class ExportState:
                     cleared.append(uid)
         return cleared
 
+    def failures_by_kind(self, failing_before: float,
+                         retried_after: float) -> Dict[str, FailureCount]:
+        return {row["kind"]: FailureCount(row["studies"], row["failing_long"] or 0)
+                for row in self.conn.execute(FAILURES_BY_KIND_SQL, {
+                    "failing_before": utc_iso(failing_before),
+                    "retried_after": utc_iso(retried_after)})}
+
+    # -- verification -------------------------------------------------------------------
+
     def verify_queue(self, verified_before: Optional[float] = None,
-                     limit: Optional[int] = None) -> List[Tuple[str, str, int]]:
-        """(study_uid, zip_path, zip_bytes), longest unverified first."""
+                     limit: Optional[int] = None) -> List[VerifyItem]:
+        """The ZIPs to read back, longest unverified first."""
         # "~" sorts after every ISO time: no age filter.
         before = utc_iso(verified_before) if verified_before is not None else "~"
-        return list(self.conn.execute(VERIFY_QUEUE_SQL, {
-            "verified_before": before, "limit": -1 if limit is None else limit}))
+        return [VerifyItem(**dict(row)) for row in self.conn.execute(VERIFY_QUEUE_SQL, {
+            "verified_before": before, "limit": -1 if limit is None else limit})]
 
     def mark_verified(self, study_uid: str, now: float) -> None:
         with self.transaction() as conn:
             conn.execute(MARK_VERIFIED_SQL, (utc_iso(now), study_uid))
+
+    # -- runs, changes Horos made -------------------------------------------------------
 
     def record_run(self, run: Mapping[str, object]) -> None:
         with self.transaction() as conn:
@@ -2545,16 +2813,14 @@ class ExportState:
             conn.execute(PRUNE_RUNS_SQL, (RUNS_KEPT,))
 
     def last_runs(self, count: int) -> List[Dict[str, object]]:
-        cursor = self.conn.execute(LAST_RUNS_SQL, (count,))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        return [dict(row) for row in self.conn.execute(LAST_RUNS_SQL, (count,))]
 
     def changed_uids(self) -> set:
-        return {row[0] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
+        return {row["study_uid"] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
 
     def image_high_water(self) -> Optional[int]:
         row = self.conn.execute(GET_META_SQL, (META_IMAGE_HIGH_WATER,)).fetchone()
-        return _as_int(row[0]) if row else None
+        return as_int(row["value"]) if row else None
 
     def note_horos_changes(self, study_uids: Iterable[str], high_water: int,
                            now: float) -> None:
@@ -2562,6 +2828,47 @@ class ExportState:
         with self.transaction() as conn:
             conn.executemany(NOTE_CHANGED_SQL, [(uid, utc_iso(now)) for uid in study_uids])
             conn.execute(SET_META_SQL, (META_IMAGE_HIGH_WATER, str(high_water)))
+
+    # -- restores into a Horos library --------------------------------------------------
+
+    def restored_uids(self, target: str) -> Dict[str, str]:
+        """{study_uid: restored_at} of the studies restored into target."""
+        return {row["study_uid"]: row["restored_at"]
+                for row in self.conn.execute(RESTORED_UIDS_SQL, (target,))}
+
+    def restored_zip_paths(self, target: str) -> List[str]:
+        return [row["zip_path"] for row in self.conn.execute(RESTORED_ZIP_PATHS_SQL, (target,))]
+
+    def record_restore(self, target: str, study_uid: str, zip_path: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(RECORD_RESTORE_SQL, {"target": target, "study_uid": study_uid,
+                                              "zip_path": zip_path,
+                                              "restored_at": utc_iso(now)})
+
+    def forget_restore(self, target: str, study_uid: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(FORGET_RESTORE_SQL, (target, study_uid))
+
+    def record_restore_target(self, target: str, selection: str, left: int,
+                              now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(RECORD_RESTORE_TARGET_SQL, {"target": target, "selection": selection,
+                                                     "left_count": left,
+                                                     "last_run_at": utc_iso(now)})
+
+    def restore_targets(self) -> List[RestoreTarget]:
+        return [RestoreTarget(target=row["target"], selection=row["selection"],
+                              left=row["left_count"], last_run_at=row["last_run_at"],
+                              restored=row["restored"])
+                for row in self.conn.execute(RESTORE_TARGETS_SQL)]
+
+    def copy_restores_from(self, old: "ExportState") -> None:
+        """reindex: the restore progress of the state it replaces."""
+        restores = [dict(row) for row in old.conn.execute(ALL_RESTORES_SQL)]
+        targets = [dict(row) for row in old.conn.execute(ALL_RESTORE_TARGETS_SQL)]
+        with self.transaction() as conn:
+            conn.executemany(RECORD_RESTORE_SQL, restores)
+            conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
 
 
 def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at: str) -> dict:
@@ -2588,6 +2895,7 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
     }
 
 
+
 # =====================================================================================
 # Issues, logs and progress
 # =====================================================================================
@@ -2612,26 +2920,34 @@ def rotate_numbered(path: str, count: int) -> None:
     os.replace(path, path + ".1")
 
 
-def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
-                 extra: str = "") -> None:
-    """One row in BACKUP_ROOT/issues.csv (README: issues.csv kinds)."""
-    path = cfg.issues_path
-    try:
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        if size >= ISSUES_MAX_BYTES:
-            # Renamed, never truncated: `tail -F issues.csv` follows the new file.
-            rotate_numbered(path, ISSUES_BACKUP_COUNT)
-            log.info("%s reached %s: renamed to %s.1, a new one begins", path,
-                     format_bytes(size), ISSUES_FILE)
-            size = 0
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            if size == 0:
-                writer.writerow(ISSUES_HEADER)
-            writer.writerow([csv_safe_cell(as_text(cell)) for cell in (
-                utc_iso(time.time()), kind, study_uid, detail, extra)])
-    except OSError as error:  # a full disk must not turn one problem into a crash
-        log.error("cannot add %s row to %s: %s", kind, path, error)
+class IssueLog:
+    """BACKUP_ROOT/issues.csv (README: issues.csv), and the kinds one run added to it:
+    alerting reads those from here (a cycle's summary), never from the file."""
+
+    def __init__(self, path: str, written: Optional[Dict[str, int]] = None):
+        self.path = path
+        self.written = written if written is not None else {}
+
+    def add(self, kind: str, study_uid: str = "", detail: str = "", extra: str = "") -> None:
+        """One row. Counted even when the disk refuses it: a full disk must not turn
+        one problem into a crash, nor hide it from alerts."""
+        self.written[kind] = self.written.get(kind, 0) + 1
+        try:
+            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            if size >= ISSUES_MAX_BYTES:
+                # Renamed, never truncated: `tail -F issues.csv` follows the new file.
+                rotate_numbered(self.path, ISSUES_BACKUP_COUNT)
+                log.info("%s reached %s: renamed to %s.1, a new one begins", self.path,
+                         format_bytes(size), ISSUES_FILE)
+                size = 0
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                if size == 0:
+                    writer.writerow(ISSUES_HEADER)
+                writer.writerow([csv_safe_cell(as_text(cell)) for cell in (
+                    utc_iso(time.time()), kind, study_uid, detail, extra)])
+        except OSError as error:
+            log.error("cannot add %s row to %s: %s", kind, self.path, error)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -2793,8 +3109,14 @@ def make_backup_root_private(backup_root: str) -> None:
 
 
 # =====================================================================================
-# Alerts
+# Alerts: email, a command and a heartbeat URL, so the backup is never silent
 # =====================================================================================
+#
+# After every cycle (and after `verify`), what happened is reduced to a RunReport; a
+# pure function decides, from the bookkeeping kept in the user's Library (outside the
+# backup volume, so it works while that volume is missing), which problems to alert
+# about and which are resolved; thin edges send by SMTP, run a command, and request
+# the heartbeat URL, all within ALERT_BUDGET_SECONDS. Alerts carry no patient data.
 
 ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
 SMTP_TIMEOUT_SECONDS = 6.0
@@ -2813,17 +3135,18 @@ ALERT_LINE_WIDTH = 76
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
 NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
 STUDIES_FAILING = "STUDIES_FAILING"
-AT_ONCE_KINDS = ("DISK_LOW", "DISK_FULL", "VERIFY_FAILED", "ZIP_BAD")   # issues.csv kinds
+AT_ONCE_KINDS = (DISK_LOW, DISK_FULL, VERIFY_FAILED, ZIP_BAD)   # issues.csv kinds
 PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
 
 # What a run was, as alerting sees it.
 RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
+
 PROBLEM_TITLES = {
     NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
-    "DISK_LOW": "backup volume low on space",
-    "DISK_FULL": "backup volume full",
-    "VERIFY_FAILED": "damaged or missing ZIPs",
-    "ZIP_BAD": "ZIPs failing verification as they are written",
+    DISK_LOW: "backup volume low on space",
+    DISK_FULL: "backup volume full",
+    VERIFY_FAILED: "damaged or missing ZIPs",
+    ZIP_BAD: "ZIPs failing verification as they are written",
     STUDIES_FAILING: "studies failing for a week",
 }
 
@@ -2837,10 +3160,90 @@ class RunReport:
     """What one cycle (or `verify`) found, in words and numbers free of patient data."""
     status: str                                   # RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND
     reason: str = ""                              # why it failed or was skipped
-    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # AT_ONCE_KINDS rows
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # issues.csv rows
     zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
     failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
     free_bytes: Optional[int] = None              # on the backup volume
+
+
+# -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
+
+@dataclass
+class Incident:
+    """A problem while it lasts (alerts.json `problems`)."""
+    since: str                       # UTC ISO
+    last_alert: Optional[str] = None
+    count: int = 0
+    text: str = ""
+
+
+@dataclass
+class ResolvedIncident:
+    """A problem that was alerted and has cleared, its "resolved" not yet delivered."""
+    since: str
+    cleared: str
+
+
+@dataclass
+class SentAlert:
+    at: str
+    subject: str
+    problems: List[str]
+    resolved: List[str]
+    channels: List[str]
+
+
+@dataclass
+class AlertBook:
+    """What alerting remembers between runs (alerts.json, README: Alerts)."""
+    last_success: Optional[str] = None       # UTC ISO of the last good cycle
+    first_failure: Optional[str] = None      # of the first failed cycle since then
+    failed_cycles: int = 0
+    problems: Dict[str, Incident] = dataclasses.field(default_factory=dict)
+    unsent_resolved: Dict[str, ResolvedIncident] = dataclasses.field(default_factory=dict)
+    last_alert: Optional[SentAlert] = None
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["version"] = ALERT_BOOK_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data) -> "AlertBook":
+        """The bookkeeping a file holds; ValueError when it has another shape (a file
+        edited by hand, another version's)."""
+        def text_or_none(value) -> Optional[str]:
+            if value is not None and not isinstance(value, str):
+                raise ValueError("%r is not a time" % (value,))
+            return value
+
+        def mapping(value) -> dict:
+            if not isinstance(value, dict):
+                raise ValueError("%r is not an object" % (value,))
+            return value
+
+        if not isinstance(data, dict) or data.get("version") != ALERT_BOOK_VERSION:
+            raise ValueError("not a version %d bookkeeping" % ALERT_BOOK_VERSION)
+        try:
+            problems = {name: Incident(since=str(mapping(p)["since"]),
+                                       last_alert=text_or_none(p.get("last_alert")),
+                                       count=int(p.get("count", 0)),
+                                       text=str(p.get("text", "")))
+                        for name, p in mapping(data.get("problems", {})).items()}
+            unsent = {name: ResolvedIncident(since=str(mapping(u)["since"]),
+                                             cleared=str(u["cleared"]))
+                      for name, u in mapping(data.get("unsent_resolved", {})).items()}
+            last = data.get("last_alert")
+            sent = SentAlert(**mapping(last)) if last is not None else None
+            failed_cycles = data.get("failed_cycles", 0)
+            if not isinstance(failed_cycles, int):
+                raise ValueError("failed_cycles %r is not a number" % (failed_cycles,))
+        except (KeyError, TypeError) as error:
+            raise ValueError("missing or unexpected field %s" % error) from None
+        return cls(last_success=text_or_none(data.get("last_success")),
+                   first_failure=text_or_none(data.get("first_failure")),
+                   failed_cycles=failed_cycles, problems=problems, unsent_resolved=unsent,
+                   last_alert=sent)
 
 
 @dataclass
@@ -2848,7 +3251,7 @@ class AlertPlan:
     """What decide_alerts found: problems to alert about now, resolved ones to announce."""
     due: List[str]
     resolved: List[str]
-    book: dict               # the bookkeeping after this run, deliveries not yet counted
+    book: AlertBook          # the bookkeeping after this run, deliveries not yet counted
 
 
 def read_password_file(path: str) -> str:
@@ -2889,58 +3292,37 @@ def alert_book_path() -> str:
     return os.path.join(os.path.expanduser(ALERT_BOOK_DIR), ALERT_BOOK_FILE)
 
 
-def empty_alert_book() -> dict:
-    return {"version": ALERT_BOOK_VERSION, "last_success": None, "first_failure": None,
-            "failed_cycles": 0, "problems": {}, "unsent_resolved": {}, "last_alert": None}
-
-
-def load_alert_book(path: str) -> dict:
+def load_alert_book(path: str) -> AlertBook:
     """The bookkeeping, or a fresh one (logged) when it is missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as handle:
-            book = json.load(handle)
+            data = json.load(handle)
     except FileNotFoundError:
-        return empty_alert_book()
+        return AlertBook()
     except (OSError, ValueError) as error:
         log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
-        return empty_alert_book()
-    if not alert_book_is_valid(book):
-        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
-                  "afresh", path, ALERT_BOOK_VERSION)
-        return empty_alert_book()
-    return dict(empty_alert_book(), **book)
+        return AlertBook()
+    try:
+        return AlertBook.from_json(data)
+    except ValueError as error:
+        log.error("alert bookkeeping %s is not a version %d bookkeeping (%s); starting it "
+                  "afresh", path, ALERT_BOOK_VERSION, error)
+        return AlertBook()
 
 
-def alert_book_is_valid(book) -> bool:
-    """The shape decide_alerts relies on (a hand-edited file may have another)."""
-    def time_or_none(value) -> bool:
-        return value is None or isinstance(value, str)
-
-    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
-        return False
-    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
-    return (isinstance(problems, dict) and isinstance(unsent, dict)
-            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
-                    and time_or_none(p.get("last_alert")) for p in problems.values())
-            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
-                    and isinstance(u.get("cleared"), str) for u in unsent.values())
-            and time_or_none(book.get("last_success"))
-            and time_or_none(book.get("first_failure"))
-            and isinstance(book.get("failed_cycles", 0), int)
-            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
-
-
-def save_alert_book(path: str, book: dict) -> None:
+def save_alert_book(path: str, book: AlertBook) -> None:
     """Whole or not at all; a folder we cannot write costs one log line, not the cycle."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_small_file(path, json.dumps(book, indent=1, sort_keys=True) + "\n")
+        write_small_file(path, json.dumps(book.to_json(), indent=1, sort_keys=True) + "\n")
     except OSError as error:
         log.error("cannot write alert bookkeeping %s: %s (alerts may repeat every cycle "
                   "until it can be written)", path, error)
 
 
-def observe_run(book: dict, report: RunReport, now: float,
+# -- the decision: pure -----------------------------------------------------------------
+
+def observe_run(book: AlertBook, report: RunReport, now: float,
                 after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
     """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
 
@@ -2949,53 +3331,53 @@ def observe_run(book: dict, report: RunReport, now: float,
     """
     seen: Dict[str, Optional[Tuple[int, str]]] = {}
     if report.status == RUN_OK:
-        book.update(last_success=utc_iso(now), first_failure=None, failed_cycles=0)
+        book.last_success, book.first_failure, book.failed_cycles = utc_iso(now), None, 0
         seen[NO_SUCCESSFUL_CYCLE] = (0, "")
     elif report.status in (RUN_FAILED, RUN_SKIPPED):
         if report.status == RUN_FAILED:
-            book["failed_cycles"] = book.get("failed_cycles", 0) + 1
-            if not book.get("first_failure"):
-                book["first_failure"] = utc_iso(now)
-        reference = book.get("last_success") or book.get("first_failure")
+            book.failed_cycles += 1
+            if not book.first_failure:
+                book.first_failure = utc_iso(now)
+        reference = book.last_success or book.first_failure
         overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
         if report.status == RUN_SKIPPED:
-            overdue = (NO_SUCCESSFUL_CYCLE in book["problems"]
+            overdue = (NO_SUCCESSFUL_CYCLE in book.problems
                        or (overdue and after_seconds > 0))
         if overdue:
-            if book.get("last_success"):
-                since = "since %s (%s ago)" % (local_time_text(book["last_success"]),
+            if book.last_success:
+                since = "since %s (%s ago)" % (local_time_text(book.last_success),
                                                hours_text(now - parse_utc_iso(reference)))
             else:
                 since = ("since the first failed cycle at %s (none has succeeded since "
-                         "alerting began)" % local_time_text(book["first_failure"]))
+                         "alerting began)" % local_time_text(book.first_failure))
             seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
                                          "%s. Failed cycles since: %d." % (
                                              since, report.reason or report.status,
-                                             book.get("failed_cycles", 0)))
+                                             book.failed_cycles))
     free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
             if report.free_bytes is not None else "")
     texts = {
-        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
-                                  "study needs plus the reserve (--min-free-gb, or 1.2 x "
-                                  "Horos's auto-cleaning threshold when the backup shares "
-                                  "the library's disk): cycles stop before writing." + free,
-        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
-                                   "the cycle stopped and removed the partial file." + free,
-        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
-                                       "studies are exported again while Horos still has "
-                                       "them." % plural(count, "ZIP was", "ZIPs were"),
-        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification %d "
-                                 "times as it was written (a failing backup disk or "
-                                 "memory?)." % (plural(count, "study could", "studies could"),
-                                                VERIFY_ATTEMPTS),
+        DISK_LOW: lambda count: "The backup volume has less free space than the next "
+                                "study needs plus the reserve (--min-free-gb, or 1.2 x "
+                                "Horos's auto-cleaning threshold when the backup shares "
+                                "the library's disk): cycles stop before writing." + free,
+        DISK_FULL: lambda count: "The backup volume filled up while a ZIP was written: "
+                                 "the cycle stopped and removed the partial file." + free,
+        VERIFY_FAILED: lambda count: "%s missing or damaged when read back; their "
+                                     "studies are exported again while Horos still has "
+                                     "them." % plural(count, "ZIP was", "ZIPs were"),
+        ZIP_BAD: lambda count: "%s not be backed up: the ZIP failed verification %d "
+                               "times as it was written (a failing backup disk or "
+                               "memory?)." % (plural(count, "study could", "studies could"),
+                                              VERIFY_ATTEMPTS),
     }
     for kind in AT_ONCE_KINDS:
         count = report.kinds.get(kind, 0)
-        if kind == "ZIP_BAD":
+        if kind == ZIP_BAD:
             count = max(count, report.zip_bad_waiting or 0)
         if count:
             seen[kind] = (count, texts[kind](count))
-        elif report.status == RUN_OK and (kind != "ZIP_BAD"
+        elif report.status == RUN_OK and (kind != ZIP_BAD
                                           or report.zip_bad_waiting is not None):
             seen[kind] = (0, "")
     if report.failing_week is not None and report.status != RUN_COMMAND:
@@ -3009,7 +3391,7 @@ def observe_run(book: dict, report: RunReport, now: float,
     return seen
 
 
-def decide_alerts(book: dict, report: RunReport, now: float,
+def decide_alerts(book: AlertBook, report: RunReport, now: float,
                   after_seconds: float) -> AlertPlan:
     """Which problems to alert about now, and which to announce as resolved.
 
@@ -3018,9 +3400,8 @@ def decide_alerts(book: dict, report: RunReport, now: float,
     when it clears, one resolved message (if it was ever alerted). A problem that
     clears and comes back is a new incident.
     """
-    book = json.loads(json.dumps(book))           # values in, values out
-    problems = book.setdefault("problems", {})
-    unsent = book.setdefault("unsent_resolved", {})
+    book = copy.deepcopy(book)           # values in, values out
+    problems, unsent = book.problems, book.unsent_resolved
     for name, seen in observe_run(book, report, now, after_seconds).items():
         if seen is None:
             continue
@@ -3028,42 +3409,42 @@ def decide_alerts(book: dict, report: RunReport, now: float,
         current = problems.get(name)
         if count:
             if current is None:
-                current = problems[name] = {"since": utc_iso(now), "last_alert": None}
+                current = problems[name] = Incident(since=utc_iso(now))
                 unsent.pop(name, None)
-            current.update(count=count, text=text)
+            current.count, current.text = count, text
         elif current is not None:
             del problems[name]
-            if current.get("last_alert"):
-                unsent[name] = {"since": current["since"], "cleared": utc_iso(now)}
+            if current.last_alert:
+                unsent[name] = ResolvedIncident(since=current.since, cleared=utc_iso(now))
     due = [name for name in PROBLEM_ORDER if name in problems and (
-        not problems[name].get("last_alert")
-        or now - parse_utc_iso(problems[name]["last_alert"]) >= ALERT_REPEAT_SECONDS)]
+        not problems[name].last_alert
+        or now - parse_utc_iso(problems[name].last_alert) >= ALERT_REPEAT_SECONDS)]
     resolved = [name for name in PROBLEM_ORDER if name in unsent]
     return AlertPlan(due=due, resolved=resolved, book=book)
 
 
 def record_delivery(plan: AlertPlan, now: float, subject: str,
-                    channels: Sequence[str]) -> dict:
+                    channels: Sequence[str]) -> AlertBook:
     """The bookkeeping once a message went out by at least one channel."""
-    book = json.loads(json.dumps(plan.book))
+    book = copy.deepcopy(plan.book)
     for name in plan.due:
-        book["problems"][name]["last_alert"] = utc_iso(now)
+        book.problems[name].last_alert = utc_iso(now)
     for name in plan.resolved:
-        book["unsent_resolved"].pop(name, None)
-    book["last_alert"] = {"at": utc_iso(now), "subject": subject, "problems": plan.due,
-                          "resolved": plan.resolved, "channels": list(channels)}
+        book.unsent_resolved.pop(name, None)
+    book.last_alert = SentAlert(at=utc_iso(now), subject=subject, problems=list(plan.due),
+                                resolved=list(plan.resolved), channels=list(channels))
     return book
 
 
 def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     """(subject, body). Only kinds, counts, times, the host and our own paths: never a
     patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
-    problems, unsent = plan.book["problems"], plan.book["unsent_resolved"]
+    problems, unsent = plan.book.problems, plan.book.unsent_resolved
 
     def title(name: str) -> str:
-        if name == NO_SUCCESSFUL_CYCLE and plan.book.get("last_success"):
+        if name == NO_SUCCESSFUL_CYCLE and plan.book.last_success:
             return "no successful backup cycle since %s" % local_time_text(
-                plan.book["last_success"])
+                plan.book.last_success)
         return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
             else "%s (%s)" % (name, PROBLEM_TITLES[name])
 
@@ -3078,13 +3459,13 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     lines = []
     for name in plan.due:
         problem = problems[name]
-        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
-                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
+        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem.since)),
+                  textwrap.fill(problem.text, ALERT_LINE_WIDTH, initial_indent="  ",
                                 subsequent_indent="  ", break_long_words=False,
                                 break_on_hyphens=False), ""]
     for name in plan.resolved:
-        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
-                                                   local_time_text(unsent[name]["cleared"])),
+        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name].since),
+                                                   local_time_text(unsent[name].cleared)),
                   ""]
     if plan.due:
         lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
@@ -3105,41 +3486,7 @@ def alert_footer(cfg: Config, host: str) -> List[str]:
             "or ZIP names): issues.csv and the log on the Mac name the studies."]
 
 
-def issues_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
-
-
-def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
-    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset.
-
-    A file shorter than offset was rotated during the run (append_issue): the rows
-    after offset are then in `issues.csv.1`, and the new file holds the rest."""
-    counts: Dict[str, int] = {}
-    if issues_size(path) < offset:
-        count_issue_kinds(path + ".1", offset, counts)
-        offset = 0
-    count_issue_kinds(path, offset, counts)
-    return counts
-
-
-def count_issue_kinds(path: str, offset: int, counts: Dict[str, int]) -> None:
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
-            for row in csv.reader(handle):
-                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
-                    counts[row[1]] = counts.get(row[1], 0) + 1
-    except FileNotFoundError:
-        return
-    except (OSError, csv.Error) as error:
-        log.error("cannot read %s for alerts: %s", path, error)
-
+# -- what a run was: the cycle's summary and the state's failures ----------------------
 
 def free_bytes_of(path: str) -> Optional[int]:
     try:
@@ -3162,20 +3509,15 @@ def read_failure_facts(cfg: Config, now: float
         log.debug("alerts cannot read the state: %s", error)
         return None, None
     try:
-        zip_bad, failing = 0, {}
-        for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
-                "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
-                "retried_after": utc_iso(now - STUDY_RETRIED_WITHIN_DAYS * 86400)}):
-            if kind == "ZIP_BAD":
-                zip_bad = count
-            if old:
-                failing[kind] = old
+        counts = state.failures_by_kind(now - STUDY_FAILING_DAYS * 86400,
+                                        now - STUDY_RETRIED_WITHIN_DAYS * 86400)
     except sqlite3.Error as error:
         log.debug("alerts cannot read the state: %s", error)
         return None, None
     finally:
         state.close()
-    return zip_bad, failing
+    zip_bad = counts[ZIP_BAD].studies if ZIP_BAD in counts else 0
+    return zip_bad, {kind: c.failing_long for kind, c in counts.items() if c.failing_long}
 
 
 def failure_reason(cfg: Config, error: BaseException) -> str:
@@ -3196,25 +3538,30 @@ def failure_reason(cfg: Config, error: BaseException) -> str:
     return "unexpected error %s (the log has the details)" % type(error).__name__
 
 
-def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
+def cycle_report(cfg: Config, summary: CycleSummary,
                  error: Optional[BaseException]) -> RunReport:
+    """What alerting makes of a cycle: its summary (the issue kinds it wrote, how it
+    ended), the error that stopped it, and the state's failures."""
     zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
                         else (None, None))
+    kinds = dict(summary.issue_kinds)
     if error is not None:
         if isinstance(error, DiskSpaceProblem):
-            kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
+            kinds[error.kind] = max(1, kinds.get(error.kind, 0))
         status, reason = RUN_FAILED, failure_reason(cfg, error)
-    elif lock_was_held:
+    elif summary.outcome == CYCLE_SKIPPED_LOCK:
         status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
-    elif kinds.get("INCOMING_OVER_LIMIT"):
+    elif summary.outcome == CYCLE_SKIPPED_INCOMING:
         status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
     else:
         status, reason = RUN_OK, ""
-    free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
+    free = free_bytes_of(cfg.backup_root) if kinds.get(DISK_LOW) or kinds.get(DISK_FULL) \
         else None
     return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
                      failing_week=failing, free_bytes=free)
 
+
+# -- the edges: SMTP, a command, an HTTP request ---------------------------------------
 
 class Deadline:
     """ALERT_BUDGET_SECONDS shared by the channels, keeping time for those still to come."""
@@ -3253,6 +3600,9 @@ def within(seconds: float, action) -> None:
     if failure:
         raise AlertNotSent(failure[0])
 
+
+# The mail, TLS and HTTP modules cost every run about 8 MB of memory (ssl above all), and
+# only a run that sends an alert needs them: they are imported where they are used.
 
 def alert_email_message(alerts: AlertConfig, subject: str, body: str, host: str):
     """The alert as an email.message.EmailMessage."""
@@ -3390,18 +3740,18 @@ def alert_status(cfg: Config) -> dict:
     """The `alerts` object of `status --json` (never the password)."""
     alerts = cfg.alerts
     path = alert_book_path()
-    book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
+    book = load_alert_book(path) if os.path.exists(path) else AlertBook()
     return {
         "email": list(alerts.emails), "smtp_host": alerts.smtp_host or None,
         "smtp_port": alerts.smtp_port, "smtp_user": alerts.smtp_user or None,
         "smtp_password_file": alerts.smtp_password_file or None,
         "command": alerts.command or None, "heartbeat_url": alerts.heartbeat_url or None,
         "alert_after_hours": alerts.after_hours, "bookkeeping": path,
-        "last_success": book["last_success"],
-        "open_problems": {name: {"since": problem["since"], "count": problem.get("count"),
-                                 "last_alert": problem.get("last_alert")}
-                          for name, problem in sorted(book["problems"].items())},
-        "last_alert": book["last_alert"],
+        "last_success": book.last_success,
+        "open_problems": {name: {"since": problem.since, "count": problem.count,
+                                 "last_alert": problem.last_alert}
+                          for name, problem in sorted(book.problems.items())},
+        "last_alert": dataclasses.asdict(book.last_alert) if book.last_alert else None,
     }
 
 
@@ -3428,10 +3778,21 @@ def print_alert_status(status: Mapping) -> None:
 
 
 # =====================================================================================
-# Cycle
+# Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
 # =====================================================================================
+#
+# One cycle: check the volumes, take the lock, clean up after a killed run, read
+# Horos in short transactions, export the head of the queue (each study written,
+# verified and renamed before the state records it), mark finished months, re-read a
+# few old ZIPs. What it did is its CycleSummary: the `runs` row, the log's last line
+# and, through cycle_with_alerts, the alerts.
 
 ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
+
+# Manifests of rows an older version wrote are read for at most this long per cycle
+# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
+BACKFILL_SECONDS = 60
+BACKFILL_ROWS_PER_STEP = 200
 
 
 def check_sentinels(cfg: Config) -> None:
@@ -3484,7 +3845,7 @@ def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True, _as_int(os.read(fd, 32).decode("ascii", "replace").strip())
+            return True, as_int(os.read(fd, 32).decode("ascii", "replace").strip())
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False, None
     finally:
@@ -3511,6 +3872,17 @@ def count_files_up_to(folder: str, limit: int) -> int:
     return count
 
 
+def open_backup_root(cfg: Config) -> int:
+    """BACKUP_ROOT ready for a run that writes: private modes from here on, .tmp and the
+    log, an older backup tightened. Returns the umask the user had. The caller has
+    checked that the volume is there (nothing is created on one that is not)."""
+    user_umask = use_backup_umask()
+    os.makedirs(cfg.tmp_dir, exist_ok=True)
+    setup_file_logging(cfg)
+    make_backup_root_private(cfg.backup_root)
+    return user_umask
+
+
 def clean_tmp_dir(cfg: Config) -> None:
     """Remove what a killed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
     for entry in os.scandir(cfg.tmp_dir):
@@ -3523,6 +3895,20 @@ def clean_tmp_dir(cfg: Config) -> None:
         log.info("removed leftover %s", entry.path)
 
 
+@dataclass
+class Cycle:
+    """What every step of one cycle reads and writes."""
+    cfg: Config
+    state: ExportState
+    issues: IssueLog
+    summary: CycleSummary
+    progress: Progress
+    now: float               # Unix time the cycle started: the settle clock, the state's
+    started: float           # time.monotonic() then: MAX_RUN_SECONDS
+
+
+# -- recovery: what a killed run left ---------------------------------------------------
+
 def remove_replaced_zip(cfg: Config, replaced: Optional[str], current: str) -> None:
     """Delete the ZIP a re-export under a new name replaced (never the current one)."""
     if not replaced or replaced == current:
@@ -3534,7 +3920,7 @@ def remove_replaced_zip(cfg: Config, replaced: Optional[str], current: str) -> N
         log.info("removed %s: replaced by %s", replaced, current)
 
 
-def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
+def recover_interrupted_writes(cfg: Config, state: ExportState, issues: IssueLog) -> None:
     """Finish what a killed run left: remove `.part` files, adopt verified ZIPs.
 
     A run killed between the rename and the state commit leaves a complete, verified
@@ -3542,18 +3928,21 @@ def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
     the study is not written a second time. A run killed after the commit may leave
     the ZIP that a renamed study's new ZIP replaced: it is removed now.
     """
-    for relpath, uid, replaces in state.writes_in_progress():
-        final_path = os.path.join(cfg.backup_root, relpath)
+    for write in state.writes_in_progress():
+        final_path = os.path.join(cfg.backup_root, write.zip_path)
         if os.path.exists(final_path + PART_SUFFIX):
             remove_if_present(final_path + PART_SUFFIX)
-            log.info("removed partial %s%s left by an interrupted run", relpath, PART_SUFFIX)
-        if os.path.exists(final_path) and adopt_or_discard(cfg, state, relpath, uid):
-            remove_replaced_zip(cfg, replaces, relpath)
-        state.end_write(relpath)
+            log.info("removed partial %s%s left by an interrupted run", write.zip_path,
+                     PART_SUFFIX)
+        if os.path.exists(final_path) and adopt_or_discard(cfg, state, issues, write):
+            remove_replaced_zip(cfg, write.replaces, write.zip_path)
+        state.end_write(write.zip_path)
 
 
-def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) -> bool:
-    """Whether the state now records the ZIP at relpath (adopting it if need be)."""
+def adopt_or_discard(cfg: Config, state: ExportState, issues: IssueLog,
+                     write: WriteInProgress) -> bool:
+    """Whether the state now records the ZIP of `write` (adopting it if need be)."""
+    relpath, uid = write.zip_path, write.study_uid
     final_path = os.path.join(cfg.backup_root, relpath)
     row = state.exported_row(uid)
     try:
@@ -3575,22 +3964,18 @@ def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) ->
     log.warning("removed %s: left by an interrupted run and not verifiable (%s); the study "
                 "will be exported again", relpath, problem)
     # Mostly it was verified before its rename: damage now means the disk lost data.
-    append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
+    issues.add(VERIFY_FAILED, uid, problem, relpath)
     if row is not None and row.zip_path == relpath:
         state.forget_export(uid)
     return False
 
-# Manifests of rows an older version wrote are read for at most this long per cycle
-# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
-BACKFILL_SECONDS = 60
-BACKFILL_ROWS_PER_STEP = 200
 
-
-def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
+def search_fields_from_zip(cfg: Config, issues: IssueLog, study_uid: str,
+                           relpath: str) -> dict:
     """The find fields of one ZIP, read from its manifest only (not its members).
 
-    An unreadable ZIP gets empty fields, so no cycle reads it again; `verify` is what
-    finds and replaces damaged ZIPs.
+    An unreadable ZIP gets empty fields (not NULL), so no cycle reads it again;
+    `verify` is what finds and replaces damaged ZIPs.
     """
     path = os.path.join(cfg.backup_root, relpath)
     try:
@@ -3600,13 +3985,13 @@ def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
     except ZIP_READ_ERRORS as error:
         log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
                     "and birth date stay unknown to find", relpath, error)
-        append_issue(cfg, "UNREADABLE_ZIP", study_uid, str(error), relpath)
+        issues.add(UNREADABLE_ZIP, study_uid, str(error), relpath)
         return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
                 "birth_date": None}
 
 
-def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
-                           clock=time.monotonic) -> int:
+def backfill_search_fields(cfg: Config, state: ExportState, issues: IssueLog,
+                           deadline: float, clock=time.monotonic) -> int:
     """Fill patient ID, accession number and birth date of the rows an older version
     wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
 
@@ -3615,24 +4000,25 @@ def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
     """
     filled = 0
     while clock() < deadline:
-        rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
+        rows = state.unread_rows(BACKFILL_ROWS_PER_STEP)
         if not rows:
             break
         updates = []
         for uid, relpath in rows:
-            updates.append(search_fields_from_zip(cfg, uid, relpath))
+            updates.append(search_fields_from_zip(cfg, issues, uid, relpath))
             if clock() >= deadline:
                 break
-        with state.transaction() as conn:
-            conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
+        state.set_search_fields(updates)
         filled += len(updates)
     if filled:
-        left = state.conn.execute(UNREAD_COUNT_SQL).fetchone()[0]
+        left = state.unread_count()
         log.info("find: read patient IDs from %s written by an older version (%s)",
                  plural(filled, "manifest"),
                  "%d left for the next cycles" % left if left else "all done")
     return filled
 
+
+# -- reading Horos ----------------------------------------------------------------------
 
 @dataclass
 class HorosSnapshot:
@@ -3655,60 +4041,29 @@ def database_for_cycle(cfg: Config) -> str:
 
 
 def read_candidates(reader: HorosReader) -> List[HorosStudy]:
-    """Every study in the library, ZSTUDY and ZSERIES read in chunks (candidate_chunks).
+    """Every study in the library, ZSTUDY and ZSERIES read in chunks.
 
     The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
-    different chunks are still one study.
+    different chunks are still one study. A chunk's rows are grouped after its read
+    transaction has ended.
     """
-    return group_candidates(row for chunk in candidate_chunks(reader) for row in chunk)
+    return group_candidates(row for chunk in reader.candidate_chunks() for row in chunk)
 
 
 def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
                files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
-    """The plans of these candidates, one read transaction each (its rows agree); a
-    study Horos deleted since the scan is left out."""
+    """The plans of these candidates, one read transaction each; a study Horos deleted
+    since the scan is left out."""
     plans = []
     for candidate in candidates:
-        with reader.transaction() as conn:
-            if not any(conn.execute(STUDY_EXISTS_SQL, (pk,)).fetchone()
-                       for pk in candidate.study.pks):
-                log.info("study %s: Horos deleted it since the scan; skipped",
-                         candidate.study.uid)
-                continue
-            plans.append(read_study_plan(conn, reader.columns, candidate.study, files_dir,
-                                         candidate.reason, folder_size))
+        rows = reader.read_study(candidate.study)
+        if rows is None:
+            log.info("study %s: Horos deleted it since the scan; skipped",
+                     candidate.study.uid)
+            continue
+        plans.append(plan_study(rows, candidate.study, files_dir, folder_size,
+                                candidate.reason))
     return plans
-
-
-def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
-                    files_dir: str, reason: str = "new",
-                    folder_size: int = DB_FOLDER_SIZE) -> StudyPlan:
-    """Metadata, series and files of one study (all its ZSTUDY rows)."""
-    info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
-    info_rows = [r for r in info_rows if r is not None]
-    series: List[SeriesInfo] = []
-    images: List[ImageRow] = []
-    series_sql = optional_sql(STUDY_SERIES_SQL, columns)
-    images_sql = optional_sql(STUDY_IMAGES_SQL, columns)
-    for pk in study.pks:
-        for row in conn.execute(series_sql, (pk,)):
-            series.append(SeriesInfo(pk=row[0], uid=as_text(row[1]), number=_as_int(row[2]),
-                                     modality=as_text(row[3]).strip(),
-                                     description=as_text(row[4])))
-        for row in conn.execute(images_sql, (pk,)):
-            images.append(ImageRow(series_pk=row[1], path_number=row[2], path_string=row[3],
-                                   instance_number=row[4]))
-    first = info_rows[0] if info_rows else (study.pks[0], study.uid) + (None,) * 7
-    info = StudyInfo(
-        uid=study.uid, pks=study.pks, patient_name=as_text(first[2]),
-        patient_id=as_text(first[3]), birth_date=coredata_to_local_date(first[4]),
-        study_datetime=coredata_to_local(study.study_date),
-        accession_number=as_text(first[6]), description=as_text(first[7]),
-        modalities=study.modalities)
-    ordered_series, files = plan_study_files(series, images, files_dir, folder_size)
-    return StudyPlan(info=info, series=ordered_series, files=files,
-                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
-                     reason=reason)
 
 
 def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
@@ -3723,12 +4078,13 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
     exported, high_water = view.exported, view.image_high_water
     times = times if times is not None else ReadTimes()
     started = time.monotonic()
-    with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows, times) as reader:
-        top = image_high_water(reader)
+    with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows,
+                           times) as reader:
+        top = reader.image_high_water()
         touched = set()
         # top < high_water: Horos rebuilt its database and numbered its rows anew.
         if high_water is not None and high_water < top:
-            touched = studies_with_new_images(reader, high_water, top)
+            touched = reader.studies_with_new_images(high_water, top)
         studies = read_candidates(reader)
         newly_changed = sorted(s.uid for s in studies if s.uid in exported
                                and touched.intersection(s.pks)) if touched else []
@@ -3752,11 +4108,14 @@ def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
     needed: Database.sql is open only while a group is read, never while zipping."""
     group = cfg.batch_size * 2
     for first in range(0, len(candidates), group):
-        with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows, times) as reader:
+        with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows,
+                               times) as reader:
             plans = read_plans(reader, candidates[first:first + group], cfg.horos_files_dir,
                                cfg.folder_size)
         yield from plans
 
+
+# -- exporting --------------------------------------------------------------------------
 
 def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
     """(present files with their sizes, missing paths, bytes present)."""
@@ -3780,81 +4139,86 @@ def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int
         return
     needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + reserve.bytes
     if free < needed:
-        raise DiskSpaceProblem("DISK_LOW", "backup volume low: %s free, the next study needs "
+        raise DiskSpaceProblem(DISK_LOW, "backup volume low: %s free, the next study needs "
                                "%s plus the %s reserve (%s)"
                                % (format_bytes(free), format_bytes(study_bytes),
                                   format_bytes(reserve.bytes), reserve.detail))
 
 
-def record_failure(cfg: Config, state: ExportState, plan: StudyPlan, kind: str,
-                   detail: str, now: float, extra: str = "") -> None:
-    attempts = state.record_failure(plan.info.uid, kind, detail, plan.fingerprint, now)
+def record_failure(cycle: Cycle, plan: StudyPlan, kind: str, detail: str,
+                   extra: str = "") -> None:
+    attempts = cycle.state.record_failure(plan.info.uid, kind, detail, plan.fingerprint,
+                                          cycle.now)
     log.warning("study %s not exported (%s, attempt %d, next in %s): %s", plan.info.uid,
                 kind, attempts, format_duration(retry_delay(attempts)), detail)
-    append_issue(cfg, kind, plan.info.uid, detail, extra)
-
-# What export_study did with a study; only "deferred" leaves its batch slot to the next.
-EXPORTED, FAILED, DEFERRED = "exported", "failed", "deferred"
+    cycle.issues.add(kind, plan.info.uid, detail, extra)
 
 
-def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Mapping,
-                 summary: CycleSummary, now: float, progress: Progress, label: str) -> str:
-    """Write, verify and record one study's ZIP; returns EXPORTED, FAILED or DEFERRED."""
+# The failures of writing one study, by the kind each is recorded as.
+WRITE_FAILURE_KINDS = ((FileChanged, FILE_CHANGED), (SourceUnreadable, UNREADABLE_FILE),
+                       (ZipVerifyFailed, ZIP_BAD))
+
+
+def export_study(cycle: Cycle, plan: StudyPlan, failures: Mapping[str, Failure],
+                 label: str) -> str:
+    """Write, verify and record one study's ZIP; returns its Outcome."""
+    cfg, state, summary = cycle.cfg, cycle.state, cycle.summary
     uid = plan.info.uid
     present, missing, source_bytes = stat_files(plan.files)
     previous = failures.get(uid)
     decision = files_decision(len(present), len(missing), previous, cfg.missing_retries)
-    if decision == FAIL:
-        record_failure(cfg, state, plan, "NO_FILES", "none of its %d files exist"
-                       % len(plan.files), now, missing[0] if missing else "")
-        return DEFERRED
-    if decision == DEFER:
-        record_failure(cfg, state, plan, "MISSING_FILES", "%d of %d files missing "
+    if decision == Outcome.NO_FILES:
+        record_failure(cycle, plan, NO_FILES, "none of its %d files exist"
+                       % len(plan.files), missing[0] if missing else "")
+        return decision
+    if decision == Outcome.DEFERRED:
+        record_failure(cycle, plan, MISSING_FILES, "%d of %d files missing "
                        "(deferral %d of %d before a partial export)"
                        % (len(missing), len(plan.files), missing_deferrals(previous) + 1,
-                          cfg.missing_retries), now, missing[0])
-        return DEFERRED
+                          cfg.missing_retries), missing[0])
+        return decision
     final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
     check_free_space(cfg, os.path.dirname(final_path), source_bytes, len(present))
     old = state.exported_row(uid)
     replaces = old.zip_path if old is not None and old.zip_path != plan.zip_relpath else None
     started = time.monotonic()
-    state.begin_write(uid, plan.zip_relpath, replaces, now)
-    progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
-                                  plural(len(present), "file")), source_bytes)
+    state.begin_write(uid, plan.zip_relpath, replaces, cycle.now)
+    cycle.progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
+                                        plural(len(present), "file")), source_bytes)
     throttle = Throttle(cfg.max_mbps)
 
     def on_bytes(count: int) -> None:
-        progress.advance(count)
+        cycle.progress.advance(count)
         throttle(count)
 
     try:
         manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
-                                      cfg.compress_level, on_bytes, utc_iso(now), throttle)
+                                      cfg.compress_level, on_bytes, utc_iso(cycle.now),
+                                      throttle)
     except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
         state.end_write(plan.zip_relpath)
-        kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
-                ZipVerifyFailed: "ZIP_BAD"}[type(error)]
-        record_failure(cfg, state, plan, kind, str(error), now)
-        return FAILED
+        kind = next(kind for failure, kind in WRITE_FAILURE_KINDS
+                    if isinstance(error, failure))
+        record_failure(cycle, plan, kind, str(error))
+        return Outcome.FAILED
     except OSError as error:
         if not is_disk_full(error):
             raise
         # The .part is gone already; the next cycle's recovery ends the write record.
-        raise DiskSpaceProblem("DISK_FULL", "backup volume full while writing %s: %s"
+        raise DiskSpaceProblem(DISK_FULL, "backup volume full while writing %s: %s"
                                % (plan.zip_relpath, error)) from None
     finally:
-        progress.clear()
+        cycle.progress.clear()
     zip_bytes = os.path.getsize(final_path)
-    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)),
-                        keep_write=replaces is not None)
+    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes,
+                                      utc_iso(cycle.now)), keep_write=replaces is not None)
     if replaces is not None:
         remove_replaced_zip(cfg, replaces, plan.zip_relpath)
         state.end_write(plan.zip_relpath)
     if missing:
         log.warning("study %s exported without its %d missing files", uid, len(missing))
-        append_issue(cfg, "PARTIAL", uid, "%d of %d files missing"
-                     % (len(missing), len(plan.files)), missing[0])
+        cycle.issues.add(PARTIAL, uid, "%d of %d files missing"
+                         % (len(missing), len(plan.files)), missing[0])
     summary.studies += 1
     summary.files += len(present)
     summary.source_bytes += source_bytes
@@ -3864,17 +4228,15 @@ def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Map
              "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
              plural(len(present), "file"), format_bytes(zip_bytes), seconds,
              source_bytes / 1e6 / max(seconds, 1e-6))
-    return EXPORTED
+    return decision
 
 
 def over_time(cfg: Config, started: float) -> bool:
     return 0 < cfg.max_run_seconds < time.monotonic() - started
 
 
-def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
-                 failures: Mapping[str, Failure], summary: CycleSummary, now: float,
-                 progress: Progress, started: float, capped: bool = True,
-                 total: Optional[int] = None) -> None:
+def export_plans(cycle: Cycle, plans: Iterable[StudyPlan], failures: Mapping[str, Failure],
+                 capped: bool = True, total: Optional[int] = None) -> None:
     """Export up to BATCH_SIZE studies (capped: clinic hours), or until MAX_RUN_SECONDS
     (uncapped); studies deferred before writing take no slot.
 
@@ -3884,6 +4246,7 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
     missing cannot keep it going). Past BATCH_SIZE, an uncapped cycle looks at
     INCOMING.noindex again before each study: Horos may start importing.
     """
+    cfg, summary = cycle.cfg, cycle.summary
     used = tried = 0
     if total is None:
         plans = list(plans)
@@ -3893,9 +4256,9 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
     for plan in plans:
         if capped and used >= cfg.batch_size:
             break
-        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, started):
+        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, cycle.started):
             log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
-                     "next cycle", time.monotonic() - started, cfg.max_run_seconds)
+                     "next cycle", time.monotonic() - cycle.started, cfg.max_run_seconds)
             break
         if used >= cfg.batch_size and count_files_up_to(
                 cfg.incoming_dir, cfg.incoming_max_files) > cfg.incoming_max_files:
@@ -3904,12 +4267,12 @@ def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
             break
         label = "[%d/%d]" % (used + 1, total)
         tried += 1
-        outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
-        if outcome == DEFERRED:
+        outcome = export_study(cycle, plan, failures, label)
+        if outcome in (Outcome.DEFERRED, Outcome.NO_FILES):
             summary.deferred += 1
             continue
         used += 1
-        if outcome == FAILED:
+        if outcome == Outcome.FAILED:
             summary.failed += 1
 
 
@@ -3920,7 +4283,7 @@ class VerifyResult:
     bytes_read: int = 0
 
 
-def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
+def verify_exported(cfg: Config, state: ExportState, issues: IssueLog, limit: Optional[int],
                     max_bytes: Optional[int], now: float, progress: Progress,
                     verified_before: Optional[float] = None,
                     started: Optional[float] = None) -> VerifyResult:
@@ -3932,28 +4295,29 @@ def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
     """
     result = VerifyResult()
     queue = state.verify_queue(verified_before, limit)
-    for index, (uid, relpath, zip_bytes) in enumerate(queue, 1):
+    for index, item in enumerate(queue, 1):
         if max_bytes is not None and result.bytes_read >= max_bytes:
             break
         if started is not None and over_time(cfg, started):
             break
-        path = os.path.join(cfg.backup_root, relpath)
-        progress.start("verify %d/%d %s" % (index, len(queue), relpath), zip_bytes)
+        path = os.path.join(cfg.backup_root, item.zip_path)
+        progress.start("verify %d/%d %s" % (index, len(queue), item.zip_path), item.zip_bytes)
         if os.path.exists(path):
             problem, _ = verify_zip(path, Throttle(cfg.max_mbps))
             result.bytes_read += os.path.getsize(path)
         else:
             problem = "the ZIP is missing"
-        progress.advance(zip_bytes)
+        progress.advance(item.zip_bytes)
         progress.clear()
         if problem is None:
-            state.mark_verified(uid, now)
+            state.mark_verified(item.study_uid, now)
             result.good += 1
             continue
-        result.bad.append((relpath, problem))
-        log.error("verify failed: %s: %s; the study will be exported again", relpath, problem)
-        append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
-        state.forget_export(uid)
+        result.bad.append((item.zip_path, problem))
+        log.error("verify failed: %s: %s; the study will be exported again", item.zip_path,
+                  problem)
+        issues.add(VERIFY_FAILED, item.study_uid, problem, item.zip_path)
+        state.forget_export(item.study_uid)
     return result
 
 
@@ -3975,71 +4339,61 @@ def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
                      month, done, eligible)
 
 
-def open_backup_root(cfg: Config) -> int:
-    """BACKUP_ROOT ready for a run that writes: private modes from here on, .tmp and the
-    log, an older backup tightened. Returns the umask the user had. The caller has
-    checked that the volume is there (nothing is created on one that is not)."""
-    user_umask = use_backup_umask()
-    os.makedirs(cfg.tmp_dir, exist_ok=True)
-    setup_file_logging(cfg)
-    make_backup_root_private(cfg.backup_root)
-    return user_umask
+# -- the cycle --------------------------------------------------------------------------
 
-
-def run_cycle(cfg: Config) -> int:
+def run_cycle(cfg: Config, summary: CycleSummary) -> int:
+    """One cycle; `summary` says what it did, even when it raises."""
     check_sentinels(cfg)
     open_backup_root(cfg)
     log_horos_preferences(cfg)
     with run_lock(cfg.lock_path) as held:
         if not held:
             log.info("another run holds %s; skipping this cycle", cfg.lock_path)
+            summary.outcome = CYCLE_SKIPPED_LOCK
             return EXIT_OK
-        return locked_cycle(cfg, Progress(sys.stdout))
+        return locked_cycle(cfg, summary, Progress(sys.stdout))
 
 
-def locked_cycle(cfg: Config, progress: Progress) -> int:
-    started = time.monotonic()
-    now = time.time()
-    summary = CycleSummary()
-    outcome, detail = "error", ""
+def locked_cycle(cfg: Config, summary: CycleSummary, progress: Progress) -> int:
+    issues = IssueLog(cfg.issues_path, summary.issue_kinds)
     state = ExportState(cfg.state_path, cfg.busy_timeout)
+    cycle = Cycle(cfg=cfg, state=state, issues=issues, summary=summary, progress=progress,
+                  now=time.time(), started=time.monotonic())
     try:
         if count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files) \
                 > cfg.incoming_max_files:
             log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
                      "skipping this cycle", cfg.incoming_max_files)
-            append_issue(cfg, "INCOMING_OVER_LIMIT", "", "more than %d files in %s"
-                         % (cfg.incoming_max_files, cfg.incoming_dir))
-            outcome = "skipped_incoming"
+            issues.add(INCOMING_OVER_LIMIT, "", "more than %d files in %s"
+                       % (cfg.incoming_max_files, cfg.incoming_dir))
+            summary.outcome = CYCLE_SKIPPED_INCOMING
             return EXIT_OK
         clean_tmp_dir(cfg)
-        export_cycle(cfg, state, summary, now, progress, started)
-        outcome = "ok"
+        export_cycle(cycle)
+        summary.outcome = CYCLE_OK
     except DiskSpaceProblem as problem:
-        outcome, detail = problem.kind.lower(), str(problem)
-        stop_for_disk_space(cfg, problem, summary)
+        stop_for_disk_space(cycle, problem)
         raise
     except (OSError, sqlite3.OperationalError) as error:
         if not is_disk_full(error):
-            detail = str(error)
+            summary.detail = str(error)
             if isinstance(error, sqlite3.OperationalError):
                 raise CannotRun("state database %s: %s" % (cfg.state_path, error)) from None
             raise
-        problem = DiskSpaceProblem("DISK_FULL", "backup volume full: %s" % error)
-        outcome, detail = "disk_full", str(problem)
-        stop_for_disk_space(cfg, problem, summary)
+        problem = DiskSpaceProblem(DISK_FULL, "backup volume full: %s" % error)
+        stop_for_disk_space(cycle, problem)
         raise problem from None
     except HorosUnreadable as error:
-        outcome, detail = "horos_unreadable", str(error)
+        summary.outcome, summary.detail = CYCLE_HOROS_UNREADABLE, str(error)
         raise
     except CannotRun as error:
-        detail = str(error)
+        summary.detail = str(error)
         raise
     finally:
-        seconds = time.monotonic() - started
-        record_run(state, now, seconds, outcome, summary, detail)
+        seconds = time.monotonic() - cycle.started
+        record_run(state, cycle.now, seconds, summary)
         state.close()
-        if outcome == "ok":
+        if summary.outcome == CYCLE_OK:
             log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s, at most "
                      "%.1f ms at a time)%s%s",
                      plural(summary.studies, "study", "studies"),
@@ -4053,19 +4407,18 @@ def locked_cycle(cfg: Config, progress: Progress) -> int:
     return EXIT_OK
 
 
-def record_run(state: ExportState, now: float, seconds: float, outcome: str,
-               summary: CycleSummary, detail: str) -> None:
+def record_run(state: ExportState, now: float, seconds: float, summary: CycleSummary) -> None:
     """One row in `runs`; a full disk may refuse it, which must not hide the real error."""
     try:
         state.record_run({
-            "started_at": utc_iso(now), "seconds": round(seconds, 3), "outcome": outcome,
-            "studies": summary.studies, "files": summary.files,
+            "started_at": utc_iso(now), "seconds": round(seconds, 3),
+            "outcome": summary.outcome, "studies": summary.studies, "files": summary.files,
             "zip_bytes": summary.zip_bytes, "source_bytes": summary.source_bytes,
             "failed": summary.failed, "deferred": summary.deferred,
             "verified": summary.verified,
             "horos_seconds": round(summary.horos_seconds, 4)
             if summary.horos_seconds is not None else None,
-            "detail": detail,
+            "detail": summary.detail,
             "horos_longest_seconds": round(summary.horos_times.longest, 4)
             if summary.horos_times.transactions else None,
             "horos_transactions": summary.horos_times.transactions or None})
@@ -4073,11 +4426,11 @@ def record_run(state: ExportState, now: float, seconds: float, outcome: str,
         log.error("cannot record this run in %s: %s", state.path, error)
 
 
-def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: float,
-                 progress: Progress, started: float) -> None:
+def export_cycle(cycle: Cycle) -> None:
     """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
-    recover_interrupted_writes(cfg, state)
-    backfill_search_fields(cfg, state, time.monotonic() + BACKFILL_SECONDS)
+    cfg, state, summary, now = cycle.cfg, cycle.state, cycle.summary, cycle.now
+    recover_interrupted_writes(cfg, state, cycle.issues)
+    backfill_search_fields(cfg, state, cycle.issues, time.monotonic() + BACKFILL_SECONDS)
     view = state.view()
     capped = capped_at(cfg, now)
     times = summary.horos_times
@@ -4085,7 +4438,7 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
     try:
         snapshot = read_horos(cfg, view, now, db_path, capped, times)
     except HorosUnreadable as error:
-        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
+        cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
         raise
     summary.horos_seconds = snapshot.seconds_held
     if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
@@ -4098,49 +4451,48 @@ def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: fl
     plans = itertools.chain(snapshot.plans, later_plans(
         cfg, db_path, queue[cfg.batch_size * 2:], times)) if not capped else snapshot.plans
     try:
-        export_plans(cfg, state, plans, view.failures, summary, now, progress, started,
-                     capped, total=len(queue) if not capped else len(snapshot.plans))
+        export_plans(cycle, plans, view.failures, capped,
+                     total=len(queue) if not capped else len(snapshot.plans))
     except HorosUnreadable as error:
-        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
+        cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
         raise
     finally:
         summary.horos_seconds = times.seconds
     update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
                          dt.date.today())
     if cfg.verify_per_run > 0:
-        verified = verify_exported(cfg, state, cfg.verify_per_run, None, now, progress,
+        verified = verify_exported(cfg, state, cycle.issues, cfg.verify_per_run, None, now,
+                                   cycle.progress,
                                    verified_before=now - VERIFY_MIN_AGE_DAYS * 86400,
-                                   started=started)
+                                   started=cycle.started)
         summary.verified = verified.good + len(verified.bad)
 
 
-def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
-                        summary: CycleSummary) -> None:
+def stop_for_disk_space(cycle: Cycle, problem: DiskSpaceProblem) -> None:
+    cycle.summary.outcome = (CYCLE_DISK_LOW if problem.kind == DISK_LOW
+                             else CYCLE_DISK_FULL)
+    cycle.summary.detail = str(problem)
     log.error("%s: %s; the cycle stops after %s, the next one continues once there is "
-              "room", problem.kind, problem, plural(summary.studies, "study", "studies"))
-    append_issue(cfg, problem.kind, "", str(problem))
+              "room", problem.kind, problem, plural(cycle.summary.studies, "study",
+                                                   "studies"))
+    cycle.issues.add(problem.kind, "", str(problem))
 
 
 def cycle_with_alerts(cfg: Config) -> int:
     """One cycle, then alerts and the heartbeat, whatever its outcome."""
+    summary = CycleSummary()
     if not alerting(cfg):
-        return run_cycle(cfg)
-    offset = issues_size(cfg.issues_path)
-    # The cycle skips quietly while another holds the lock (and writes nothing to tell):
-    # if the holder ends in between, a good cycle counts as skipped, which changes nothing.
-    lock_was_held = os.path.isfile(cfg.sentinel) and lock_holder(cfg.lock_path)[0]
+        return run_cycle(cfg, summary)
     try:
-        code = run_cycle(cfg)
+        code = run_cycle(cfg, summary)
     except Terminated:
         raise                    # launchd stopping the job: no outcome to report
     except Exception as error:   # re-raised: main() prints and logs it as before
-        kinds = issue_kinds_since(cfg.issues_path, offset) if os.path.isfile(cfg.sentinel) \
-            else {}
-        alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, error), heartbeat=True)
+        alert_after_run(cfg, cycle_report(cfg, summary, error), heartbeat=True)
         raise
-    kinds = issue_kinds_since(cfg.issues_path, offset)
-    alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, None), heartbeat=True)
+    alert_after_run(cfg, cycle_report(cfg, summary, None), heartbeat=True)
     return code
+
 
 
 # =====================================================================================
@@ -4201,6 +4553,11 @@ def read_state_view(cfg: Config) -> StateView:
         state.close()
 
 
+# The words the dry run prints for what a cycle would do (README: --dry-run).
+DRY_RUN_ACTIONS = {Outcome.EXPORTED: "export", Outcome.PARTIAL: "partial",
+                   Outcome.DEFERRED: "defer", Outcome.NO_FILES: "fail"}
+
+
 def dry_run(cfg: Config) -> int:
     """The studies the next cycle would export. Writes nothing: no lock, log, state or
     snapshot; Database.sql is read as the cycle reads it."""
@@ -4221,15 +4578,16 @@ def dry_run(cfg: Config) -> int:
         if capped and used >= cfg.batch_size:
             break
         present, missing, size = stat_files(plan.files)
-        action = files_decision(len(present), len(missing), view.failures.get(plan.info.uid),
-                                cfg.missing_retries)
-        if action in (FAIL, DEFER):
+        outcome = files_decision(len(present), len(missing),
+                                 view.failures.get(plan.info.uid), cfg.missing_retries)
+        action = DRY_RUN_ACTIONS[outcome]
+        if outcome in (Outcome.NO_FILES, Outcome.DEFERRED):
             label = "-"                      # its slot goes to the next study
         else:
             used += 1
             label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)) if capped
                                  else selection.pending)
-            if action == EXPORT and plan.reason == "changed":
+            if outcome == Outcome.EXPORTED and plan.reason == "changed":
                 action = "reexport"
         day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
             else UNKNOWN
@@ -4252,8 +4610,8 @@ def gather_status(cfg: Config, now: float) -> dict:
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
         view = state.view()
-        exported_count, zip_bytes, partial = state.conn.execute(STATE_TOTALS_SQL).fetchone()
-        exported_by_month = dict(state.conn.execute(STATE_MONTHS_SQL))
+        totals = state.totals()
+        exported_by_month = state.exported_by_month()
         runs = state.last_runs(50)
         restores = restore_targets_status(state)
     finally:
@@ -4290,16 +4648,16 @@ def gather_status(cfg: Config, now: float) -> dict:
         "generated_at": utc_iso(now),
         "backup_root": cfg.backup_root,
         "eligible": selection.eligible,
-        "exported": exported_count,
+        "exported": totals.exported,
         "up_to_date": selection.up_to_date,
         "pending": selection.pending,
         "changed": selection.changed,
         "unsettled": selection.unsettled,
         "failed": len(view.failures),
         "waiting": selection.waiting,
-        "partial": partial,
+        "partial": totals.partial,
         "only_in_backup": sum(1 for uid in view.exported if uid not in in_horos),
-        "bytes": zip_bytes,
+        "bytes": totals.zip_bytes,
         "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
                       "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
         "months": months,
@@ -4340,6 +4698,14 @@ def preferences_status(cfg: Config) -> dict:
                     "detail": reserve.detail,
                     "horos_threshold_bytes": reserve.horos_threshold},
     }
+
+
+def restore_targets_status(state: ExportState) -> List[dict]:
+    """The `restores` of `status --json`: each library restore --into-horos feeds."""
+    return [{"target": t.target, "selection": t.selection, "left": t.left,
+             "last_run_at": t.last_run_at, "restored": t.restored,
+             "in_progress": t.left > 0}
+            for t in state.restore_targets()]
 
 
 def cycle_capacity(cfg: Config, exporting_runs: Sequence[Mapping]) -> Tuple[float, float]:
@@ -4459,8 +4825,8 @@ def status_command(cfg: Config, as_json: bool) -> int:
 
 
 def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
-                   max_gb: Optional[float]) -> int:
-    """Re-read ZIPs oldest-verified first; exit 1 if any is missing or damaged."""
+                   max_gb: Optional[float]) -> VerifyResult:
+    """Re-read ZIPs oldest-verified first, and say which are bad."""
     prepare_backup_root(cfg)
     if not verify_all and limit is None and max_gb is None:
         limit = VERIFY_DEFAULT_LIMIT
@@ -4468,7 +4834,8 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
     with operator_lock(cfg):
         state = ExportState(cfg.state_path, cfg.busy_timeout)
         try:
-            result = verify_exported(cfg, state, None if verify_all else limit,
+            result = verify_exported(cfg, state, IssueLog(cfg.issues_path),
+                                     None if verify_all else limit,
                                      int(max_gb * GB) if max_gb is not None else None,
                                      time.time(), Progress(sys.stdout))
         finally:
@@ -4478,21 +4845,19 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
              time.monotonic() - started, result.good, len(result.bad))
     for relpath, problem in result.bad:
         print("BAD %s: %s" % (relpath, problem))
-    return EXIT_FAILED if result.bad else EXIT_OK
+    return result
 
 
 def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
                        max_gb: Optional[float]) -> int:
-    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
-    if not cfg.alerts.channels:
-        return verify_command(cfg, verify_all, limit, max_gb)
-    offset = issues_size(cfg.issues_path)
-    code = verify_command(cfg, verify_all, limit, max_gb)
-    bad = issue_kinds_since(cfg.issues_path, offset).get("VERIFY_FAILED", 0)
-    if bad:
-        alert_after_run(cfg, RunReport(status=RUN_COMMAND, kinds={"VERIFY_FAILED": bad}),
+    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle). Exit 1 if
+    any ZIP is missing or damaged."""
+    result = verify_command(cfg, verify_all, limit, max_gb)
+    if result.bad and cfg.alerts.channels:
+        alert_after_run(cfg, RunReport(status=RUN_COMMAND,
+                                       kinds={VERIFY_FAILED: len(result.bad)}),
                         heartbeat=False)
-    return code
+    return EXIT_FAILED if result.bad else EXIT_OK
 
 
 def reindex_command(cfg: Config) -> int:
@@ -4504,6 +4869,7 @@ def reindex_command(cfg: Config) -> int:
     """
     prepare_backup_alone(cfg, "reindex")
     started = time.monotonic()
+    issues = IssueLog(cfg.issues_path)
     with operator_lock(cfg):
         rows: Dict[str, dict] = {}
         duplicates: List[str] = []
@@ -4529,7 +4895,7 @@ def reindex_command(cfg: Config) -> int:
                     unreadable += 1
                     log.error("reindex: %s has no readable manifest (%s); left out",
                               relpath, error)
-                    append_issue(cfg, "UNREADABLE_ZIP", "", str(error), relpath)
+                    issues.add(UNREADABLE_ZIP, "", str(error), relpath)
                     continue
                 previous = rows.get(record["study_uid"])
                 if previous is not None:
@@ -4545,9 +4911,7 @@ def reindex_command(cfg: Config) -> int:
             remove_if_present(leftover)
         state = ExportState(rebuilt, cfg.busy_timeout)
         try:
-            with state.transaction() as conn:
-                conn.executemany(UPSERT_EXPORTED_SQL, list(rows.values()))
-                conn.executemany(SET_SEARCH_FIELDS_SQL, list(rows.values()))
+            state.replace_exported(list(rows.values()))
             carry_over_restores(cfg.state_path, state)
         finally:
             state.close()
@@ -4576,16 +4940,11 @@ def carry_over_restores(old_path: str, state: ExportState) -> None:
         log.warning("reindex: the restore progress in the old state is lost: %s", error)
         return
     try:
-        restores = list(old.conn.execute(ALL_RESTORES_SQL))
-        targets = list(old.conn.execute(ALL_RESTORE_TARGETS_SQL))
+        state.copy_restores_from(old)
     except sqlite3.Error as error:
         log.warning("reindex: the restore progress in the old state is lost: %s", error)
-        return
     finally:
         old.close()
-    with state.transaction() as conn:
-        conn.executemany(RECORD_RESTORE_SQL, restores)
-        conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
 
 
 def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
@@ -4720,32 +5079,21 @@ def horos_data_check(cfg: Config, prefs: HorosPreferences) -> Check:
                                                     "say)" if prefs.found else ""))
 
 
-def read_path_sample(cfg: Config) -> Tuple[List[Tuple[int, object, object]], str]:
+def read_path_sample(cfg: Config) -> Tuple[List[ImageRow], str]:
     """(sampled ZIMAGE rows, what the read saw), in short read transactions as a cycle
     reads: the tables and columns, the row ranges, then the sample a group at a time."""
     started = time.monotonic()
     times = ReadTimes()
     with open_horos_reader(cfg.database_path, cfg.busy_timeout, times=times) as reader:
-        with reader.transaction() as conn:
-            studies_low, studies_high, low, high = (
-                conn.execute(sql).fetchone()[0] for sql in (
-                    FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL,
-                    LAST_IMAGE_PK_SQL))
-        rows: List[Tuple[int, object, object]] = []
-        targets = sample_targets(low, high, PATH_SAMPLE_SIZE) if low is not None else []
-        seen = set()
-        for first in range(0, len(targets), PATH_SAMPLE_GROUP):
-            with reader.transaction() as conn:
-                for target in targets[first:first + PATH_SAMPLE_GROUP]:
-                    row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
-                    if row is not None and row[0] not in seen:
-                        seen.add(row[0])
-                        rows.append(tuple(row))
+        ranges = reader.table_ranges()
+        targets = sample_targets(ranges.first_image, ranges.last_image, PATH_SAMPLE_SIZE) \
+            if ranges.first_image is not None else []
+        rows = reader.images_at_or_after(targets, PATH_SAMPLE_GROUP)
     seen_text = "readable, with every table and column needed; study rows Z_PK %s to %s, " \
                 "image rows %s to %s; read in %.3f s (%d read transactions, the longest " \
-                "%.1f ms)" % (studies_low, studies_high, low, high,
-                              time.monotonic() - started, times.transactions,
-                              times.longest * 1000)
+                "%.1f ms)" % (ranges.first_study, ranges.last_study, ranges.first_image,
+                              ranges.last_image, time.monotonic() - started,
+                              times.transactions, times.longest * 1000)
     return rows, seen_text
 
 
@@ -4759,16 +5107,19 @@ def unmounted_volume(path: str, exists) -> Optional[str]:
     return None
 
 
-def missing_files_cause(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+def missing_files_cause(rows: Sequence[ImageRow], files_dir: str,
                         folder_size: int, exists, prefs_files_dir: Optional[str]) -> str:
     """The likely reason sampled files are not where the path rule puts them."""
-    in_place = [r for r in rows if _as_int(r[1]) is None and as_text(r[2]).startswith("/")]
+    in_place = [r for r in rows
+                if as_int(r.path_number) is None and as_text(r.path_string).startswith("/")]
     in_database = [r for r in rows if r not in in_place]
-    missing_in_place = [as_text(r[2]) for r in in_place if not exists(as_text(r[2]))]
+    missing_in_place = [as_text(r.path_string) for r in in_place
+                        if not exists(as_text(r.path_string))]
 
     def found_with(folder: str, size: int) -> int:
-        return sum(1 for _pk, number, text in in_database
-                   if exists(resolve_image_path(folder, number, text, size) or ""))
+        return sum(1 for r in in_database
+                   if exists(resolve_image_path(folder, r.path_number, r.path_string, size)
+                             or ""))
 
     missing_in_database = len(in_database) - found_with(files_dir, folder_size)
     if len(missing_in_place) > missing_in_database:
@@ -4798,16 +5149,16 @@ def missing_files_cause(rows: Sequence[Tuple[int, object, object]], files_dir: s
             "Database.sql?" % (files_dir, os.path.dirname(files_dir)))
 
 
-def path_rule_check(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+def path_rule_check(rows: Sequence[ImageRow], files_dir: str,
                     folder_size: int, exists=os.path.exists,
                     prefs_files_dir: Optional[str] = None) -> Check:
     """Whether the files of sampled image rows are where the path rule says."""
     if not rows:
         return Check("path_rule", CHECK_SKIP, "Database.sql holds no image rows yet")
-    paths = [resolve_image_path(files_dir, number, text, folder_size)
-             for _pk, number, text in rows]
+    paths = [resolve_image_path(files_dir, r.path_number, r.path_string, folder_size)
+             for r in rows]
     missing = [p or "(no path)" for p in paths if not p or not exists(p)]
-    span = "Z_PK %d to %d" % (rows[0][0], rows[-1][0])
+    span = "Z_PK %d to %d" % (rows[0].pk, rows[-1].pk)
     if not missing:
         return Check("path_rule", CHECK_OK, "all %d sampled image rows (%s) have their file, "
                      "with folder size %d" % (len(rows), span, folder_size))
@@ -5055,22 +5406,12 @@ def read_backup_studies(cfg: Config) -> List[BackupStudy]:
                         % (cfg.backup_root, STATE_FILE, cfg.backup_root))
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
-        rows = list(state.conn.execute(BACKUP_STUDIES_SQL))
+        return state.backup_studies()
     except sqlite3.Error as error:
         raise CannotRun("state database %s cannot be read (%s); run `reindex` to rebuild it"
                         % (cfg.state_path, error)) from None
     finally:
         state.close()
-    parsed: Dict[object, Tuple[str, ...]] = {}     # `CT`, `MR\SR` repeat thousands of times
-    studies = []
-    for r in rows:
-        modalities = parsed.get(r[10])
-        if modalities is None:
-            modalities = parsed[r[10]] = modality_tokens(r[10])
-        studies.append(BackupStudy(as_text(r[0]), as_text(r[1]), r[2] or 0, r[3] or 0,
-                                   r[4] or 0, r[5], as_text(r[6]), r[7], r[8], r[9],
-                                   modalities))
-    return studies
 
 
 def search_text(value) -> str:
@@ -5400,7 +5741,7 @@ def finish_interrupted_restores(state: ExportState, target: str, incoming: str,
         return
     recorded = {os.path.basename(relpath)[:-len(".zip")]
                 if relpath.endswith(".zip") else os.path.basename(relpath)
-                for _uid, relpath in state.conn.execute(RESTORED_ZIP_NAMES_SQL, (target,))}
+                for relpath in state.restored_zip_paths(target)}
     for entry in sorted(os.listdir(staging_parent)):
         parsed = staged_folder_name(entry)
         if parsed is None:
@@ -5439,15 +5780,12 @@ def restore_into_target(state: ExportState, item: RestoreItem, target: str,
         found = as_text(manifest.get("study", {}).get("study_uid"))
         if found != item.study_uid:
             raise RestoreRefused("the ZIP holds study %s, not %s" % (found, item.study_uid))
-        with state.transaction() as conn:
-            conn.execute(RECORD_RESTORE_SQL, (target, item.study_uid, item.zip_path,
-                                              utc_iso(time.time())))
+        state.record_restore(target, item.study_uid, item.zip_path, time.time())
 
     try:
         return restore_zip(item.zip_file, incoming, staging_parent, on_bytes, record)
     except BaseException:
-        with state.transaction() as conn:
-            conn.execute(FORGET_RESTORE_SQL, (target, item.study_uid))
+        state.forget_restore(target, item.study_uid)
         raise
 
 
@@ -5474,7 +5812,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
             with umask_of(user_umask):
                 finish_interrupted_restores(state, target, cfg.incoming_dir, staging_parent)
             items, failed = restore_items(cfg, zips, select_all, months, find_texts)
-            done = dict(state.conn.execute(RESTORED_UIDS_SQL, (target,)))
+            done = state.restored_uids(target)
             todo = []
             earlier = 0
             for item in items:
@@ -5511,9 +5849,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
                          plural(count, "file"), folder)
             progress.clear()
             left = len(todo) - restored
-            with state.transaction() as conn:
-                conn.execute(RECORD_RESTORE_TARGET_SQL, (target, selection, left,
-                                                         utc_iso(time.time())))
+            state.record_restore_target(target, selection, left, time.time())
         finally:
             state.close()
     print(feeding_summary(cfg, restored, files, size, earlier, left, waiting + files))
@@ -5568,13 +5904,6 @@ def stop_if_disk_full(error: BaseException, folder: str) -> None:
     if is_disk_full(error):
         raise CannotRun("the disk of %s is full (%s): free some space and run restore again; "
                         "it goes on where it stopped" % (folder, error)) from None
-
-
-def restore_targets_status(state: ExportState) -> List[dict]:
-    """The `restores` of `status --json`: each library restore --into-horos feeds."""
-    return [{"target": row[0], "selection": row[1], "left": row[2], "last_run_at": row[3],
-             "restored": row[4], "in_progress": row[2] > 0}
-            for row in state.conn.execute(RESTORE_TARGETS_SQL)]
 
 
 def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],

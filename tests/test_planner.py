@@ -183,7 +183,7 @@ def series(pk, number, modality="CT", description="Axial", uid=None):
 
 
 def image(series_pk, number=None, path=None, instance=None):
-    return hbe.ImageRow(series_pk=series_pk, path_number=number, path_string=path,
+    return hbe.ImageRow(pk=0, series_pk=series_pk, path_number=number, path_string=path,
                         instance_number=instance)
 
 
@@ -310,12 +310,21 @@ def test_retry_back_off_grows_then_stays_daily():
         [HOUR, 6 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR]
 
 
+# The columns of CANDIDATES_SQL, in its order.
+CANDIDATE_COLUMNS = ("pk", "uid", "study_date", "date_added", "modality_summary",
+                     "series_modalities", "fingerprint_text")
+
+
+def candidate_rows(*rows):
+    return [dict(zip(CANDIDATE_COLUMNS, row)) for row in rows]
+
+
 def test_two_rows_with_one_uid_are_one_study():
-    rows = [  # CANDIDATES_SQL shape, in Z_PK order
+    rows = candidate_rows(  # in Z_PK order
         (3, "1.2.3", 100.0, 11.0, "SR", "SR", "100000|SR|1|A|P2|0|1|1"),
         (4, "4.5.6", None, 12.0, "US", "US", "0|US|1|B|P3|0|1|1"),
         (7, "1.2.3 ", 200.0, 10.0, "CT", "CT\\ ct ", "200000|CT|5|A|P1|0|1|5"),
-    ]
+    )
     studies = {s.uid: s for s in hbe.group_candidates(rows)}
     assert set(studies) == {"1.2.3", "4.5.6"}
     assert studies["1.2.3"].pks == (3, 7)
@@ -333,7 +342,7 @@ def test_fingerprint_moves_with_what_horos_keeps_and_nothing_else():
     def fingerprint(**changes):
         values = dict(zip(("pk", "uid", "date", "added", "summary", "series", "text"), row))
         values.update(changes)
-        return hbe.group_candidates([tuple(values.values())])[0].fingerprint
+        return hbe.group_candidates(candidate_rows(tuple(values.values())))[0].fingerprint
 
     same = fingerprint()
     assert fingerprint() == same
@@ -343,9 +352,9 @@ def test_fingerprint_moves_with_what_horos_keeps_and_nothing_else():
 
 
 def test_odd_date_types_in_candidate_rows():
-    rows = [(1, "1.1", "612345678.5", 5, "CT", None, "x"),
-            (2, "2.2", "junk", None, "MR", None, "y"),
-            (3, "3.3", float("nan"), 1e300, "CT", None, "z")]
+    rows = candidate_rows((1, "1.1", "612345678.5", 5, "CT", None, "x"),
+                          (2, "2.2", "junk", None, "MR", None, "y"),
+                          (3, "3.3", float("nan"), 1e300, "CT", None, "z"))
     studies = {s.uid: s for s in hbe.group_candidates(rows)}
     assert studies["1.1"].study_date == 612345678.5 and studies["1.1"].last_added == 5
     assert studies["2.2"].study_date is None and studies["2.2"].last_added is None
@@ -445,10 +454,11 @@ def test_bad_flags_are_refused_with_usage(argv, capsys):
 def test_files_decision_for_the_cycle_and_the_dry_run():
     missing = hbe.Failure("u", "MISSING_FILES", 2, 0.0, "f")
     other = hbe.Failure("u", "FILE_CHANGED", 5, 0.0, "f")
-    assert hbe.files_decision(0, 3, None, 3) == hbe.FAIL
-    assert hbe.files_decision(3, 0, missing, 3) == hbe.EXPORT
-    assert hbe.files_decision(2, 1, None, 3) == hbe.DEFER
-    assert hbe.files_decision(2, 1, missing, 3) == hbe.DEFER        # 2 deferrals of 3
-    assert hbe.files_decision(2, 1, missing, 2) == hbe.PARTIAL      # used up
-    assert hbe.files_decision(2, 1, other, 1) == hbe.DEFER          # other failures don't count
-    assert hbe.files_decision(2, 1, None, 0) == hbe.PARTIAL
+    outcome = hbe.Outcome
+    assert hbe.files_decision(0, 3, None, 3) == outcome.NO_FILES
+    assert hbe.files_decision(3, 0, missing, 3) == outcome.EXPORTED
+    assert hbe.files_decision(2, 1, None, 3) == outcome.DEFERRED
+    assert hbe.files_decision(2, 1, missing, 3) == outcome.DEFERRED   # 2 deferrals of 3
+    assert hbe.files_decision(2, 1, missing, 2) == outcome.PARTIAL    # used up
+    assert hbe.files_decision(2, 1, other, 1) == outcome.DEFERRED     # others don't count
+    assert hbe.files_decision(2, 1, None, 0) == outcome.PARTIAL
