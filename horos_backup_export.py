@@ -10,10 +10,11 @@ README documents every flag, file and format.
 Python 3.8+ standard library only: the file is copied to /Volumes/PACS/Backup/ and
 run by macOS's /usr/bin/python3.
 
-Sections, in the order data flows:
-  constants - data types - planner (pure) - Horos reader - Horos preferences -
-  archive writer - state store - issues, logs and progress - file modes - cycle -
-  alerts - operator commands - doctor - find and disaster recovery - CLI
+Sections, in the order data flows; each uses only what is above it:
+  constants - shared helpers - data types - Horos reader - Horos preferences -
+  planner (pure) - clinic hours (pure) - archive writer - state store - issues, logs
+  and progress - file modes - alerts - cycle - operator commands - doctor - find -
+  restore - CLI
 """
 
 import argparse
@@ -254,8 +255,12 @@ CYCLE_SKIPPED_LOCK = "skipped_lock"   # another run holds the lock; not recorded
 
 
 # =====================================================================================
-# Shared helpers
+# Shared helpers: errors, values, text for people, time, durable files, flag values
 # =====================================================================================
+#
+# What several layers use: the errors main() turns into one line and an exit code,
+# values read from Horos's columns (damaged stores hold anything), text for people,
+# UTC times, files written whole or not at all, and the parsers of flag values.
 
 log = logging.getLogger("horos_backup_export")
 
@@ -1254,8 +1259,17 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
 
 
 # =====================================================================================
-# Horos preferences
+# Horos preferences: folder size, library location, auto-cleaning (read, never written)
 # =====================================================================================
+#
+# Horos keeps its settings in the macOS defaults domain org.horosproject.horos, a binary
+# plist in ~/Library/Preferences of the user who runs it; an absent key means Horos's
+# built-in default (DefaultsOsiriX.m). Two settings decide whether this backup works
+# and whether it destroys data: DefaultFolderSizeForDB moves every file of the library
+# (the path rule), and Database Auto-Cleaning deletes studies when the library's volume
+# has less free space than its threshold, so a backup on that volume must never write
+# below it. Values set from Horos's settings window may be numbers or strings ("1024"),
+# booleans true/false, 1/0 or "YES"/"NO": all are accepted.
 
 PREF_FOLDER_SIZE = "DefaultFolderSizeForDB"
 PREF_LOCATION = "DATABASELOCATION"
@@ -1457,8 +1471,11 @@ def log_horos_preferences(cfg: Config) -> None:
 
 
 # =====================================================================================
-# Planner
+# Planner: pure functions from values to values (names, paths, selection)
 # =====================================================================================
+#
+# No file, database or clock here: what the readers found goes in, what the cycle
+# does comes out. The tests call these directly.
 
 
 
@@ -1799,7 +1816,7 @@ def month_is_over(month: str, today: dt.date) -> bool:
 
 
 # =====================================================================================
-# Clinic hours
+# Clinic hours: when a cycle stops at BATCH_SIZE (pure; the clock is passed in)
 # =====================================================================================
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
@@ -1896,8 +1913,12 @@ def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
 
 
 # =====================================================================================
-# Archive writer
+# Archive writer: the ZIP, fsync, verify, rename
 # =====================================================================================
+#
+# Crash-safety order for one study: write `<name>.zip.part`, fsync it, read it back
+# (testzip + manifest), rename it to `<name>.zip`, fsync the folder, and only then
+# record it in the state. A ZIP is visible under its final name only once verified.
 
 
 
@@ -2186,8 +2207,12 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 
 
 # =====================================================================================
-# State store
+# State store: every query on BACKUP_ROOT/export_state.sqlite
 # =====================================================================================
+#
+# Written in short transactions with synchronous=FULL (and fullfsync on macOS), in
+# rollback-journal mode so the file alone is always the whole state. Times are UTC,
+# ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
 STATE_SCHEMA_VERSION = 5
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
@@ -3045,8 +3070,16 @@ def setup_file_logging(cfg: Config) -> None:
 
 
 # =====================================================================================
-# File modes
+# File modes: the backup is private to the account that runs it
 # =====================================================================================
+#
+# One mechanism: each command that writes under BACKUP_ROOT (a cycle, verify, reindex,
+# retry) and `restore --to` set the process umask to BACKUP_UMASK before creating
+# anything. Every folder, `.part` (renamed with its mode), state database, issues.csv,
+# log, lock and database copy is then born private, rotations included: a rename keeps
+# the mode, and SQLite creates its journal with the database file's own mode. Nothing
+# is chmod-ed after the fact, except a backup an older version made 0755/0644, which
+# the next run tightens once.
 
 
 
@@ -4496,8 +4529,11 @@ def cycle_with_alerts(cfg: Config) -> int:
 
 
 # =====================================================================================
-# Operator commands
+# Operator commands: dry run, status, verify, reindex, retry, test-alert
 # =====================================================================================
+#
+# What a person runs by hand. Commands that write wait for a running cycle
+# (operator_lock); those that only read never take the lock.
 
 
 
@@ -4989,8 +5025,13 @@ def test_alert_command(cfg: Config) -> int:
 
 
 # =====================================================================================
-# Doctor
+# Doctor: a read-only check of the installation, end to end
 # =====================================================================================
+#
+# Meant for the day the script is installed and for any day something looks wrong. It
+# writes nothing at all (no folder, log, lock, state or database snapshot), so it is
+# safe on a volume that is not mounted and next to a running cycle; Database.sql is
+# read in short read transactions of index lookups.
 
 CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP = "ok", "warn", "fail", "skip"
 PATH_SAMPLE_SIZE = 200            # image rows whose files the path rule must find
@@ -5390,8 +5431,12 @@ def doctor_command(cfg: Config, as_json: bool) -> int:
 
 
 # =====================================================================================
-# Find
+# Find: search the backup alone
 # =====================================================================================
+#
+# The day this is needed the Horos disk may be dead: `find` reads BACKUP_ROOT's state
+# and nothing else, with no PACS sentinel and no Database.sql, and never writes there,
+# so it works on a read-only recovery disk.
 
 
 
@@ -5517,8 +5562,13 @@ def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
 
 
 # =====================================================================================
-# Restore
+# Restore: studies back into a folder or into Horos, at its pace
 # =====================================================================================
+#
+# Like find, restore needs no PACS sentinel: `restore --to DIR` reads the backup and
+# writes only DIR; `restore --into-horos` records in the state which studies went to
+# which library, so that none is fed twice, and feeds INCOMING.noindex only as fast as
+# Horos empties it.
 
 RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
 RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
