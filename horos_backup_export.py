@@ -2621,7 +2621,7 @@ def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connectio
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA user_version").fetchone()[0]
+    return conn.execute("PRAGMA user_version").fetchone()["user_version"]
 
 
 class ExportState:
@@ -2659,6 +2659,7 @@ class ExportState:
         if not os.path.exists(path):
             return memory
         conn = connect_state_read_only(path, busy_timeout)
+        conn.row_factory = sqlite3.Row
         if schema_version(conn) >= STATE_SCHEMA_VERSION:
             memory.close()
             return conn
