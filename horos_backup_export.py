@@ -379,8 +379,6 @@ def printable(text) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
 
 
-
-
 def plural(count: int, noun: str, nouns: str = "") -> str:
     return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
 
@@ -1257,7 +1255,6 @@ def refresh_db_copy(db_path: str, copy_dir: str, busy_timeout: float) -> str:
     return copy_path
 
 
-
 # =====================================================================================
 # Horos preferences: folder size, library location, auto-cleaning (read, never written)
 # =====================================================================================
@@ -1476,7 +1473,6 @@ def log_horos_preferences(cfg: Config) -> None:
 #
 # No file, database or clock here: what the readers found goes in, what the cycle
 # does comes out. The tests call these directly.
-
 
 
 def wanted_modalities(wanted: Iterable[str]) -> frozenset:
@@ -1919,7 +1915,6 @@ def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
 # Crash-safety order for one study: write `<name>.zip.part`, fsync it, read it back
 # (testzip + manifest), rename it to `<name>.zip`, fsync the folder, and only then
 # record it in the state. A ZIP is visible under its final name only once verified.
-
 
 
 class FileChanged(Exception):
@@ -2921,7 +2916,6 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
     }
 
 
-
 # =====================================================================================
 # Issues, logs and progress
 # =====================================================================================
@@ -3081,7 +3075,6 @@ def setup_file_logging(cfg: Config) -> None:
 # the mode, and SQLite creates its journal with the database file's own mode. Nothing
 # is chmod-ed after the fact, except a backup an older version made 0755/0644, which
 # the next run tightens once.
-
 
 
 def use_backup_umask() -> int:
@@ -4528,14 +4521,12 @@ def cycle_with_alerts(cfg: Config) -> int:
     return code
 
 
-
 # =====================================================================================
 # Operator commands: dry run, status, verify, reindex, retry, test-alert
 # =====================================================================================
 #
 # What a person runs by hand. Commands that write wait for a running cycle
 # (operator_lock); those that only read never take the lock.
-
 
 
 @contextlib.contextmanager
@@ -5438,7 +5429,6 @@ def doctor_command(cfg: Config, as_json: bool) -> int:
 # The day this is needed the Horos disk may be dead: `find` reads BACKUP_ROOT's state
 # and nothing else, with no PACS sentinel and no Database.sql, and never writes there,
 # so it works on a read-only recovery disk.
-
 
 
 def read_backup_studies(cfg: Config) -> List[BackupStudy]:
