@@ -82,10 +82,10 @@ def test_only_the_horos_reader_and_the_state_store_touch_a_database(tree):
     assert len(allowed) == 2
     touching = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and (
-                node.attr in ("execute", "executemany", "executescript", "conn")):
-            if section_of(node.lineno, banners) not in allowed:
-                touching.append("line %d: .%s" % (node.lineno, node.attr))
+        if isinstance(node, ast.Attribute) \
+                and node.attr in ("execute", "executemany", "executescript", "conn") \
+                and section_of(node.lineno, banners) not in allowed:
+            touching.append("line %d: .%s" % (node.lineno, node.attr))
     assert touching == []
 
 
