@@ -10,14 +10,16 @@ README documents every flag, file and format.
 Python 3.8+ standard library only: the file is copied to /Volumes/PACS/Backup/ and
 run by macOS's /usr/bin/python3.
 
-Sections, in the order data flows:
-  constants - data types - planner (pure) - Horos reader - Horos preferences -
-  archive writer - state store - issues, logs and progress - file modes - cycle -
-  alerts - operator commands - doctor - find and disaster recovery - CLI
+Sections, in the order data flows; each uses only what is above it:
+  constants - shared helpers - data types - Horos reader - Horos preferences -
+  planner (pure) - clinic hours (pure) - archive writer - state store - issues, logs
+  and progress - file modes - alerts - cycle - operator commands - doctor - find -
+  restore - CLI
 """
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime as dt
@@ -51,49 +53,79 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from xml.parsers.expat import ExpatError
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
 
 # =====================================================================================
-# Constants. Each configurable one is also a command-line flag; the constant is the
-# default (see COMMON_FLAGS and the README). Edit them here to change the defaults of
-# the copy launchd runs.
+# Constants
 # =====================================================================================
+#
+# The settings first: each is the default of one flag (declared once, on its Config
+# field), and editing it here changes what the copy launchd runs does. The README's
+# configuration table lists them; a test checks that the three agree.
 
 TOOL_VERSION = "1.0.0"
 
+# The commands: the first word on the command line (CYCLE: none, a backup cycle).
+CYCLE = "cycle"
+STATUS = "status"
+VERIFY = "verify"
+RESTORE = "restore"
+REINDEX = "reindex"
+RETRY = "retry"
+DOCTOR = "doctor"
+FIND = "find"
+TEST_ALERT = "test-alert"
+EVERY_COMMAND = (CYCLE, STATUS, VERIFY, RESTORE, REINDEX, RETRY, DOCTOR, FIND, TEST_ALERT)
+OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c != TEST_ALERT)
+READS_HOROS_DATA = (CYCLE, STATUS, DOCTOR, RESTORE)     # Horos Data and its preferences
+ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT)
+
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
-SENTINEL = os.path.join(PACS_ROOT, ".pacs_sentinel")            # follows --pacs-root
-HOROS_DATA_DIR = os.path.join(PACS_ROOT, "Database", "Horos Data")  # --horos-data
-BACKUP_ROOT = os.path.join(PACS_ROOT, "Backup")                 # --backup-root
+# Where the sentinel, Horos Data and the backup sit on the PACS volume; --pacs-root X
+# puts them below X instead.
+SENTINEL_NAME = ".pacs_sentinel"
+HOROS_DATA_NAME = "Horos Data"
+HOROS_DATA_SUBDIR = os.path.join("Database", HOROS_DATA_NAME)
+BACKUP_SUBDIR = "Backup"
+SENTINEL = os.path.join(PACS_ROOT, SENTINEL_NAME)               # follows --pacs-root
+HOROS_DATA_DIR = os.path.join(PACS_ROOT, HOROS_DATA_SUBDIR)     # --horos-data
+BACKUP_ROOT = os.path.join(PACS_ROOT, BACKUP_SUBDIR)            # --backup-root
+# Horos's settings, of the user who runs Horos (expanded with that user's HOME).
+HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
+
 BATCH_SIZE = 15                                                 # --batch-size
 INCOMING_MAX_FILES = 25_000                                     # --incoming-max-files
 ORDER_BY = "study_date"                                         # --order-by
 MODS = ("CT", "MR")                                             # --modalities CT,MR
 USE_DB_COPY = False                                             # --use-db-copy
-MAX_NAME_NOEXT = 128
+
 # Deflate level 1 halves CT and MR (about 51% of the bytes on CT-like data) for a fifth
 # of level 6's CPU; levels 6 and 9 save 1-2% more (BENCHMARKS.md). On a small Mac with a
 # USB disk, writing and re-reading half the bytes pays for the CPU.
 COMPRESSION = "deflate"                                         # --compression
 COMPRESS_LEVEL = 1                                              # --compress-level
 BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
+
 # A study is exported once Horos has added nothing to it for this long. CT arrives in
 # minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
 # and reconstructions or reports can trail; anything later still triggers a re-export.
 SETTLE_MINUTES = 60                                             # --settle-minutes
 MISSING_RETRIES = 3                                             # --missing-retries
 MIN_FREE_GB = 20.0                                              # --min-free-gb
+
 # Each cycle re-reads this many of the longest-unverified ZIPs: at 144 cycles a day,
 # 50,000 ZIPs are all read back about every four months.
 VERIFY_PER_RUN = 3                                              # --verify-per-run
+
 # Off by default: under launchd the job runs with LowPriorityIO, so macOS already puts
 # Horos's reads first. A cap helps a person who runs the script by hand next to Horos.
 MAX_MBPS = 0.0                                                  # --max-mbps
+
 # Stop starting new studies after this long, so a cycle of big CT studies ends before
 # launchd's next tick (600 s); the lock would make that tick skip anyway.
 MAX_RUN_SECONDS = 480.0                                         # --max-run-seconds
-# Horos's settings, of the user who runs Horos (expanded with that user's HOME).
-HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-prefs
+
 # Inside clinic hours (local time, the end exclusive; 19-07 wraps past midnight) a cycle
 # exports up to BATCH_SIZE studies, so Horos and its users never feel it. Outside them
 # it keeps going until MAX_RUN_SECONDS: a 50,000-study backlog drains over nights and
@@ -101,16 +133,40 @@ HOROS_PREFS = "~/Library/Preferences/org.horosproject.horos.plist"  # --horos-pr
 # "00-24": the cap at every hour of every day.
 CLINIC_HOURS = "07-19"                                          # --clinic-hours
 CLINIC_DAYS = "mon-fri"                                         # --clinic-days
+
+# Alerts (README: Alerts). No channel is set by default: a cycle then sends nothing.
+ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
+SMTP_HOST = ""               # --smtp-host
+SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
+SMTP_USER = ""               # --smtp-user; "" sends without logging in (a local relay)
+SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
+ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
+HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
+ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
+ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"   # the subject, for --alert-command
+
+# Rows per candidate-scan transaction (for tests and the benchmark, a hidden flag).
+# Measured at 150,000 studies / 750,000 series on this project's 2-core machine, idle:
+# 1,000 studies take 4-6 ms in SQLite, 2,000 take 9-12 ms, 5,000 23-28 ms, and the
+# whole scan costs the same 0.6-0.7 s at any size from 500 up. Under a load of 3
+# (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses the CPU mid-transaction
+# keeps the lock meanwhile. 1,000 keeps the longest near 25 ms there, half the 50 ms
+# target, for a slower Mac; a chunk's rows are grouped after its transaction ends.
+HOROS_CHUNK_ROWS = 1000                                         # --horos-chunk-rows
+
+MAX_NAME_NOEXT = 128         # longest ZIP name without `.zip`
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
 VERIFY_DEFAULT_LIMIT = 100   # `verify` with no --all/--limit/--max-gb
 LAUNCHD_INTERVAL_SECONDS = 600   # StartInterval in com.horos.backup.plist (for the ETA)
 LOCK_WAIT_SECONDS = 900      # how long an operator command waits for a running cycle
 LOG_MAX_BYTES = 100 * 1024 * 1024
 LOG_BACKUP_COUNT = 10
+
 # issues.csv rotates like the log: an INCOMING that stays over the limit adds 144 rows a
 # day for as long as it lasts.
 ISSUES_MAX_BYTES = 10 * 1024 * 1024
 ISSUES_BACKUP_COUNT = 5
+
 # The ZIPs, the state, issues.csv and the logs hold patient data: what we create under
 # BACKUP_ROOT grants group and others nothing (folders 0700, files 0600), whatever the
 # umask of launchd or of the person's shell. 0o027 lets the folder's group read (README,
@@ -122,11 +178,13 @@ COMPRESSION_CHOICES = ("stored", "deflate")
 VERIFY_ATTEMPTS = 3          # write + testzip() attempts before a study counts as failed
 RETRY_BACKOFF_SECONDS = (3600, 6 * 3600, 24 * 3600)  # after failure 1, 2, 3+ (then daily)
 DB_FOLDER_SIZE = 10000       # Horos preference DefaultFolderSizeForDB
+HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default auto-cleaning threshold, in MB (MiB)
 COREDATA_EPOCH_OFFSET = 978307200  # 2001-01-01T00:00:00Z in Unix seconds
 COPY_CHUNK_BYTES = 1024 * 1024
+GB = 1000 ** 3               # MIN_FREE_GB is in the decimal gigabytes Finder shows
+MIB = 1024 * 1024            # Horos's "MB"
 
 # Names on disk. Users and their scripts rely on these (README, "Files").
-SENTINEL_NAME = ".pacs_sentinel"
 BACKUP_SENTINEL_NAME = ".backup_sentinel"   # in BACKUP_ROOT's parent, when on another disk
 HOROS_DATABASE_FILE = "Database.sql"
 HOROS_FILES_DIR = "DATABASE.noindex"
@@ -143,18 +201,66 @@ PART_SUFFIX = ".part"
 MONTH_DONE_FILE = ".month_done"
 UNKNOWN = "UNKNOWN"
 UNKNOWN_DATE_FOLDER = "UNKNOWN_DATE"
+MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
 MANIFEST_NAME = "horos-backup-manifest.json"
 MANIFEST_FORMAT = "horos-backup-manifest"
 MANIFEST_FORMAT_VERSION = 1
 ISSUES_HEADER = ("timestamp", "kind", "study_uid", "detail", "extra")
 
-EXIT_OK = 0
-EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
-
 # ZIP can store no timestamp before 1980 or after 2107 (MS-DOS date fields).
 ZIP_MIN_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 ZIP_MAX_DATE_TIME = (2107, 12, 31, 23, 59, 58)
 MAX_MEMBER_PART = 80         # characters of one folder or file name inside a ZIP
+
+EXIT_OK = 0
+EXIT_FAILED = 1       # the cycle or command could not run; one line on stderr says why
+EXIT_USAGE = 2        # a bad command line (argparse's own code)
+EXIT_INTERRUPTED = 130
+
+# issues.csv kinds (README: issues.csv). The first five are also a failed study's
+# `failures.kind`.
+NO_FILES = "NO_FILES"                        # none of its files exist
+MISSING_FILES = "MISSING_FILES"              # some are missing: deferred
+FILE_CHANGED = "FILE_CHANGED"                # a file moved while it was zipped
+UNREADABLE_FILE = "UNREADABLE_FILE"
+ZIP_BAD = "ZIP_BAD"                          # failed verification as it was written
+PARTIAL = "PARTIAL"                          # exported without its missing files
+INCOMING_OVER_LIMIT = "INCOMING_OVER_LIMIT"  # the cycle was skipped
+HOROS_DB_UNREADABLE = "HOROS_DB_UNREADABLE"
+DISK_LOW = "DISK_LOW"
+DISK_FULL = "DISK_FULL"
+VERIFY_FAILED = "VERIFY_FAILED"              # a ZIP read back is missing or damaged
+UNREADABLE_ZIP = "UNREADABLE_ZIP"            # a ZIP whose manifest cannot be read
+
+
+class Outcome:
+    """What a cycle did with a study it took up (export_study), or would do
+    (files_decision, the dry run). NO_FILES and DEFERRED come before anything is
+    written: the study leaves its batch slot to the next one."""
+    EXPORTED = "exported"
+    PARTIAL = "partial"          # exported without the files still missing
+    DEFERRED = "deferred"        # some files missing: tried again later
+    NO_FILES = "no_files"        # none of its files exist
+    FAILED = "failed"            # written, but it failed (FILE_CHANGED, ZIP_BAD ...)
+
+
+# runs.outcome (README: State): how a cycle ended.
+CYCLE_OK = "ok"
+CYCLE_SKIPPED_INCOMING = "skipped_incoming"
+CYCLE_DISK_LOW = "disk_low"
+CYCLE_DISK_FULL = "disk_full"
+CYCLE_HOROS_UNREADABLE = "horos_unreadable"
+CYCLE_ERROR = "error"
+CYCLE_SKIPPED_LOCK = "skipped_lock"   # another run holds the lock; not recorded in runs
+
+
+# =====================================================================================
+# Shared helpers: errors, values, text for people, time, durable files, flag values
+# =====================================================================================
+#
+# What several layers use: the errors main() turns into one line and an exit code,
+# values read from Horos's columns (damaged stores hold anything), text for people,
+# UTC times, files written whole or not at all, and the parsers of flag values.
 
 log = logging.getLogger("horos_backup_export")
 
@@ -175,44 +281,400 @@ class DiskSpaceProblem(CannotRun):
         self.kind = kind         # DISK_LOW or DISK_FULL
 
 
+class Terminated(Exception):
+    """launchd (or kill) sent SIGTERM."""
+
+
+def raise_terminated(_signum, _frame):
+    raise Terminated()
+
+
 def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
 
 
+def as_text(value) -> str:
+    """A column value as text: Core Data stores text, but damaged stores hold anything."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def as_int(value) -> Optional[int]:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(as_text(value)) if not isinstance(value, float) else value
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    return int(number)
+
+
+def coredata_seconds(value) -> Optional[float]:
+    """Core Data seconds from a REAL, an INTEGER or a numeric TEXT; None otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        try:
+            seconds = float(as_text(value).strip())
+        except ValueError:
+            return None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return seconds
+
+
+def coredata_to_local(value) -> Optional[dt.datetime]:
+    """Core Data seconds -> naive local datetime, None when unknown or absurd.
+
+    Horos builds these values from DICOM tags in the Mac's local time zone, so local
+    time (not UTC) gives back the date the scanner wrote.
+    """
+    seconds = coredata_seconds(value)
+    if seconds is None:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(seconds + COREDATA_EPOCH_OFFSET)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def coredata_to_local_date(value) -> Optional[dt.date]:
+    moment = coredata_to_local(value)
+    return moment.date() if moment else None
+
+
+def format_date(day: Optional[dt.date]) -> str:
+    return "%04d-%02d-%02d" % (day.year, day.month, day.day) if day else UNKNOWN
+
+
+def modality_tokens(text) -> Tuple[str, ...]:
+    """`CT\\PT` -> ('CT', 'PT'): trimmed, upper-case, whole tokens, in order, no repeats."""
+    tokens = []
+    for raw in as_text(text).split("\\"):
+        token = raw.strip().upper()
+        if token and token not in tokens:
+            tokens.append(token)
+    return tuple(tokens)
+
+
+def strip_accents(text: str) -> str:
+    """NFKD with the combining marks removed: JOÃO -> JOAO, Müller -> Muller."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def printable(text) -> str:
+    """A name as one safe line on a terminal (no control characters)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
+        count /= 1000.0
+    return "%.2f TB" % count
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return "%.1f days" % (seconds / 86400)
+    if seconds >= 3600:
+        return "%.1f h" % (seconds / 3600)
+    return "%.0f min" % (seconds / 60)
+
+
+def hours_text(seconds: float) -> str:
+    return "%.0f min" % (seconds / 60) if seconds < 3600 else "%.1f h" % (seconds / 3600)
+
+
+def utc_iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc_iso(text) -> float:
+    """Unix seconds of a utc_iso() string; 0 (long past) for anything else."""
+    try:
+        moment = dt.datetime.strptime(as_text(text), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 0.0
+    return moment.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def local_time_text(utc_text) -> str:
+    """A state timestamp as the Mac's local time, for people."""
+    seconds = parse_utc_iso(utc_text)
+    if not seconds:
+        return as_text(utc_text) or "-"
+    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
+def nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def same_disk(path: str, other: str) -> bool:
+    """Whether two paths (or the folders that would hold them) are on one file system."""
+    return os.stat(nearest_existing(path)).st_dev == os.stat(nearest_existing(other)).st_dev
+
+
+def durable_sync(fd: int) -> None:
+    """fsync that reaches the disk: on macOS plain fsync stops in the drive's cache."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError as error:  # some file systems (SMB, FAT) refuse F_FULLFSYNC
+            log.debug("F_FULLFSYNC refused (%s); using fsync", error)
+    os.fsync(fd)
+
+
+def sync_directory(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        durable_sync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_small_file(path: str, text: str) -> None:
+    """Write a small file whole or not at all (temp file, fsync, rename)."""
+    partial = path + PART_SUFFIX
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        durable_sync(handle.fileno())
+    os.replace(partial, path)
+
+
+def remove_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def bounded_number(kind, low, high=None):
+    """An argparse type: a number of `kind` (int or float) from low to high."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a %s" % (
+                text, "whole number" if kind is int else "number")) from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                "must be from %s to %s" % (low, high) if high is not None
+                else "must be %s or more" % low)
+        return value
+    return parse
+
+
+positive_int = bounded_number(int, 1)
+non_negative_int = bounded_number(int, 0)
+non_negative_float = bounded_number(float, 0)
+compress_level = bounded_number(int, 0, 9)
+
+
+def parse_modalities(text: str) -> Tuple[str, ...]:
+    tokens = tuple(t.strip().upper() for t in text.split(",") if t.strip())
+    if not tokens:
+        raise argparse.ArgumentTypeError("give at least one modality, e.g. CT,MR")
+    return tokens
+
+
+def parse_addresses(text: str) -> Tuple[str, ...]:
+    """--alert-email: comma-separated addresses, each with one @."""
+    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in addresses:
+        if address.count("@") != 1 or any(c in address for c in " <>\"\r\n"):
+            raise argparse.ArgumentTypeError("%r is not an email address" % address)
+    return addresses
+
+
+def month_argument(text: str) -> str:
+    """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
+    month = text.strip().replace("-", "_")
+    if not MONTH_FOLDER.match(month):
+        raise argparse.ArgumentTypeError("%r is not a month: use YYYY_MM, e.g. 2019_03, "
+                                         "or %s" % (text, UNKNOWN_DATE_FOLDER))
+    return month
+
+
 # =====================================================================================
 # Data types
 # =====================================================================================
+#
+# The settings first. Each is one field of Config (or AlertConfig) whose default is its
+# constant and whose metadata is its Flag: the argparse flags, which command takes
+# which, and the README's configuration table all follow from these declarations.
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting is given on the command line."""
+    name: str                       # "--batch-size"
+    constant: str                   # "BATCH_SIZE": the constant that holds the default
+    help: str                       # " (default X)" is added from the field's default
+    commands: Tuple[str, ...]       # the commands that take it (CYCLE: a backup cycle)
+    type: Optional[Callable[[str], object]] = None   # parses text, the constant's too
+    choices: Optional[Tuple[str, ...]] = None
+    metavar: Optional[str] = None
+    switch: bool = False            # takes no value: on when given
+    default_text: str = ""          # the default in --help, when not the value itself
+    hidden: bool = False            # not in --help (for tests and the benchmark)
+
+
+def setting(default, flag: Flag):
+    """A field whose default is a constant users may edit, and whose flag is `flag`."""
+    return dataclasses.field(default=default, metadata={"flag": flag})
+
+
+@dataclass(frozen=True)
+class HorosPreferences:
+    """What Horos's settings say; Horos's defaults for what the file does not hold."""
+    path: str
+    found: bool = False              # False: no file at the default path
+    folder_size: int = DB_FOLDER_SIZE
+    database_location: int = 0       # 0: ~/Documents/Horos Data; 1: DATABASELOCATIONURL
+    database_location_url: str = ""
+    auto_cleaning: bool = True
+    auto_cleaning_size: int = HOROS_AUTO_CLEANING_SIZE   # MB, or -N: N % of the volume
+    problem: str = ""                # doctor only: why the file could not be used
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """The alert channels (README: Alerts); the password is read from its file."""
+    emails: Tuple[str, ...] = setting(ALERT_EMAIL, Flag(
+        "--alert-email", "ALERT_EMAIL", "email alerts to these addresses (needs --smtp-host)",
+        ALERTING_COMMANDS, type=parse_addresses, metavar="ADDR[,ADDR...]"))
+    smtp_host: str = setting(SMTP_HOST, Flag(
+        "--smtp-host", "SMTP_HOST", "mail server for --alert-email", ALERTING_COMMANDS))
+    smtp_port: int = setting(SMTP_PORT, Flag(
+        "--smtp-port", "SMTP_PORT", "its port; STARTTLS when offered, 465 is TLS from the "
+        "start", ALERTING_COMMANDS, type=bounded_number(int, 1, 65535)))
+    smtp_user: str = setting(SMTP_USER, Flag(
+        "--smtp-user", "SMTP_USER", "log in as this user (only over TLS)",
+        ALERTING_COMMANDS))
+    smtp_password_file: str = setting(SMTP_PASSWORD_FILE, Flag(
+        "--smtp-password-file", "SMTP_PASSWORD_FILE", "the password, first line of a file "
+        "only its owner can read (chmod 600)", ALERTING_COMMANDS, metavar="FILE"))
+    command: str = setting(ALERT_COMMAND, Flag(
+        "--alert-command", "ALERT_COMMAND", "run by /bin/sh -c for each alert: the message "
+        "on stdin, the subject in $%s" % ALERT_SUBJECT_ENV, ALERTING_COMMANDS, metavar="CMD"))
+    heartbeat_url: str = setting(HEARTBEAT_URL, Flag(
+        "--heartbeat-url", "HEARTBEAT_URL", "requested after every cycle that ends well, "
+        "URL/fail after a failed one", ALERTING_COMMANDS, metavar="URL"))
+    after_hours: float = setting(ALERT_AFTER_HOURS, Flag(
+        "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded for "
+        "this long; 0: at the first failed cycle", ALERTING_COMMANDS,
+        type=non_negative_float))
+    smtp_password: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def channels(self) -> Tuple[str, ...]:
+        """The channels that carry messages (the heartbeat carries none)."""
+        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
+
 
 @dataclass(frozen=True)
 class Config:
     """Everything a run depends on, resolved from flags and constants."""
-    pacs_root: str
-    sentinel: str
-    horos_data: str
-    backup_root: str
-    batch_size: int = BATCH_SIZE
-    incoming_max_files: int = INCOMING_MAX_FILES
-    order_by: str = ORDER_BY
-    modalities: Tuple[str, ...] = MODS
-    use_db_copy: bool = USE_DB_COPY
-    compression: str = COMPRESSION
-    compress_level: int = COMPRESS_LEVEL
-    busy_timeout: float = BUSY_TIMEOUT_SECONDS
-    settle_minutes: float = SETTLE_MINUTES
-    missing_retries: int = MISSING_RETRIES
-    min_free_gb: float = MIN_FREE_GB
-    verify_per_run: int = VERIFY_PER_RUN
-    max_mbps: float = MAX_MBPS
-    max_run_seconds: float = MAX_RUN_SECONDS
-    verbose: bool = False
-    folder_size: int = DB_FOLDER_SIZE                 # Horos's DefaultFolderSizeForDB
-    horos_prefs: Optional["HorosPreferences"] = None  # None: Horos's defaults
-    alerts: Optional["AlertConfig"] = None    # None: no alerts (see Alerts)
-    clinic_hours: str = CLINIC_HOURS
-    clinic_days: str = CLINIC_DAYS
-    horos_chunk_rows: int = 0        # 0: HOROS_CHUNK_ROWS (a smaller value for tests)
+    pacs_root: str = setting(PACS_ROOT, Flag(
+        "--pacs-root", "PACS_ROOT", "the PACS volume; holds %s" % SENTINEL_NAME,
+        EVERY_COMMAND))
+    horos_data: str = setting(HOROS_DATA_DIR, Flag(
+        "--horos-data", "HOROS_DATA_DIR", "the Horos Data folder", READS_HOROS_DATA,
+        default_text="PACS_ROOT/%s, or the folder Horos's preferences name"
+        % HOROS_DATA_SUBDIR))
+    backup_root: str = setting(BACKUP_ROOT, Flag(
+        "--backup-root", "BACKUP_ROOT", "where ZIPs and state go", EVERY_COMMAND,
+        default_text="PACS_ROOT/%s" % BACKUP_SUBDIR))
+    batch_size: int = setting(BATCH_SIZE, Flag(
+        "--batch-size", "BATCH_SIZE", "studies per cycle in clinic hours", (CYCLE, STATUS),
+        type=positive_int))
+    incoming_max_files: int = setting(INCOMING_MAX_FILES, Flag(
+        "--incoming-max-files", "INCOMING_MAX_FILES", "skip the cycle while "
+        "INCOMING.noindex holds more files; restore --into-horos fills it up to this",
+        (CYCLE, RESTORE), type=positive_int))
+    order_by: str = setting(ORDER_BY, Flag(
+        "--order-by", "ORDER_BY", "export order, oldest first", (CYCLE,),
+        choices=ORDER_CHOICES))
+    modalities: Tuple[str, ...] = setting(MODS, Flag(
+        "--modalities", "MODS", "studies to back up, comma-separated", (CYCLE, STATUS),
+        type=parse_modalities))
+    use_db_copy: bool = setting(USE_DB_COPY, Flag(
+        "--use-db-copy", "USE_DB_COPY", "read a snapshot of Database.sql in "
+        "BACKUP_ROOT/.tmp/dbcopy", (CYCLE,), switch=True))
+    compression: str = setting(COMPRESSION, Flag(
+        "--compression", "COMPRESSION", "ZIP member compression", (CYCLE,),
+        choices=COMPRESSION_CHOICES))
+    compress_level: int = setting(COMPRESS_LEVEL, Flag(
+        "--compress-level", "COMPRESS_LEVEL", "deflate level 0-9", (CYCLE,),
+        type=bounded_number(int, 0, 9)))
+    busy_timeout: float = setting(BUSY_TIMEOUT_SECONDS, Flag(
+        "--busy-timeout", "BUSY_TIMEOUT_SECONDS", "seconds to wait for a locked database",
+        OPENS_A_DATABASE, type=non_negative_float))
+    settle_minutes: float = setting(SETTLE_MINUTES, Flag(
+        "--settle-minutes", "SETTLE_MINUTES", "export a study once Horos added nothing to "
+        "it for this long", (CYCLE, STATUS), type=non_negative_float))
+    missing_retries: int = setting(MISSING_RETRIES, Flag(
+        "--missing-retries", "MISSING_RETRIES", "times a study with missing files is "
+        "deferred before it is exported without them", (CYCLE,), type=non_negative_int))
+    min_free_gb: float = setting(MIN_FREE_GB, Flag(
+        "--min-free-gb", "MIN_FREE_GB", "free space to leave on the backup volume; 0 turns "
+        "the check off", (CYCLE, STATUS, DOCTOR), type=non_negative_float))
+    verify_per_run: int = setting(VERIFY_PER_RUN, Flag(
+        "--verify-per-run", "VERIFY_PER_RUN", "old ZIPs each cycle reads back", (CYCLE,),
+        type=non_negative_int))
+    max_mbps: float = setting(MAX_MBPS, Flag(
+        "--max-mbps", "MAX_MBPS", "cap on MB/s read while exporting and verifying; 0: no "
+        "cap", (CYCLE, VERIFY), type=non_negative_float))
+    max_run_seconds: float = setting(MAX_RUN_SECONDS, Flag(
+        "--max-run-seconds", "MAX_RUN_SECONDS", "start no new study after this long; 0: "
+        "no limit", (CYCLE, STATUS), type=non_negative_float))
+    verbose: bool = setting(False, Flag(
+        "--verbose", "", "debug logging", EVERY_COMMAND, switch=True))
+    horos_prefs_file: str = setting(HOROS_PREFS, Flag(
+        "--horos-prefs", "HOROS_PREFS", "Horos's preferences", READS_HOROS_DATA,
+        metavar="PLIST"))
+    clinic_hours: str = setting(CLINIC_HOURS, Flag(
+        "--clinic-hours", "CLINIC_HOURS", "local hours Horos is in use, the end exclusive "
+        "(19-07 wraps): up to --batch-size studies per cycle then, until --max-run-seconds "
+        "outside; none: never capped; 00-24: always", (CYCLE, STATUS), metavar="HH-HH"))
+    clinic_days: str = setting(CLINIC_DAYS, Flag(
+        "--clinic-days", "CLINIC_DAYS", "days with clinic hours: mon-fri, mon-sat, "
+        "mon,wed,fri", (CYCLE, STATUS), metavar="DAYS"))
+    horos_chunk_rows: int = setting(HOROS_CHUNK_ROWS, Flag(
+        "--horos-chunk-rows", "HOROS_CHUNK_ROWS", "ZSTUDY rows per read transaction on "
+        "Database.sql", (CYCLE, STATUS), type=positive_int, hidden=True))
+    # Derived, not flags: the sentinel follows --pacs-root; Horos's preferences are read
+    # from --horos-prefs; the alert settings are checked and the password read.
+    sentinel: str = SENTINEL
+    horos_prefs: HorosPreferences = HorosPreferences(path="")
+    alerts: AlertConfig = AlertConfig()
+
+    @property
+    def folder_size(self) -> int:
+        """Horos's DefaultFolderSizeForDB: where the path rule finds every file."""
+        return self.horos_prefs.folder_size
 
     @property
     def database_path(self) -> str:
@@ -246,13 +708,24 @@ class Config:
     def log_path(self) -> str:
         return os.path.join(self.backup_root, LOG_DIR, LOG_FILE)
 
-    @property
-    def schedule(self) -> "ClinicSchedule":
-        return clinic_schedule(self.clinic_hours, self.clinic_days)
 
-    @property
-    def chunk_rows(self) -> int:
-        return self.horos_chunk_rows or HOROS_CHUNK_ROWS
+def setting_fields() -> List[dataclasses.Field]:
+    """The fields of Config and AlertConfig that have a flag, in --help order."""
+    return [field for kind in (Config, AlertConfig) for field in dataclasses.fields(kind)
+            if "flag" in field.metadata]
+
+
+@dataclass
+class ReadTimes:
+    """The read transactions on Database.sql: how many, their total and the longest."""
+    transactions: int = 0
+    seconds: float = 0.0
+    longest: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.transactions += 1
+        self.seconds += seconds
+        self.longest = max(self.longest, seconds)
 
 
 @dataclass
@@ -299,10 +772,28 @@ class SeriesInfo:
 
 @dataclass(frozen=True)
 class ImageRow:
+    pk: int
     series_pk: int
     path_number: object
     path_string: object
     instance_number: object
+
+
+@dataclass(frozen=True)
+class StudyRows:
+    """One study as one read transaction found it: its fields, series and image rows."""
+    info: StudyInfo
+    series: Tuple[SeriesInfo, ...]
+    images: Tuple[ImageRow, ...]
+
+
+@dataclass(frozen=True)
+class TableRanges:
+    """The lowest and highest Z_PK of ZSTUDY and ZIMAGE (doctor's sample)."""
+    first_study: Optional[int]
+    last_study: Optional[int]
+    first_image: Optional[int]
+    last_image: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -355,6 +846,10 @@ class Selection:
 
 @dataclass
 class CycleSummary:
+    """What one cycle did: its `runs` row, the log's last line, what alerts read."""
+    outcome: str = CYCLE_ERROR       # runs.outcome; CYCLE_SKIPPED_LOCK is not recorded
+    detail: str = ""
+    issue_kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # issues.csv rows
     studies: int = 0
     files: int = 0
     source_bytes: int = 0
@@ -363,466 +858,11 @@ class CycleSummary:
     deferred: int = 0
     verified: int = 0
     horos_seconds: Optional[float] = None
-    horos_times: "ReadTimes" = dataclasses.field(default_factory=lambda: ReadTimes())
+    horos_times: ReadTimes = dataclasses.field(default_factory=ReadTimes)
 
 
 # =====================================================================================
-# Planner: pure functions from values to values (dates, names, paths, selection)
-# =====================================================================================
-
-def as_text(value) -> str:
-    """A column value as text: Core Data stores text, but damaged stores hold anything."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def coredata_seconds(value) -> Optional[float]:
-    """Core Data seconds from a REAL, an INTEGER or a numeric TEXT; None otherwise."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        try:
-            seconds = float(as_text(value).strip())
-        except ValueError:
-            return None
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        return None
-    return seconds
-
-
-def coredata_to_local(value) -> Optional[dt.datetime]:
-    """Core Data seconds -> naive local datetime, None when unknown or absurd.
-
-    Horos builds these values from DICOM tags in the Mac's local time zone, so local
-    time (not UTC) gives back the date the scanner wrote.
-    """
-    seconds = coredata_seconds(value)
-    if seconds is None:
-        return None
-    try:
-        return dt.datetime.fromtimestamp(seconds + COREDATA_EPOCH_OFFSET)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def coredata_to_local_date(value) -> Optional[dt.date]:
-    moment = coredata_to_local(value)
-    return moment.date() if moment else None
-
-
-def format_date(day: Optional[dt.date]) -> str:
-    return "%04d-%02d-%02d" % (day.year, day.month, day.day) if day else UNKNOWN
-
-
-def month_folder(study_datetime: Optional[dt.datetime]) -> str:
-    if study_datetime is None:
-        return UNKNOWN_DATE_FOLDER
-    return "%04d_%02d" % (study_datetime.year, study_datetime.month)
-
-
-def modality_tokens(text) -> Tuple[str, ...]:
-    """`CT\\PT` -> ('CT', 'PT'): trimmed, upper-case, whole tokens, in order, no repeats."""
-    tokens = []
-    for raw in as_text(text).split("\\"):
-        token = raw.strip().upper()
-        if token and token not in tokens:
-            tokens.append(token)
-    return tuple(tokens)
-
-
-def wanted_modalities(wanted: Iterable[str]) -> frozenset:
-    return frozenset(m.strip().upper() for m in wanted)
-
-
-def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
-    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT.
-
-    wanted: from wanted_modalities(), made once per scan of the library.
-    """
-    return not wanted.isdisjoint(modalities)
-
-
-_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
-
-
-def strip_accents(text: str) -> str:
-    """NFKD with the combining marks removed: JOÃO -> JOAO, Müller -> Muller."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-
-
-def sanitize_part(text) -> str:
-    """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
-
-    Accents are dropped first (strip_accents); `_` and `.` are stripped from both ends,
-    so `..` and hidden names cannot appear.
-    """
-    cleaned = _NAME_UNSAFE.sub("_", strip_accents(as_text(text))).strip("_.")
-    return cleaned or UNKNOWN
-
-
-def zip_base_name(info: StudyInfo, max_len: int = MAX_NAME_NOEXT) -> str:
-    """`{patient}_{birth}_{studydate}_{uid}` without `.zip`, at most max_len long.
-
-    Only the part before the UID is cut, the patient name first so the two dates stay:
-    the UID is what makes the name unique. A UID that alone exceeds max_len (no valid
-    DICOM UID does) is cut and given a hash suffix, so two such studies still differ.
-    """
-    uid_part = sanitize_part(info.uid)
-    if len(uid_part) >= max_len:
-        digest = hashlib.sha1(info.uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return uid_part[:max_len - 17] + "_" + digest
-    study_day = info.study_datetime.date() if info.study_datetime else None
-    patient = sanitize_part(info.patient_name)
-    dates = format_date(info.birth_date) + "_" + format_date(study_day)
-    room = max_len - len(uid_part) - 1          # for `{patient}_{dates}`
-    if len(patient) + 1 + len(dates) > room:
-        patient_room = room - len(dates) - 1
-        if patient_room >= 1:
-            patient = patient[:patient_room].rstrip("_")
-        else:
-            return ((patient + "_" + dates)[:room].rstrip("_") + "_" + uid_part).lstrip("_")
-    return patient + "_" + dates + "_" + uid_part
-
-
-def zip_relpath(info: StudyInfo) -> str:
-    """Path of a study's ZIP relative to the backup root: `YYYY_MM/<name>.zip`."""
-    return month_folder(info.study_datetime) + "/" + zip_base_name(info) + ".zip"
-
-
-def _c_int_div(number: int, divisor: int) -> int:
-    # Horos computes the folder in C, where integer division truncates toward zero.
-    quotient = abs(number) // divisor
-    return quotient if number >= 0 else -quotient
-
-
-def _leading_int(text: str) -> int:
-    # NSString intValue: optional spaces and sign, then digits; 0 when there are none.
-    match = re.match(r"\s*([+-]?\d+)", text)
-    return int(match.group(1)) if match else 0
-
-
-def resolve_image_path(files_dir: str, path_number, path_string,
-                       folder_size: int = DB_FOLDER_SIZE) -> Optional[str]:
-    """Where a ZIMAGE row's file is, by the rules of Horos's DicomImage.m.
-
-    1. ZPATHNUMBER N:            files_dir/<(N // F + 1) * F>/<N>.dcm
-    2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
-    3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
-    """
-    number = _as_int(path_number)
-    if number is not None:
-        folder = (_c_int_div(number, folder_size) + 1) * folder_size
-        return os.path.join(files_dir, str(folder), "%d.dcm" % number)
-    text = as_text(path_string)
-    if not text:
-        return None
-    if text.startswith("/"):
-        return text
-    stem = os.path.splitext(text)[0]
-    folder = (_c_int_div(_leading_int(stem), folder_size) + 1) * folder_size
-    return os.path.join(files_dir, str(folder), text)
-
-
-def _as_int(value) -> Optional[int]:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    try:
-        number = float(as_text(value)) if not isinstance(value, float) else value
-    except ValueError:
-        return None
-    if number != number or number in (float("inf"), float("-inf")):
-        return None
-    return int(number)
-
-
-def _unique_name(name: str, taken: set) -> str:
-    if name not in taken:
-        taken.add(name)
-        return name
-    stem, ext = os.path.splitext(name)
-    counter = 2
-    while "%s_%d%s" % (stem, counter, ext) in taken:
-        counter += 1
-    unique = "%s_%d%s" % (stem, counter, ext)
-    taken.add(unique)
-    return unique
-
-
-def series_folder_name(series: SeriesInfo) -> str:
-    number = "%04d" % series.number if series.number is not None and series.number >= 0 \
-        else UNKNOWN
-    name = "%s_%s_%s" % (number, sanitize_part(series.modality),
-                         sanitize_part(series.description))
-    return name[:MAX_MEMBER_PART].rstrip("_.")
-
-
-def _member_file_name(path: str) -> str:
-    name = sanitize_part(os.path.basename(path))
-    if len(name) <= MAX_MEMBER_PART:
-        return name
-    stem, ext = os.path.splitext(name)
-    return stem[:MAX_MEMBER_PART - len(ext)] + ext
-
-
-def _series_sort_key(series: SeriesInfo):
-    return (series.number is None, series.number or 0, series.uid, series.pk)
-
-
-def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
-                     files_dir: str, folder_size: int = DB_FOLDER_SIZE
-                     ) -> Tuple[Tuple[SeriesInfo, ...], Tuple[SourceFile, ...]]:
-    """Every file of every series, each once (multi-frame rows share a file).
-
-    Members go in one folder per series (`0002_CT_Abdomen_3mm/10001.dcm`), in series
-    number then instance number order; names are unique within the ZIP.
-    """
-    ordered_series = tuple(sorted(series, key=_series_sort_key))
-    by_series: Dict[int, List[ImageRow]] = {s.pk: [] for s in ordered_series}
-    for image in images:
-        if image.series_pk in by_series:
-            by_series[image.series_pk].append(image)
-    folders: set = set()
-    members: set = set()
-    seen_paths: set = set()
-    files: List[SourceFile] = []
-    for s in ordered_series:
-        folder = _unique_name(series_folder_name(s), folders)
-        rows = sorted(by_series[s.pk], key=lambda im: (_as_int(im.instance_number) or 0,
-                                                       as_text(im.path_string),
-                                                       _as_int(im.path_number) or 0))
-        for image in rows:
-            path = resolve_image_path(files_dir, image.path_number, image.path_string,
-                                      folder_size)
-            if path is None or path in seen_paths:
-                continue
-            seen_paths.add(path)
-            member = _unique_name(folder + "/" + _member_file_name(path), members)
-            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
-    return ordered_series, tuple(files)
-
-
-def study_fingerprint(parts: Sequence[str]) -> str:
-    """A cheap digest of what Horos keeps about a study.
-
-    For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
-    numberOfImages, patient name, ID and birth date, series count and images summed
-    over its series. For a study of several rows, parts are the rows' digests. It moves
-    when Horos adds or removes series or images (Horos recomputes the counts before it
-    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
-    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
-    sent again touches dateAdded, without changing what a backup holds.
-    """
-    text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-
-
-def retry_delay(attempts: int) -> float:
-    """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
-    return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
-
-
-# What happens to a planned study, given which of its files exist (export_study does
-# it; the dry run says it).
-EXPORT, PARTIAL, DEFER, FAIL = "export", "partial", "defer", "fail"
-
-
-def missing_deferrals(previous: Optional[Failure]) -> int:
-    """How many times in a row the study was deferred for missing files."""
-    return previous.attempts if previous and previous.kind == "MISSING_FILES" else 0
-
-
-def files_decision(present: int, missing: int, previous: Optional[Failure],
-                   missing_retries: int) -> str:
-    """FAIL with no files (NO_FILES); DEFER while files are missing and deferrals are
-    left (Horos may still be writing them: wait, but not for ever); else EXPORT, or
-    PARTIAL without the missing files."""
-    if not present:
-        return FAIL
-    if not missing:
-        return EXPORT
-    return DEFER if missing_deferrals(previous) < missing_retries else PARTIAL
-
-
-def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                   changed: Iterable[str], failures: Mapping[str, Failure],
-                   wanted: Sequence[str], order_by: str, now: float,
-                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
-    """The export queue: studies Horos changed since their export first, then the rest.
-
-    Each part is oldest first by study date (or date added), ties by UID, unknown dates
-    last. Left out: studies that are exported and unchanged, studies Horos added to
-    within settle_seconds, and failed studies waiting for their next attempt (unless
-    Horos changed them since they failed). Failed studies take no slot while they wait.
-    With a limit, only the head of the queue is ordered (a partial sort of 50,000
-    studies is what keeps the read transaction short); the counts cover all of it.
-    """
-    def order_key(candidate: Candidate):
-        study = candidate.study
-        when = study.study_date if order_by == "study_date" else study.date_added
-        return (when is None, when or 0.0, study.uid)
-
-    changed = set(changed)
-    wanted_set = wanted_modalities(wanted)
-    settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
-    # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
-    # study must not wait for ever.
-    bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
-    selection = Selection(queue=[])
-    first: List[Candidate] = []
-    rest: List[Candidate] = []
-    for study in studies:
-        if not is_eligible(study.modalities, wanted_set):
-            continue
-        selection.eligible += 1
-        known = exported.get(study.uid)
-        if known == study.fingerprint and study.uid not in changed:
-            selection.up_to_date += 1
-            continue
-        failure = failures.get(study.uid)
-        if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
-            selection.waiting += 1
-            continue
-        if study.last_added is not None and settled_before < study.last_added < bogus_after:
-            selection.unsettled += 1
-            continue
-        if known is not None:
-            first.append(Candidate(study, "changed"))
-        else:
-            rest.append(Candidate(study, "retry" if failure else "new"))
-    selection.pending = len(first) + len(rest)
-    selection.changed = len(first)
-    if limit is None:
-        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
-    else:
-        head = heapq.nsmallest(limit, first, key=order_key)
-        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
-    return selection
-
-
-def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                       wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
-    """{month folder: (eligible, exported)} over the studies Horos holds."""
-    wanted_set = wanted_modalities(wanted)
-    months: Dict[str, List[int]] = {}
-    for study in studies:
-        if not is_eligible(study.modalities, wanted_set):
-            continue
-        counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
-        counts[0] += 1
-        if study.uid in exported:
-            counts[1] += 1
-    return {month: (counts[0], counts[1]) for month, counts in months.items()}
-
-
-def month_is_over(month: str, today: dt.date) -> bool:
-    if month == UNKNOWN_DATE_FOLDER:
-        return False
-    year, number = (int(p) for p in month.split("_"))
-    return (year, number) < (today.year, today.month)
-
-
-# =====================================================================================
-# Clinic hours: when a cycle stops at BATCH_SIZE (pure; the clock is passed in)
-# =====================================================================================
-
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
-DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-
-
-@dataclass(frozen=True)
-class ClinicSchedule:
-    """When Horos is in use. hours: (start, end) local hours, the end exclusive, wrapping
-    past midnight when start > end; None: never (no cap). days: weekday numbers, Monday 0."""
-    hours: Optional[Tuple[int, int]]
-    days: Tuple[int, ...]
-
-
-def parse_clinic_hours(text: str) -> Optional[Tuple[int, int]]:
-    """`07-19`, `19-07`, `00-24` -> (start, end); `none` -> None. ValueError otherwise."""
-    cleaned = text.strip().lower()
-    if cleaned == "none":
-        return None
-    match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", cleaned)
-    if not match:
-        raise ValueError("--clinic-hours %r: give HH-HH in local time (07-19, 19-07, "
-                         "00-24) or none" % text)
-    start, end = int(match.group(1)), int(match.group(2))
-    if start > 23 or end > 24:
-        raise ValueError("--clinic-hours %r: hours go from 00 to 24 (00-24 is the whole "
-                         "day)" % text)
-    if start == end % 24 and (start, end) != (0, 24):
-        raise ValueError("--clinic-hours %r: the start and the end are the same hour; use "
-                         "00-24 for the whole day or none for no clinic hours" % text)
-    return start, end
-
-
-def parse_clinic_days(text: str) -> Tuple[int, ...]:
-    """`mon-fri`, `mon-sat`, `mon,wed,fri`, `sat-sun`, `fri-mon` -> weekday numbers."""
-    days = set()
-    for part in text.strip().lower().split(","):
-        ends = [e.strip() for e in part.split("-")]
-        ends = [e[:3] if e in DAY_NAMES else e for e in ends]
-        if len(ends) > 2 or not all(e in WEEKDAYS for e in ends):
-            raise ValueError("--clinic-days %r: give days like mon-fri, mon-sat or "
-                             "mon,wed,fri (mon tue wed thu fri sat sun)" % text)
-        first, last = WEEKDAYS.index(ends[0]), WEEKDAYS.index(ends[-1])
-        days.update((first + step) % 7 for step in range((last - first) % 7 + 1))
-    return tuple(sorted(days))
-
-
-def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
-    return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
-
-
-def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
-    """Whether a cycle starting at this local time is capped at BATCH_SIZE.
-
-    A window that wraps past midnight belongs to the day it starts on: with 19-07 and
-    mon-fri, Saturday 03:00 is still Friday's night, Monday 03:00 is not clinic time.
-    00-24 is every hour of every day, whatever the days say.
-    """
-    if schedule.hours is None:
-        return False
-    start, end = schedule.hours
-    if (start, end) == (0, 24):
-        return True
-    if start < end:
-        return local.weekday() in schedule.days and start <= local.hour < end
-    if local.hour >= start:
-        return local.weekday() in schedule.days
-    return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
-
-
-def capped_at(cfg: Config, now: float) -> bool:
-    """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
-    `now` is in clinic hours, in the Mac's local time."""
-    return in_clinic_hours(cfg.schedule, dt.datetime.fromtimestamp(now))
-
-
-def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
-                    inside: float, outside: float, interval_seconds: int,
-                    max_cycles: int = 10 * 52 * 7 * 144) -> int:
-    """launchd cycles until `backlog` studies are exported, at `inside` studies per
-    cycle in clinic hours and `outside` per cycle out of them; max_cycles at most."""
-    left, cycles, moment = float(backlog), 0, start
-    step = dt.timedelta(seconds=interval_seconds)
-    while left > 0 and cycles < max_cycles:
-        left -= max(inside if in_clinic_hours(schedule, moment) else outside, 1e-3)
-        cycles += 1
-        moment += step
-    return cycles
-
-
-# =====================================================================================
-# Horos reader: Database.sql, read-only, in short read transactions
+# Horos reader: every query on Database.sql, read-only, in short read transactions
 # =====================================================================================
 #
 # Horos keeps Database.sql in rollback-journal mode: while any reader holds a read
@@ -841,14 +881,6 @@ def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
 # the high-water mark, read before the scan: rows added later are above it and caught
 # next cycle. A study deleted in between is skipped when its plan finds no row.
 
-# Rows per candidate-scan transaction. Measured at 150,000 studies / 750,000 series on
-# this project's 2-core machine, idle: 1,000 studies take 4-6 ms in SQLite, 2,000 take
-# 9-12 ms, 5,000 23-28 ms, and the whole scan costs the same 0.6-0.7 s at any size from
-# 500 up. Under a load of 3 (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses
-# the CPU mid-transaction keeps the lock meanwhile. 1,000 keeps the longest near 25 ms
-# there, half the 50 ms target, for a slower Mac; a chunk's rows are grouped after its
-# transaction ends.
-HOROS_CHUNK_ROWS = 1000
 # New image rows per transaction: one index lookup each, cheaper than a study's row.
 IMAGE_CHUNK_FACTOR = 10
 
@@ -861,6 +893,9 @@ REQUIRED_COLUMNS = {
     "ZIMAGE": ("Z_PK", "ZSERIES", "ZPATHNUMBER", "ZPATHSTRING"),
 }
 
+# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
+TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
+
 # One row per ZSTUDY row with what the planner needs, in Z_PK order (the table's own
 # order: no sort), :limit rows after Z_PK :after (a seek on the primary key). The
 # fingerprint's fields are formatted here as integers and strings only: the text form
@@ -868,11 +903,12 @@ REQUIRED_COLUMNS = {
 # changed. Series' dateAdded is not read: Horos sets the study's
 # in the same place, for every file it imports (DicomDatabase.mm).
 CANDIDATES_SQL = """
-SELECT st.Z_PK, st.ZSTUDYINSTANCEUID, st.ZDATE, st.ZDATEADDED, st.ZMODALITY,
-       GROUP_CONCAT(se.ZMODALITY, '\\'),
+SELECT st.Z_PK AS pk, st.ZSTUDYINSTANCEUID AS uid, st.ZDATE AS study_date,
+       st.ZDATEADDED AS date_added, st.ZMODALITY AS modality_summary,
+       GROUP_CONCAT(se.ZMODALITY, '\\') AS series_modalities,
        printf('%d|%s|%d|%s|%s|%d|%d|%d', st.ZDATE * 1000, st.ZMODALITY,
               st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH * 1000,
-              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES))
+              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES)) AS fingerprint_text
 FROM ZSTUDY AS st
 LEFT JOIN ZSERIES AS se ON se.ZSTUDY = st.Z_PK
 WHERE st.Z_PK > :after
@@ -881,14 +917,9 @@ ORDER BY st.Z_PK
 LIMIT :limit
 """
 
-STUDY_EXISTS_SQL = "SELECT 1 FROM ZSTUDY WHERE Z_PK = ?"
-
-# The first read of a transaction takes the SHARED lock, waiting while Horos commits.
-TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
-
 STUDY_INFO_SQL = """
-SELECT Z_PK, ZSTUDYINSTANCEUID, ZNAME, ZPATIENTID, ZDATEOFBIRTH, ZDATE,
-       ZACCESSIONNUMBER, ZSTUDYNAME, ZMODALITY
+SELECT ZNAME AS patient_name, ZPATIENTID AS patient_id, ZDATEOFBIRTH AS birth_date,
+       ZACCESSIONNUMBER AS accession_number, ZSTUDYNAME AS description
 FROM ZSTUDY
 WHERE Z_PK = ?
 """
@@ -896,30 +927,18 @@ WHERE Z_PK = ?
 # {series_uid} and {instance_number} are filled from OPTIONAL_COLUMN_SQL only: column
 # names some Horos/OsiriX versions lack, never values.
 STUDY_SERIES_SQL = """
-SELECT Z_PK, {series_uid}, ZID, ZMODALITY, ZSERIESDESCRIPTION
+SELECT Z_PK AS pk, {series_uid} AS uid, ZID AS number, ZMODALITY AS modality,
+       ZSERIESDESCRIPTION AS description
 FROM ZSERIES
 WHERE ZSTUDY = ?
 """
 
 STUDY_IMAGES_SQL = """
-SELECT im.Z_PK, im.ZSERIES, im.ZPATHNUMBER, im.ZPATHSTRING, {instance_number}
+SELECT im.Z_PK AS pk, im.ZSERIES AS series_pk, im.ZPATHNUMBER AS path_number,
+       im.ZPATHSTRING AS path_string, {instance_number} AS instance_number
 FROM ZIMAGE AS im
 JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
 WHERE se.ZSTUDY = ?
-"""
-
-# Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
-# are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
-# count it keeps: this catches them for the price of the new rows only.
-IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
-
-STUDIES_WITH_NEW_IMAGES_SQL = """
-SELECT im.Z_PK, se.ZSTUDY
-FROM ZIMAGE AS im
-LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
-WHERE im.Z_PK > :after AND im.Z_PK <= :top
-ORDER BY im.Z_PK
-LIMIT :limit
 """
 
 OPTIONAL_COLUMN_SQL = {
@@ -928,6 +947,40 @@ OPTIONAL_COLUMN_SQL = {
                    "COALESCE(ZSERIESDICOMUID, ZSERIESINSTANCEUID)", "ZSERIESINSTANCEUID"),
     "instance_number": ("ZIMAGE", "ZINSTANCENUMBER", "im.ZINSTANCENUMBER", "NULL"),
 }
+
+# Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
+# are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
+# count it keeps: this catches them for the price of the new rows only.
+IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) AS top FROM ZIMAGE"
+
+STUDIES_WITH_NEW_IMAGES_SQL = """
+SELECT im.Z_PK AS pk, se.ZSTUDY AS study_pk
+FROM ZIMAGE AS im
+LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
+WHERE im.Z_PK > :after AND im.Z_PK <= :top
+ORDER BY im.Z_PK
+LIMIT :limit
+"""
+
+# doctor's sample. Two statements each, not MIN and MAX in one: SQLite answers a lone
+# MIN() or MAX() of the primary key from the b-tree's edge, but scans the whole table
+# for both at once.
+FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) AS pk FROM ZSTUDY"
+LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) AS pk FROM ZSTUDY"
+FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) AS pk FROM ZIMAGE"
+LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) AS pk FROM ZIMAGE"
+
+# One primary-key lookup per sampled row: the cost does not grow with the library.
+IMAGE_AT_OR_AFTER_SQL = """
+SELECT Z_PK AS pk, ZSERIES AS series_pk, ZPATHNUMBER AS path_number,
+       ZPATHSTRING AS path_string, NULL AS instance_number
+FROM ZIMAGE
+WHERE Z_PK >= ?
+ORDER BY Z_PK
+LIMIT 1
+"""
+
+BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
 
 
 def horos_uri(db_path: str) -> str:
@@ -949,6 +1002,11 @@ def describe_sqlite_error(error: sqlite3.Error, db_path: str, busy_timeout: floa
     return "cannot read Horos database %s: %s" % (db_path, text)
 
 
+def replacing_decoder(raw: bytes) -> str:
+    # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
+    return raw.decode("utf-8", "replace")
+
+
 def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection:
     """Database.sql opened read-only (never written, never a journal created)."""
     if not os.path.isfile(db_path):
@@ -958,8 +1016,8 @@ def open_horos_readonly(db_path: str, busy_timeout: float) -> sqlite3.Connection
                                isolation_level=None, check_same_thread=False)
     except sqlite3.Error as error:
         raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
-    # Damaged stores hold non-UTF-8 text; a replacement character beats a crash.
-    conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    conn.text_factory = replacing_decoder
+    conn.row_factory = sqlite3.Row
     return conn
 
 
@@ -967,14 +1025,16 @@ def read_table_columns(conn: sqlite3.Connection) -> Dict[str, set]:
     """{table: {column}} for the Horos tables, checked against REQUIRED_COLUMNS."""
     columns = {}
     for table, required in REQUIRED_COLUMNS.items():
-        present = {row[1].upper() for row in conn.execute("PRAGMA table_info(%s)" % table)}
+        # A table name from REQUIRED_COLUMNS, never a value: PRAGMA takes no parameter.
+        present = {row["name"].upper()
+                   for row in conn.execute("PRAGMA table_info(%s)" % table)}
         if not present:
-            raise HorosUnreadable("Horos database has no table %s: is this a Horos Database.sql?"
-                            % table)
+            raise HorosUnreadable("Horos database has no table %s: is this a Horos "
+                                  "Database.sql?" % table)
         missing = [c for c in required if c not in present]
         if missing:
-            raise HorosUnreadable("Horos database table %s has no column %s (unsupported Horos "
-                            "version?)" % (table, ", ".join(missing)))
+            raise HorosUnreadable("Horos database table %s has no column %s (unsupported "
+                                  "Horos version?)" % (table, ", ".join(missing)))
         columns[table] = present
     return columns
 
@@ -986,17 +1046,10 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
     return sql.format(**fragments)
 
 
-@dataclass
-class ReadTimes:
-    """The read transactions on Database.sql: how many, their total and the longest."""
-    transactions: int = 0
-    seconds: float = 0.0
-    longest: float = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.transactions += 1
-        self.seconds += seconds
-        self.longest = max(self.longest, seconds)
+def image_row(row: sqlite3.Row) -> ImageRow:
+    return ImageRow(pk=row["pk"], series_pk=row["series_pk"],
+                    path_number=row["path_number"], path_string=row["path_string"],
+                    instance_number=row["instance_number"])
 
 
 class HorosReader:
@@ -1013,6 +1066,8 @@ class HorosReader:
         self.times = times
         with self.transaction():
             self.columns = read_table_columns(conn)
+        self.series_sql = optional_sql(STUDY_SERIES_SQL, self.columns)
+        self.images_sql = optional_sql(STUDY_IMAGES_SQL, self.columns)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1030,6 +1085,103 @@ class HorosReader:
             if started is not None:
                 self.times.add(time.perf_counter() - started)
 
+    def candidate_chunks(self) -> Iterator[List[sqlite3.Row]]:
+        """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK
+        order.
+
+        sqlite3 decodes the text in C; only a chunk holding text that is not UTF-8 is
+        read again with the replacing decoder (one Python call per value).
+        """
+        after = 0
+        while True:
+            bounds = {"after": after, "limit": self.chunk_rows}
+            self.conn.text_factory = str
+            try:
+                with self.transaction() as conn:
+                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+            except sqlite3.OperationalError as error:
+                if "decode" not in str(error):
+                    raise
+                log.debug("Database.sql holds text that is not UTF-8: %s", error)
+                self.conn.text_factory = replacing_decoder
+                with self.transaction() as conn:
+                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+            finally:
+                self.conn.text_factory = replacing_decoder
+            if rows:
+                yield rows
+            if len(rows) < self.chunk_rows:
+                return
+            after = rows[-1]["pk"]
+
+    def image_high_water(self) -> int:
+        with self.transaction() as conn:
+            return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()["top"] or 0
+
+    def studies_with_new_images(self, after: int, top: int) -> set:
+        """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
+        touched = set()
+        limit = self.chunk_rows * IMAGE_CHUNK_FACTOR
+        while after < top:
+            with self.transaction() as conn:
+                rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
+                                    {"after": after, "top": top, "limit": limit}).fetchall()
+            touched.update(row["study_pk"] for row in rows if row["study_pk"] is not None)
+            if len(rows) < limit:
+                break
+            after = rows[-1]["pk"]
+        return touched
+
+    def read_study(self, study: HorosStudy) -> Optional[StudyRows]:
+        """The fields, series and image rows of one study (all its ZSTUDY rows), in one
+        read transaction so that they agree; None when Horos deleted it since the scan."""
+        with self.transaction() as conn:
+            found = [row for row in (conn.execute(STUDY_INFO_SQL, (pk,)).fetchone()
+                                     for pk in study.pks) if row is not None]
+            if not found:
+                return None
+            series: List[SeriesInfo] = []
+            images: List[ImageRow] = []
+            for pk in study.pks:
+                series.extend(SeriesInfo(pk=row["pk"], uid=as_text(row["uid"]),
+                                         number=as_int(row["number"]),
+                                         modality=as_text(row["modality"]).strip(),
+                                         description=as_text(row["description"]))
+                              for row in conn.execute(self.series_sql, (pk,)))
+                images.extend(image_row(row) for row in conn.execute(self.images_sql, (pk,)))
+        first = found[0]
+        info = StudyInfo(
+            uid=study.uid, pks=study.pks, patient_name=as_text(first["patient_name"]),
+            patient_id=as_text(first["patient_id"]),
+            birth_date=coredata_to_local_date(first["birth_date"]),
+            study_datetime=coredata_to_local(study.study_date),
+            accession_number=as_text(first["accession_number"]),
+            description=as_text(first["description"]), modalities=study.modalities)
+        return StudyRows(info=info, series=tuple(series), images=tuple(images))
+
+    def table_ranges(self) -> TableRanges:
+        """The lowest and highest Z_PK of ZSTUDY and of ZIMAGE (None: an empty table)."""
+        with self.transaction() as conn:
+            first_study, last_study, first_image, last_image = (
+                conn.execute(sql).fetchone()["pk"] for sql in (
+                    FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL,
+                    LAST_IMAGE_PK_SQL))
+        return TableRanges(first_study, last_study, first_image, last_image)
+
+    def images_at_or_after(self, targets: Sequence[int], group: int) -> List[ImageRow]:
+        """The first image row at or after each Z_PK in targets, each row once, `group`
+        lookups per read transaction."""
+        rows: List[ImageRow] = []
+        seen = set()
+        for first in range(0, len(targets), group):
+            with self.transaction() as conn:
+                for target in targets[first:first + group]:
+                    row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
+                    if row is not None and row["pk"] not in seen:
+                        seen.add(row["pk"])
+                        rows.append(image_row(row))
+        return rows
+
 
 @contextlib.contextmanager
 def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS_CHUNK_ROWS,
@@ -1042,162 +1194,6 @@ def open_horos_reader(db_path: str, busy_timeout: float, chunk_rows: int = HOROS
         raise HorosUnreadable(describe_sqlite_error(error, db_path, busy_timeout)) from None
     finally:
         conn.close()
-
-
-def _seconds(value) -> Optional[float]:
-    # Core Data writes REALs, which a TIMESTAMP column (NUMERIC affinity) keeps as
-    # INTEGER when whole; only damaged stores need the general conversion.
-    kind = type(value)
-    if (kind is float or kind is int) and -1e12 < value < 1e12:
-        return value
-    return coredata_seconds(value)
-
-
-def group_candidates(rows: Iterable[Sequence]) -> List[HorosStudy]:
-    """CANDIDATES_SQL rows, in Z_PK order -> one HorosStudy per StudyInstanceUID.
-
-    Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
-    they are one backup, dated by its first row that has a date. This runs inside the
-    read transaction on Horos's database, once per study of the library: rows are
-    consumed as they come (no list of 50,000 rows), and each modality string (`CT`,
-    `MR`, `CT\\PT` repeat thousands of times) is parsed once.
-    """
-    parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
-    studies: Dict[str, HorosStudy] = {}
-    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
-    for pk, uid, date, added, summary, series_modalities, text in rows:
-        uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
-        tokens = parsed.get((summary, series_modalities))
-        if tokens is None:
-            tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
-                modality_tokens(summary) + modality_tokens(series_modalities)))
-        date, added = _seconds(date), _seconds(added)
-        row_print = study_fingerprint((as_text(text),))
-        first = studies.get(uid)
-        if first is None:
-            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
-            continue
-        prints = row_prints.setdefault(uid, [first.fingerprint])
-        prints.append(row_print)
-        studies[uid] = HorosStudy(
-            uid=uid, pks=first.pks + (pk,),
-            study_date=first.study_date if first.study_date is not None else date,
-            date_added=first.date_added,
-            last_added=max((m for m in (first.last_added, added) if m is not None),
-                           default=None),
-            modalities=tuple(dict.fromkeys(first.modalities + tokens)),
-            fingerprint=study_fingerprint(prints))
-    return list(studies.values())
-
-
-def candidate_chunks(reader: HorosReader) -> Iterable[List[tuple]]:
-    """CANDIDATES_SQL rows, chunk_rows ZSTUDY rows per read transaction, in Z_PK order.
-
-    sqlite3 decodes the text in C; only a chunk holding text that is not UTF-8 is read
-    again with the connection's replacing decoder (one Python call per value).
-    """
-    conn, after = reader.conn, 0
-    replacing = conn.text_factory
-    while True:
-        bounds = {"after": after, "limit": reader.chunk_rows}
-        conn.text_factory = str
-        try:
-            with reader.transaction():
-                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
-        except sqlite3.OperationalError as error:
-            if "decode" not in str(error):
-                raise
-            log.debug("Database.sql holds text that is not UTF-8: %s", error)
-            conn.text_factory = replacing
-            with reader.transaction():
-                rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
-        finally:
-            conn.text_factory = replacing
-        if rows:
-            yield rows
-        if len(rows) < reader.chunk_rows:
-            return
-        after = rows[-1][0]
-
-
-def read_candidates(reader: HorosReader) -> List[HorosStudy]:
-    """Every study in the library, ZSTUDY and ZSERIES read in chunks (candidate_chunks).
-
-    The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
-    different chunks are still one study.
-    """
-    return group_candidates(row for chunk in candidate_chunks(reader) for row in chunk)
-
-
-def image_high_water(reader: HorosReader) -> int:
-    with reader.transaction() as conn:
-        return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()[0] or 0
-
-
-def studies_with_new_images(reader: HorosReader, after: int, top: int) -> set:
-    """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
-    touched = set()
-    limit = reader.chunk_rows * IMAGE_CHUNK_FACTOR
-    while after < top:
-        with reader.transaction() as conn:
-            rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
-                                {"after": after, "top": top, "limit": limit}).fetchall()
-        touched.update(study for _pk, study in rows if study is not None)
-        if len(rows) < limit:
-            break
-        after = rows[-1][0]
-    return touched
-
-
-def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
-               files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
-    """The plans of these candidates, one read transaction each (its rows agree); a
-    study Horos deleted since the scan is left out."""
-    plans = []
-    for candidate in candidates:
-        with reader.transaction() as conn:
-            if not any(conn.execute(STUDY_EXISTS_SQL, (pk,)).fetchone()
-                       for pk in candidate.study.pks):
-                log.info("study %s: Horos deleted it since the scan; skipped",
-                         candidate.study.uid)
-                continue
-            plans.append(read_study_plan(conn, reader.columns, candidate.study, files_dir,
-                                         candidate.reason, folder_size))
-    return plans
-
-
-def read_study_plan(conn: sqlite3.Connection, columns: Dict[str, set], study: HorosStudy,
-                    files_dir: str, reason: str = "new",
-                    folder_size: int = DB_FOLDER_SIZE) -> StudyPlan:
-    """Metadata, series and files of one study (all its ZSTUDY rows)."""
-    info_rows = [conn.execute(STUDY_INFO_SQL, (pk,)).fetchone() for pk in study.pks]
-    info_rows = [r for r in info_rows if r is not None]
-    series: List[SeriesInfo] = []
-    images: List[ImageRow] = []
-    series_sql = optional_sql(STUDY_SERIES_SQL, columns)
-    images_sql = optional_sql(STUDY_IMAGES_SQL, columns)
-    for pk in study.pks:
-        for row in conn.execute(series_sql, (pk,)):
-            series.append(SeriesInfo(pk=row[0], uid=as_text(row[1]), number=_as_int(row[2]),
-                                     modality=as_text(row[3]).strip(),
-                                     description=as_text(row[4])))
-        for row in conn.execute(images_sql, (pk,)):
-            images.append(ImageRow(series_pk=row[1], path_number=row[2], path_string=row[3],
-                                   instance_number=row[4]))
-    first = info_rows[0] if info_rows else (study.pks[0], study.uid) + (None,) * 7
-    info = StudyInfo(
-        uid=study.uid, pks=study.pks, patient_name=as_text(first[2]),
-        patient_id=as_text(first[3]), birth_date=coredata_to_local_date(first[4]),
-        study_datetime=coredata_to_local(study.study_date),
-        accession_number=as_text(first[6]), description=as_text(first[7]),
-        modalities=study.modalities)
-    ordered_series, files = plan_study_files(series, images, files_dir, folder_size)
-    return StudyPlan(info=info, series=ordered_series, files=files,
-                     zip_relpath=zip_relpath(info), fingerprint=study.fingerprint,
-                     reason=reason)
-
-
-BACKUP_PAGES_PER_STEP = 2048   # --use-db-copy: pages copied per step, lock released between
 
 
 def database_stamp(db_path: str) -> Dict[str, int]:
@@ -1277,29 +1273,13 @@ PREF_LOCATION = "DATABASELOCATION"
 PREF_LOCATION_URL = "DATABASELOCATIONURL"
 PREF_AUTO_CLEANING = "AUTOCLEANINGSPACE"
 PREF_AUTO_CLEANING_SIZE = "AUTOCLEANINGSPACESIZE"
-HOROS_AUTO_CLEANING_SIZE = 1024   # Horos's default threshold, in MB (MiB)
 HOROS_WARNING_FACTOR = 1.2        # Horos warns once free space is within 20 % above it
-HOROS_DATA_NAME = "Horos Data"
-MIB = 1024 * 1024                 # Horos's "MB"
 RESERVE_MIN_FREE = "min_free_gb"                  # Reserve.source values (status --json)
 RESERVE_AUTO_CLEANING = "horos_auto_cleaning"
 
 
 class HorosPreferencesUnreadable(CannotRun):
     """Horos's preferences file exists but cannot be read, or holds a value we cannot use."""
-
-
-@dataclass(frozen=True)
-class HorosPreferences:
-    """What Horos's settings say; Horos's defaults for what the file does not hold."""
-    path: str
-    found: bool = False              # False: no file at the default path
-    folder_size: int = DB_FOLDER_SIZE
-    database_location: int = 0       # 0: ~/Documents/Horos Data; 1: DATABASELOCATIONURL
-    database_location_url: str = ""
-    auto_cleaning: bool = True
-    auto_cleaning_size: int = HOROS_AUTO_CLEANING_SIZE   # MB, or -N: N % of the volume
-    problem: str = ""                # doctor only: why the file could not be used
 
 
 @dataclass(frozen=True)
@@ -1466,24 +1446,19 @@ def effective_reserve(min_free_gb: float, prefs: HorosPreferences, total_bytes: 
         min_free_gb, why if why.startswith("more") else "as " + why), threshold)
 
 
-def same_disk(path: str, other: str) -> bool:
-    """Whether two paths (or the folders that would hold them) are on one file system."""
-    return os.stat(nearest_existing(path)).st_dev == os.stat(nearest_existing(other)).st_dev
-
-
 def backup_space(cfg: Config, folder: str) -> Tuple[Reserve, int, int]:
     """(the reserve, free bytes, total bytes) of the volume that holds `folder`."""
     existing = nearest_existing(folder)
     usage = os.statvfs(existing)
     total = usage.f_blocks * usage.f_frsize
-    reserve = effective_reserve(cfg.min_free_gb, cfg.horos_prefs or HorosPreferences(""),
+    reserve = effective_reserve(cfg.min_free_gb, cfg.horos_prefs,
                                 total, same_disk(existing, cfg.horos_data))
     return reserve, usage.f_bavail * usage.f_frsize, total
 
 
 def log_horos_preferences(cfg: Config) -> None:
     """Once per cycle: which Horos settings apply."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
+    prefs = cfg.horos_prefs
     if prefs.found:
         log.debug("Horos preferences %s: folder size %d, %s", prefs.path, prefs.folder_size,
                   describe_auto_cleaning(prefs))
@@ -1492,19 +1467,445 @@ def log_horos_preferences(cfg: Config) -> None:
                  prefs.path, prefs.folder_size, describe_auto_cleaning(prefs))
 
 
-def preferences_status(cfg: Config) -> dict:
-    """The `horos_preferences` and `reserve` entries of `status --json`."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
-    reserve, _free, _total = backup_space(cfg, cfg.backup_root)
-    return {
-        "horos_preferences": {
-            "path": prefs.path, "found": prefs.found, "folder_size": prefs.folder_size,
-            "auto_cleaning": prefs.auto_cleaning,
-            "auto_cleaning_size": prefs.auto_cleaning_size},
-        "reserve": {"bytes": reserve.bytes, "source": reserve.source,
-                    "detail": reserve.detail,
-                    "horos_threshold_bytes": reserve.horos_threshold},
-    }
+# =====================================================================================
+# Planner: pure functions from values to values (names, paths, selection)
+# =====================================================================================
+#
+# No file, database or clock here: what the readers found goes in, what the cycle
+# does comes out. The tests call these directly.
+
+
+def wanted_modalities(wanted: Iterable[str]) -> frozenset:
+    return frozenset(m.strip().upper() for m in wanted)
+
+
+def is_eligible(modalities: Iterable[str], wanted: frozenset) -> bool:
+    """Whole-token match: an RTSTRUCT/RTPLAN study is not CT, an OCT study is not CT.
+
+    wanted: from wanted_modalities(), made once per scan of the library.
+    """
+    return not wanted.isdisjoint(modalities)
+
+
+def month_folder(study_datetime: Optional[dt.datetime]) -> str:
+    if study_datetime is None:
+        return UNKNOWN_DATE_FOLDER
+    return "%04d_%02d" % (study_datetime.year, study_datetime.month)
+
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def sanitize_part(text) -> str:
+    """ASCII letters, digits, `.` and `-`; every other run becomes one `_`.
+
+    Accents are dropped first (strip_accents); `_` and `.` are stripped from both ends,
+    so `..` and hidden names cannot appear.
+    """
+    cleaned = _NAME_UNSAFE.sub("_", strip_accents(as_text(text))).strip("_.")
+    return cleaned or UNKNOWN
+
+
+def zip_base_name(info: StudyInfo, max_len: int = MAX_NAME_NOEXT) -> str:
+    """`{patient}_{birth}_{studydate}_{uid}` without `.zip`, at most max_len long.
+
+    Only the part before the UID is cut, the patient name first so the two dates stay:
+    the UID is what makes the name unique. A UID that alone exceeds max_len (no valid
+    DICOM UID does) is cut and given a hash suffix, so two such studies still differ.
+    """
+    uid_part = sanitize_part(info.uid)
+    if len(uid_part) >= max_len:
+        digest = hashlib.sha1(info.uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return uid_part[:max_len - 17] + "_" + digest
+    study_day = info.study_datetime.date() if info.study_datetime else None
+    patient = sanitize_part(info.patient_name)
+    dates = format_date(info.birth_date) + "_" + format_date(study_day)
+    room = max_len - len(uid_part) - 1          # for `{patient}_{dates}`
+    if len(patient) + 1 + len(dates) > room:
+        patient_room = room - len(dates) - 1
+        if patient_room >= 1:
+            patient = patient[:patient_room].rstrip("_")
+        else:
+            return ((patient + "_" + dates)[:room].rstrip("_") + "_" + uid_part).lstrip("_")
+    return patient + "_" + dates + "_" + uid_part
+
+
+def zip_relpath(info: StudyInfo) -> str:
+    """Path of a study's ZIP relative to the backup root: `YYYY_MM/<name>.zip`."""
+    return month_folder(info.study_datetime) + "/" + zip_base_name(info) + ".zip"
+
+
+def _c_int_div(number: int, divisor: int) -> int:
+    # Horos computes the folder in C, where integer division truncates toward zero.
+    quotient = abs(number) // divisor
+    return quotient if number >= 0 else -quotient
+
+
+def _leading_int(text: str) -> int:
+    # NSString intValue: optional spaces and sign, then digits; 0 when there are none.
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
+
+
+def resolve_image_path(files_dir: str, path_number, path_string,
+                       folder_size: int = DB_FOLDER_SIZE) -> Optional[str]:
+    """Where a ZIMAGE row's file is, by the rules of Horos's DicomImage.m.
+
+    1. ZPATHNUMBER N:            files_dir/<(N // F + 1) * F>/<N>.dcm
+    2. absolute ZPATHSTRING:     as it is (added in place, maybe on another volume)
+    3. relative ZPATHSTRING S:   files_dir/<(leading int of S without ext // F + 1) * F>/S
+    """
+    number = as_int(path_number)
+    if number is not None:
+        folder = (_c_int_div(number, folder_size) + 1) * folder_size
+        return os.path.join(files_dir, str(folder), "%d.dcm" % number)
+    text = as_text(path_string)
+    if not text:
+        return None
+    if text.startswith("/"):
+        return text
+    stem = os.path.splitext(text)[0]
+    folder = (_c_int_div(_leading_int(stem), folder_size) + 1) * folder_size
+    return os.path.join(files_dir, str(folder), text)
+
+
+def _unique_name(name: str, taken: set) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    stem, ext = os.path.splitext(name)
+    counter = 2
+    while "%s_%d%s" % (stem, counter, ext) in taken:
+        counter += 1
+    unique = "%s_%d%s" % (stem, counter, ext)
+    taken.add(unique)
+    return unique
+
+
+def series_folder_name(series: SeriesInfo) -> str:
+    number = "%04d" % series.number if series.number is not None and series.number >= 0 \
+        else UNKNOWN
+    name = "%s_%s_%s" % (number, sanitize_part(series.modality),
+                         sanitize_part(series.description))
+    return name[:MAX_MEMBER_PART].rstrip("_.")
+
+
+def _member_file_name(path: str) -> str:
+    name = sanitize_part(os.path.basename(path))
+    if len(name) <= MAX_MEMBER_PART:
+        return name
+    stem, ext = os.path.splitext(name)
+    return stem[:MAX_MEMBER_PART - len(ext)] + ext
+
+
+def _series_sort_key(series: SeriesInfo):
+    return (series.number is None, series.number or 0, series.uid, series.pk)
+
+
+def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
+                     files_dir: str, folder_size: int = DB_FOLDER_SIZE
+                     ) -> Tuple[Tuple[SeriesInfo, ...], Tuple[SourceFile, ...]]:
+    """Every file of every series, each once (multi-frame rows share a file).
+
+    Members go in one folder per series (`0002_CT_Abdomen_3mm/10001.dcm`), in series
+    number then instance number order; names are unique within the ZIP.
+    """
+    ordered_series = tuple(sorted(series, key=_series_sort_key))
+    by_series: Dict[int, List[ImageRow]] = {s.pk: [] for s in ordered_series}
+    for image in images:
+        if image.series_pk in by_series:
+            by_series[image.series_pk].append(image)
+    folders: set = set()
+    members: set = set()
+    seen_paths: set = set()
+    files: List[SourceFile] = []
+    for s in ordered_series:
+        folder = _unique_name(series_folder_name(s), folders)
+        rows = sorted(by_series[s.pk], key=lambda im: (as_int(im.instance_number) or 0,
+                                                       as_text(im.path_string),
+                                                       as_int(im.path_number) or 0))
+        for image in rows:
+            path = resolve_image_path(files_dir, image.path_number, image.path_string,
+                                      folder_size)
+            if path is None or path in seen_paths:
+                continue
+            seen_paths.add(path)
+            member = _unique_name(folder + "/" + _member_file_name(path), members)
+            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
+    return ordered_series, tuple(files)
+
+
+def study_fingerprint(parts: Sequence[str]) -> str:
+    """A cheap digest of what Horos keeps about a study.
+
+    For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
+    numberOfImages, patient name, ID and birth date, series count and images summed
+    over its series. For a study of several rows, parts are the rows' digests. It moves
+    when Horos adds or removes series or images (Horos recomputes the counts before it
+    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
+    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
+    sent again touches dateAdded, without changing what a backup holds.
+    """
+    text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def _seconds(value) -> Optional[float]:
+    # Core Data writes REALs, which a TIMESTAMP column (NUMERIC affinity) keeps as
+    # INTEGER when whole; only damaged stores need the general conversion.
+    kind = type(value)
+    if (kind is float or kind is int) and -1e12 < value < 1e12:
+        return value
+    return coredata_seconds(value)
+
+
+def group_candidates(rows: Iterable[Mapping]) -> List[HorosStudy]:
+    """Candidate rows (HorosReader.candidate_chunks), in Z_PK order -> one HorosStudy
+    per StudyInstanceUID.
+
+    Two ZSTUDY rows can carry one UID (the study received under two patient IDs):
+    they are one backup, dated by its first row that has a date. This runs once per
+    study of the library: rows are consumed as they come (no list of 50,000 rows), and
+    each modality string (`CT`, `MR`, `CT\\PT` repeat thousands of times) is parsed
+    once.
+    """
+    parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
+    studies: Dict[str, HorosStudy] = {}
+    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
+    for row in rows:
+        pk, uid, text = row["pk"], row["uid"], row["fingerprint_text"]
+        summary, series_modalities = row["modality_summary"], row["series_modalities"]
+        uid = (uid if type(uid) is str else as_text(uid)).strip() or "HOROS-PK-%d" % pk
+        tokens = parsed.get((summary, series_modalities))
+        if tokens is None:
+            tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
+                modality_tokens(summary) + modality_tokens(series_modalities)))
+        date, added = _seconds(row["study_date"]), _seconds(row["date_added"])
+        row_print = study_fingerprint((as_text(text),))
+        first = studies.get(uid)
+        if first is None:
+            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
+            continue
+        prints = row_prints.setdefault(uid, [first.fingerprint])
+        prints.append(row_print)
+        studies[uid] = HorosStudy(
+            uid=uid, pks=first.pks + (pk,),
+            study_date=first.study_date if first.study_date is not None else date,
+            date_added=first.date_added,
+            last_added=max((m for m in (first.last_added, added) if m is not None),
+                           default=None),
+            modalities=tuple(dict.fromkeys(first.modalities + tokens)),
+            fingerprint=study_fingerprint(prints))
+    return list(studies.values())
+
+
+def plan_study(rows: StudyRows, study: HorosStudy, files_dir: str, folder_size: int,
+               reason: str = "new") -> StudyPlan:
+    """What the cycle writes for one study: its files in ZIP order, and its ZIP's name."""
+    ordered_series, files = plan_study_files(rows.series, rows.images, files_dir,
+                                             folder_size)
+    return StudyPlan(info=rows.info, series=ordered_series, files=files,
+                     zip_relpath=zip_relpath(rows.info), fingerprint=study.fingerprint,
+                     reason=reason)
+
+
+def retry_delay(attempts: int) -> float:
+    """Back-off after the n-th failure in a row: 1 h, 6 h, 1 day, then daily."""
+    return RETRY_BACKOFF_SECONDS[min(max(attempts, 1), len(RETRY_BACKOFF_SECONDS)) - 1]
+
+def missing_deferrals(previous: Optional[Failure]) -> int:
+    """How many times in a row the study was deferred for missing files."""
+    return previous.attempts if previous and previous.kind == MISSING_FILES else 0
+
+
+def files_decision(present: int, missing: int, previous: Optional[Failure],
+                   missing_retries: int) -> str:
+    """What to do with a study, given which of its files exist: Outcome.NO_FILES with
+    none; DEFERRED while files are missing and deferrals are left (Horos may still be
+    writing them: wait, but not for ever); else EXPORTED, or PARTIAL without the
+    missing files."""
+    if not present:
+        return Outcome.NO_FILES
+    if not missing:
+        return Outcome.EXPORTED
+    if missing_deferrals(previous) < missing_retries:
+        return Outcome.DEFERRED
+    return Outcome.PARTIAL
+
+
+def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                   changed: Iterable[str], failures: Mapping[str, Failure],
+                   wanted: Sequence[str], order_by: str, now: float,
+                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
+    """The export queue: studies Horos changed since their export first, then the rest.
+
+    Each part is oldest first by study date (or date added), ties by UID, unknown dates
+    last. Left out: studies that are exported and unchanged, studies Horos added to
+    within settle_seconds, and failed studies waiting for their next attempt (unless
+    Horos changed them since they failed). Failed studies take no slot while they wait.
+    With a limit, only the head of the queue is ordered (a partial sort of 50,000
+    studies is what keeps the read transaction short); the counts cover all of it.
+    """
+    def order_key(candidate: Candidate):
+        study = candidate.study
+        when = study.study_date if order_by == "study_date" else study.date_added
+        return (when is None, when or 0.0, study.uid)
+
+    changed = set(changed)
+    wanted_set = wanted_modalities(wanted)
+    settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
+    # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
+    # study must not wait for ever.
+    bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
+    selection = Selection(queue=[])
+    first: List[Candidate] = []
+    rest: List[Candidate] = []
+    for study in studies:
+        if not is_eligible(study.modalities, wanted_set):
+            continue
+        selection.eligible += 1
+        known = exported.get(study.uid)
+        if known == study.fingerprint and study.uid not in changed:
+            selection.up_to_date += 1
+            continue
+        failure = failures.get(study.uid)
+        if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
+            selection.waiting += 1
+            continue
+        if study.last_added is not None and settled_before < study.last_added < bogus_after:
+            selection.unsettled += 1
+            continue
+        if known is not None:
+            first.append(Candidate(study, "changed"))
+        else:
+            rest.append(Candidate(study, "retry" if failure else "new"))
+    selection.pending = len(first) + len(rest)
+    selection.changed = len(first)
+    if limit is None:
+        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
+    else:
+        head = heapq.nsmallest(limit, first, key=order_key)
+        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
+    return selection
+
+
+def month_completeness(studies: Sequence[HorosStudy], exported: Mapping[str, str],
+                       wanted: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """{month folder: (eligible, exported)} over the studies Horos holds."""
+    wanted_set = wanted_modalities(wanted)
+    months: Dict[str, List[int]] = {}
+    for study in studies:
+        if not is_eligible(study.modalities, wanted_set):
+            continue
+        counts = months.setdefault(month_folder(coredata_to_local(study.study_date)), [0, 0])
+        counts[0] += 1
+        if study.uid in exported:
+            counts[1] += 1
+    return {month: (counts[0], counts[1]) for month, counts in months.items()}
+
+
+def month_is_over(month: str, today: dt.date) -> bool:
+    if month == UNKNOWN_DATE_FOLDER:
+        return False
+    year, number = (int(p) for p in month.split("_"))
+    return (year, number) < (today.year, today.month)
+
+
+# =====================================================================================
+# Clinic hours: when a cycle stops at BATCH_SIZE (pure; the clock is passed in)
+# =====================================================================================
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # datetime.weekday() order
+DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass(frozen=True)
+class ClinicSchedule:
+    """When Horos is in use. hours: (start, end) local hours, the end exclusive, wrapping
+    past midnight when start > end; None: never (no cap). days: weekday numbers, Monday 0."""
+    hours: Optional[Tuple[int, int]]
+    days: Tuple[int, ...]
+
+
+def parse_clinic_hours(text: str) -> Optional[Tuple[int, int]]:
+    """`07-19`, `19-07`, `00-24` -> (start, end); `none` -> None. ValueError otherwise."""
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", cleaned)
+    if not match:
+        raise ValueError("--clinic-hours %r: give HH-HH in local time (07-19, 19-07, "
+                         "00-24) or none" % text)
+    start, end = int(match.group(1)), int(match.group(2))
+    if start > 23 or end > 24:
+        raise ValueError("--clinic-hours %r: hours go from 00 to 24 (00-24 is the whole "
+                         "day)" % text)
+    if start == end % 24 and (start, end) != (0, 24):
+        raise ValueError("--clinic-hours %r: the start and the end are the same hour; use "
+                         "00-24 for the whole day or none for no clinic hours" % text)
+    return start, end
+
+
+def parse_clinic_days(text: str) -> Tuple[int, ...]:
+    """`mon-fri`, `mon-sat`, `mon,wed,fri`, `sat-sun`, `fri-mon` -> weekday numbers."""
+    days = set()
+    for part in text.strip().lower().split(","):
+        ends = [e.strip() for e in part.split("-")]
+        ends = [e[:3] if e in DAY_NAMES else e for e in ends]
+        if len(ends) > 2 or not all(e in WEEKDAYS for e in ends):
+            raise ValueError("--clinic-days %r: give days like mon-fri, mon-sat or "
+                             "mon,wed,fri (mon tue wed thu fri sat sun)" % text)
+        first, last = WEEKDAYS.index(ends[0]), WEEKDAYS.index(ends[-1])
+        days.update((first + step) % 7 for step in range((last - first) % 7 + 1))
+    return tuple(sorted(days))
+
+
+def clinic_schedule(hours_text: str, days_text: str) -> ClinicSchedule:
+    return ClinicSchedule(parse_clinic_hours(hours_text), parse_clinic_days(days_text))
+
+
+def config_schedule(cfg: Config) -> ClinicSchedule:
+    """The schedule of --clinic-hours and --clinic-days (checked when the flags were read)."""
+    return clinic_schedule(cfg.clinic_hours, cfg.clinic_days)
+
+
+def in_clinic_hours(schedule: ClinicSchedule, local: dt.datetime) -> bool:
+    """Whether a cycle starting at this local time is capped at BATCH_SIZE.
+
+    A window that wraps past midnight belongs to the day it starts on: with 19-07 and
+    mon-fri, Saturday 03:00 is still Friday's night, Monday 03:00 is not clinic time.
+    00-24 is every hour of every day, whatever the days say.
+    """
+    if schedule.hours is None:
+        return False
+    start, end = schedule.hours
+    if (start, end) == (0, 24):
+        return True
+    if start < end:
+        return local.weekday() in schedule.days and start <= local.hour < end
+    if local.hour >= start:
+        return local.weekday() in schedule.days
+    return local.hour < end and (local.weekday() - 1) % 7 in schedule.days
+
+
+def capped_at(cfg: Config, now: float) -> bool:
+    """Whether a cycle (or the dry run, or status's `clinic.now`) starting at Unix time
+    `now` is in clinic hours, in the Mac's local time."""
+    return in_clinic_hours(config_schedule(cfg), dt.datetime.fromtimestamp(now))
+
+
+def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
+                    inside: float, outside: float, interval_seconds: int,
+                    max_cycles: int = 10 * 52 * 7 * 144) -> int:
+    """launchd cycles until `backlog` studies are exported, at `inside` studies per
+    cycle in clinic hours and `outside` per cycle out of them; max_cycles at most."""
+    left, cycles, moment = float(backlog), 0, start
+    step = dt.timedelta(seconds=interval_seconds)
+    while left > 0 and cycles < max_cycles:
+        left -= max(inside if in_clinic_hours(schedule, moment) else outside, 1e-3)
+        cycles += 1
+        moment += step
+    return cycles
 
 
 # =====================================================================================
@@ -1515,6 +1916,7 @@ def preferences_status(cfg: Config) -> dict:
 # (testzip + manifest), rename it to `<name>.zip`, fsync the folder, and only then
 # record it in the state. A ZIP is visible under its final name only once verified.
 
+
 class FileChanged(Exception):
     """A source file vanished, shrank or grew while it was being zipped."""
 
@@ -1523,35 +1925,8 @@ class ZipVerifyFailed(Exception):
     """A written ZIP failed verification VERIFY_ATTEMPTS times."""
 
 
-def durable_sync(fd: int) -> None:
-    """fsync that reaches the disk: on macOS plain fsync stops in the drive's cache."""
-    full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
-    if full_fsync is not None:
-        try:
-            fcntl.fcntl(fd, full_fsync)
-            return
-        except OSError as error:  # some file systems (SMB, FAT) refuse F_FULLFSYNC
-            log.debug("F_FULLFSYNC refused (%s); using fsync", error)
-    os.fsync(fd)
-
-
-def sync_directory(path: str) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        durable_sync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_small_file(path: str, text: str) -> None:
-    """Write a small file whole or not at all (temp file, fsync, rename)."""
-    partial = path + PART_SUFFIX
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        durable_sync(handle.fileno())
-    os.replace(partial, path)
+class SourceUnreadable(Exception):
+    """A source file exists but cannot be read (permissions, I/O error)."""
 
 
 def zip_date_time(mtime: float) -> Tuple[int, int, int, int, int, int]:
@@ -1588,10 +1963,6 @@ def open_source(path: str):
     handle = open(path, "rb", buffering=0)
     bypass_cache(handle.fileno())
     return handle
-
-
-class SourceUnreadable(Exception):
-    """A source file exists but cannot be read (permissions, I/O error)."""
 
 
 class Throttle:
@@ -1800,11 +2171,6 @@ def verify_zip(path: str, throttle: Optional[Throttle] = None
         return "%s: %s" % (type(error).__name__, error), None
 
 
-def remove_if_present(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
 def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceFile],
                        missing: Sequence[str], compression: str, level: int, on_bytes,
                        exported_at: str, throttle: Optional[Throttle] = None) -> dict:
@@ -1836,7 +2202,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 
 
 # =====================================================================================
-# State store: BACKUP_ROOT/export_state.sqlite
+# State store: every query on BACKUP_ROOT/export_state.sqlite
 # =====================================================================================
 #
 # Written in short transactions with synchronous=FULL (and fullfsync on macOS), in
@@ -1958,7 +2324,6 @@ STATE_MIGRATIONS = {
         "ALTER TABLE runs ADD COLUMN horos_transactions INTEGER",
     ),
 }
-
 EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
 
 EXPORTED_ROW_SQL = """
@@ -2022,6 +2387,17 @@ ON CONFLICT (study_uid) DO UPDATE SET
 
 CLEAR_FAILURE_SQL = "DELETE FROM failures WHERE study_uid = ?"
 
+# Failed studies by their last kind, and those failing since :failing_before that were
+# still tried after :retried_after (a study Horos deleted keeps its row but is no
+# longer tried): what alerts count.
+FAILURES_BY_KIND_SQL = """
+SELECT kind, COUNT(*) AS studies,
+       SUM(first_failed_at <= :failing_before AND last_failed_at >= :retried_after)
+           AS failing_long
+FROM failures
+GROUP BY kind
+"""
+
 CHANGED_STUDIES_SQL = "SELECT study_uid FROM changed_studies"
 
 NOTE_CHANGED_SQL = """
@@ -2069,18 +2445,62 @@ SET_META_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 META_IMAGE_HIGH_WATER = "horos_image_high_water"
 
+STATE_TOTALS_SQL = """
+SELECT COUNT(*) AS exported, COALESCE(SUM(zip_bytes), 0) AS zip_bytes,
+       COALESCE(SUM(missing_count > 0), 0) AS partial
+FROM exported_studies
+"""
 
-def utc_iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+STATE_MONTHS_SQL = """
+SELECT month, COUNT(*) AS studies
+FROM exported_studies
+GROUP BY month
+"""
 
+UNREAD_ROWS_SQL = """
+SELECT study_uid, zip_path
+FROM exported_studies
+WHERE patient_id IS NULL
+ORDER BY study_uid
+LIMIT ?
+"""
 
-def parse_utc_iso(text) -> float:
-    """Unix seconds of a utc_iso() string; 0 (long past) for anything else."""
-    try:
-        moment = dt.datetime.strptime(as_text(text), "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        return 0.0
-    return moment.replace(tzinfo=dt.timezone.utc).timestamp()
+UNREAD_COUNT_SQL = "SELECT COUNT(*) AS unread FROM exported_studies WHERE patient_id IS NULL"
+
+BACKUP_STUDIES_SQL = """
+SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
+       patient_name, patient_id, accession_number, birth_date, modalities
+FROM exported_studies
+"""
+
+RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
+
+RECORD_RESTORE_SQL = """
+INSERT INTO restores (target, study_uid, zip_path, restored_at)
+VALUES (:target, :study_uid, :zip_path, :restored_at)
+"""
+
+FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
+
+RESTORED_ZIP_PATHS_SQL = "SELECT zip_path FROM restores WHERE target = ?"
+
+RECORD_RESTORE_TARGET_SQL = """
+INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
+VALUES (:target, :selection, :left_count, :last_run_at)
+"""
+
+RESTORE_TARGETS_SQL = """
+SELECT t.target, t.selection, t.left_count, t.last_run_at,
+       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target) AS restored
+FROM restore_targets AS t
+ORDER BY t.last_run_at DESC
+"""
+
+ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
+
+ALL_RESTORE_TARGETS_SQL = """
+SELECT target, selection, left_count, last_run_at FROM restore_targets
+"""
 
 
 @dataclass(frozen=True)
@@ -2094,6 +2514,45 @@ class ExportedRow:
     exported_at: str
 
 
+@dataclass(frozen=True)
+class WriteInProgress:
+    """A ZIP a run began to write and has not recorded (README: writes_in_progress)."""
+    zip_path: str
+    study_uid: str
+    replaces: Optional[str]       # the ZIP of the same study under its old name
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    study_uid: str
+    zip_path: str
+    zip_bytes: int
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    """Studies whose last failure is of one kind, and how many of them fail for long."""
+    studies: int
+    failing_long: int
+
+
+@dataclass(frozen=True)
+class StateTotals:
+    exported: int
+    zip_bytes: int
+    partial: int             # exported without some missing files
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    """One library `restore --into-horos` feeds (README: restore_targets)."""
+    target: str
+    selection: str
+    left: int
+    last_run_at: str
+    restored: int
+
+
 @dataclass
 class StateView:
     """What the planner needs from the state, read once per cycle."""
@@ -2103,8 +2562,66 @@ class StateView:
     image_high_water: Optional[int]
 
 
+@dataclass
+class BackupStudy:
+    """One study of the backup as its state row tells it (find, restore).
+
+    find makes one per study of the backup (50,000+) each time it runs: slots keep
+    that cheap, as for HorosStudy. Nothing changes one once made.
+    """
+    __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
+                 "patient_name", "patient_id", "accession_number", "birth_date",
+                 "modalities")
+    uid: str
+    zip_path: str                      # relative to BACKUP_ROOT
+    zip_bytes: int
+    file_count: int
+    source_bytes: int
+    study_date: Optional[str]          # YYYY-MM-DD
+    patient_name: str
+    patient_id: Optional[str]          # None: written by an older version, not read yet
+    accession_number: Optional[str]
+    birth_date: Optional[str]
+    modalities: Tuple[str, ...]
+
+
+def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """The state opened for reading, never written, even on a read-only disk.
+
+    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
+    the file, so it is opened immutable: no lock is taken (some read-only file systems
+    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
+    mounted read-only), the file holds half a transaction and only its `-journal` can
+    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
+    """
+    path = os.path.abspath(path)
+    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
+    if os.access(os.path.dirname(path), os.W_OK):
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    journal = path + "-journal"
+    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+    memory = sqlite3.connect(":memory:", isolation_level=None)
+    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
+        copy = os.path.join(scratch, STATE_FILE)
+        shutil.copyfile(path, copy)
+        shutil.copyfile(journal, copy + "-journal")
+        recovered = sqlite3.connect(copy, isolation_level=None)
+        try:
+            recovered.backup(memory)
+        finally:
+            recovered.close()
+    log.debug("read %s through a copy: its hot journal was rolled back there", path)
+    return memory
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()["user_version"]
+
+
 class ExportState:
-    """export_state.sqlite: what is exported, what failed, what a killed run was writing.
+    """export_state.sqlite: what is exported, what failed, what a killed run was writing,
+    what was restored where. Every query on it is a method here.
 
     read_only=True never writes the file, nor creates it: a missing file reads as
     empty, and a file from an older version is upgraded in a copy in memory.
@@ -2121,10 +2638,11 @@ class ExportState:
                 self.conn.execute("PRAGMA journal_mode = DELETE")
                 self.conn.execute("PRAGMA synchronous = FULL")
                 self.conn.execute("PRAGMA fullfsync = ON")
+            self.conn.row_factory = sqlite3.Row
             self.migrate()
         except sqlite3.Error as error:
             if is_disk_full(error):
-                raise DiskSpaceProblem("DISK_FULL", "backup volume full: cannot update %s"
+                raise DiskSpaceProblem(DISK_FULL, "backup volume full: cannot update %s"
                                        % path) from None
             raise CannotRun("state database %s cannot be used (%s); move it aside and run "
                             "`horos_backup_export.py reindex` to rebuild it from the ZIPs"
@@ -2136,7 +2654,8 @@ class ExportState:
         if not os.path.exists(path):
             return memory
         conn = connect_state_read_only(path, busy_timeout)
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= STATE_SCHEMA_VERSION:
+        conn.row_factory = sqlite3.Row
+        if schema_version(conn) >= STATE_SCHEMA_VERSION:
             memory.close()
             return conn
         conn.backup(memory)
@@ -2144,7 +2663,7 @@ class ExportState:
         return memory
 
     def migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        version = schema_version(self.conn)
         if version > STATE_SCHEMA_VERSION:
             raise CannotRun("state database %s was written by a newer version (schema %d); "
                             "update horos_backup_export.py" % (self.path, version))
@@ -2153,6 +2672,7 @@ class ExportState:
             with self.transaction() as conn:
                 for statement in STATE_MIGRATIONS[step]:
                     conn.execute(statement)
+                # A PRAGMA takes no parameter; step is one of our own integers.
                 conn.execute("PRAGMA user_version = %d" % step)
 
     def close(self) -> None:
@@ -2168,8 +2688,11 @@ class ExportState:
             raise
         self.conn.execute("COMMIT")
 
+    # -- exported studies ---------------------------------------------------------------
+
     def exported_fingerprints(self) -> Dict[str, str]:
-        return dict(self.conn.execute(EXPORTED_FINGERPRINTS_SQL))
+        return {row["study_uid"]: row["fingerprint"]
+                for row in self.conn.execute(EXPORTED_FINGERPRINTS_SQL)}
 
     def view(self) -> StateView:
         return StateView(exported=self.exported_fingerprints(), changed=self.changed_uids(),
@@ -2177,23 +2700,11 @@ class ExportState:
 
     def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
-        return ExportedRow(*row) if row else None
+        return ExportedRow(**dict(row)) if row else None
 
     def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
             conn.execute(DELETE_EXPORTED_SQL, (study_uid,))
-
-    def begin_write(self, study_uid: str, zip_path: str, replaces: Optional[str],
-                    now: float) -> None:
-        with self.transaction() as conn:
-            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now), replaces))
-
-    def end_write(self, zip_path: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(END_WRITE_SQL, (zip_path,))
-
-    def writes_in_progress(self) -> List[Tuple[str, str, Optional[str]]]:
-        return list(self.conn.execute(WRITES_IN_PROGRESS_SQL))
 
     def record_export(self, record: Mapping[str, object], keep_write: bool = False) -> None:
         """The study's row, the end of its write and of its failures, in one transaction.
@@ -2208,18 +2719,77 @@ class ExportState:
             if not keep_write:
                 conn.execute(END_WRITE_SQL, (record["zip_path"],))
 
+    def replace_exported(self, records: Sequence[Mapping[str, object]]) -> None:
+        """reindex: the rows of these records, in one transaction."""
+        with self.transaction() as conn:
+            conn.executemany(UPSERT_EXPORTED_SQL, [dict(r) for r in records])
+            conn.executemany(SET_SEARCH_FIELDS_SQL, [dict(r) for r in records])
+
+    def totals(self) -> StateTotals:
+        return StateTotals(**dict(self.conn.execute(STATE_TOTALS_SQL).fetchone()))
+
+    def exported_by_month(self) -> Dict[str, int]:
+        return {row["month"]: row["studies"] for row in self.conn.execute(STATE_MONTHS_SQL)}
+
+    def backup_studies(self) -> List[BackupStudy]:
+        """Every exported study, as find and restore see it."""
+        parsed: Dict[object, Tuple[str, ...]] = {}   # `CT`, `MR\SR` repeat thousands of times
+        studies = []
+        for row in self.conn.execute(BACKUP_STUDIES_SQL):
+            modalities = parsed.get(row["modalities"])
+            if modalities is None:
+                modalities = parsed[row["modalities"]] = modality_tokens(row["modalities"])
+            studies.append(BackupStudy(
+                as_text(row["study_uid"]), as_text(row["zip_path"]), row["zip_bytes"] or 0,
+                row["file_count"] or 0, row["source_bytes"] or 0, row["study_date"],
+                as_text(row["patient_name"]), row["patient_id"], row["accession_number"],
+                row["birth_date"], modalities))
+        return studies
+
+    # -- the find fields of rows an older version wrote ---------------------------------
+
+    def unread_rows(self, limit: int) -> List[Tuple[str, str]]:
+        """(study_uid, zip_path) of rows whose find fields were never read."""
+        return [(row["study_uid"], row["zip_path"])
+                for row in self.conn.execute(UNREAD_ROWS_SQL, (limit,))]
+
+    def unread_count(self) -> int:
+        return self.conn.execute(UNREAD_COUNT_SQL).fetchone()["unread"]
+
+    def set_search_fields(self, updates: Sequence[Mapping[str, object]]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(SET_SEARCH_FIELDS_SQL, [dict(u) for u in updates])
+
+    # -- writes under way ---------------------------------------------------------------
+
+    def begin_write(self, study_uid: str, zip_path: str, replaces: Optional[str],
+                    now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(BEGIN_WRITE_SQL, (zip_path, study_uid, utc_iso(now), replaces))
+
+    def end_write(self, zip_path: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(END_WRITE_SQL, (zip_path,))
+
+    def writes_in_progress(self) -> List[WriteInProgress]:
+        return [WriteInProgress(**dict(row))
+                for row in self.conn.execute(WRITES_IN_PROGRESS_SQL)]
+
+    # -- failures -----------------------------------------------------------------------
+
     def failures(self) -> Dict[str, Failure]:
-        return {row[0]: Failure(study_uid=row[0], kind=row[1], attempts=row[2],
-                                next_attempt=parse_utc_iso(row[3]),
-                                fingerprint=as_text(row[4]))
-                for row in self.conn.execute(FAILURES_SQL)}
+        return {row["study_uid"]: Failure(
+            study_uid=row["study_uid"], kind=row["kind"], attempts=row["attempts"],
+            next_attempt=parse_utc_iso(row["next_attempt_at"]),
+            fingerprint=as_text(row["fingerprint"]))
+            for row in self.conn.execute(FAILURES_SQL)}
 
     def record_failure(self, study_uid: str, kind: str, detail: str, fingerprint: str,
                        now: float) -> int:
         """Count one more failure; returns how many in a row the study has had."""
         with self.transaction() as conn:
             row = conn.execute(FAILURE_ATTEMPTS_SQL, (study_uid,)).fetchone()
-            attempts = (row[0] if row else 0) + 1
+            attempts = (row["attempts"] if row else 0) + 1
             conn.execute(RECORD_FAILURE_SQL, {
                 "study_uid": study_uid, "kind": kind, "detail": detail, "attempts": attempts,
                 "now": utc_iso(now), "next_attempt_at": utc_iso(now + retry_delay(attempts)),
@@ -2235,17 +2805,28 @@ class ExportState:
                     cleared.append(uid)
         return cleared
 
+    def failures_by_kind(self, failing_before: float,
+                         retried_after: float) -> Dict[str, FailureCount]:
+        return {row["kind"]: FailureCount(row["studies"], row["failing_long"] or 0)
+                for row in self.conn.execute(FAILURES_BY_KIND_SQL, {
+                    "failing_before": utc_iso(failing_before),
+                    "retried_after": utc_iso(retried_after)})}
+
+    # -- verification -------------------------------------------------------------------
+
     def verify_queue(self, verified_before: Optional[float] = None,
-                     limit: Optional[int] = None) -> List[Tuple[str, str, int]]:
-        """(study_uid, zip_path, zip_bytes), longest unverified first."""
+                     limit: Optional[int] = None) -> List[VerifyItem]:
+        """The ZIPs to read back, longest unverified first."""
         # "~" sorts after every ISO time: no age filter.
         before = utc_iso(verified_before) if verified_before is not None else "~"
-        return list(self.conn.execute(VERIFY_QUEUE_SQL, {
-            "verified_before": before, "limit": -1 if limit is None else limit}))
+        return [VerifyItem(**dict(row)) for row in self.conn.execute(VERIFY_QUEUE_SQL, {
+            "verified_before": before, "limit": -1 if limit is None else limit})]
 
     def mark_verified(self, study_uid: str, now: float) -> None:
         with self.transaction() as conn:
             conn.execute(MARK_VERIFIED_SQL, (utc_iso(now), study_uid))
+
+    # -- runs, changes Horos made -------------------------------------------------------
 
     def record_run(self, run: Mapping[str, object]) -> None:
         with self.transaction() as conn:
@@ -2253,16 +2834,14 @@ class ExportState:
             conn.execute(PRUNE_RUNS_SQL, (RUNS_KEPT,))
 
     def last_runs(self, count: int) -> List[Dict[str, object]]:
-        cursor = self.conn.execute(LAST_RUNS_SQL, (count,))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        return [dict(row) for row in self.conn.execute(LAST_RUNS_SQL, (count,))]
 
     def changed_uids(self) -> set:
-        return {row[0] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
+        return {row["study_uid"] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
 
     def image_high_water(self) -> Optional[int]:
         row = self.conn.execute(GET_META_SQL, (META_IMAGE_HIGH_WATER,)).fetchone()
-        return _as_int(row[0]) if row else None
+        return as_int(row["value"]) if row else None
 
     def note_horos_changes(self, study_uids: Iterable[str], high_water: int,
                            now: float) -> None:
@@ -2270,6 +2849,47 @@ class ExportState:
         with self.transaction() as conn:
             conn.executemany(NOTE_CHANGED_SQL, [(uid, utc_iso(now)) for uid in study_uids])
             conn.execute(SET_META_SQL, (META_IMAGE_HIGH_WATER, str(high_water)))
+
+    # -- restores into a Horos library --------------------------------------------------
+
+    def restored_uids(self, target: str) -> Dict[str, str]:
+        """{study_uid: restored_at} of the studies restored into target."""
+        return {row["study_uid"]: row["restored_at"]
+                for row in self.conn.execute(RESTORED_UIDS_SQL, (target,))}
+
+    def restored_zip_paths(self, target: str) -> List[str]:
+        return [row["zip_path"] for row in self.conn.execute(RESTORED_ZIP_PATHS_SQL, (target,))]
+
+    def record_restore(self, target: str, study_uid: str, zip_path: str, now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(RECORD_RESTORE_SQL, {"target": target, "study_uid": study_uid,
+                                              "zip_path": zip_path,
+                                              "restored_at": utc_iso(now)})
+
+    def forget_restore(self, target: str, study_uid: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(FORGET_RESTORE_SQL, (target, study_uid))
+
+    def record_restore_target(self, target: str, selection: str, left: int,
+                              now: float) -> None:
+        with self.transaction() as conn:
+            conn.execute(RECORD_RESTORE_TARGET_SQL, {"target": target, "selection": selection,
+                                                     "left_count": left,
+                                                     "last_run_at": utc_iso(now)})
+
+    def restore_targets(self) -> List[RestoreTarget]:
+        return [RestoreTarget(target=row["target"], selection=row["selection"],
+                              left=row["left_count"], last_run_at=row["last_run_at"],
+                              restored=row["restored"])
+                for row in self.conn.execute(RESTORE_TARGETS_SQL)]
+
+    def copy_restores_from(self, old: "ExportState") -> None:
+        """reindex: the restore progress of the state it replaces."""
+        restores = [dict(row) for row in old.conn.execute(ALL_RESTORES_SQL)]
+        targets = [dict(row) for row in old.conn.execute(ALL_RESTORE_TARGETS_SQL)]
+        with self.transaction() as conn:
+            conn.executemany(RECORD_RESTORE_SQL, restores)
+            conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
 
 
 def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at: str) -> dict:
@@ -2300,6 +2920,7 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
 # Issues, logs and progress
 # =====================================================================================
 
+
 # Excel and Numbers run a cell that starts with one of these as a formula
 # (`=HYPERLINK(...)` in a study UID from a hostile DICOM file).
 CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -2319,26 +2940,34 @@ def rotate_numbered(path: str, count: int) -> None:
     os.replace(path, path + ".1")
 
 
-def append_issue(cfg: Config, kind: str, study_uid: str = "", detail: str = "",
-                 extra: str = "") -> None:
-    """One row in BACKUP_ROOT/issues.csv (README: issues.csv kinds)."""
-    path = cfg.issues_path
-    try:
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        if size >= ISSUES_MAX_BYTES:
-            # Renamed, never truncated: `tail -F issues.csv` follows the new file.
-            rotate_numbered(path, ISSUES_BACKUP_COUNT)
-            log.info("%s reached %s: renamed to %s.1, a new one begins", path,
-                     format_bytes(size), ISSUES_FILE)
-            size = 0
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            if size == 0:
-                writer.writerow(ISSUES_HEADER)
-            writer.writerow([csv_safe_cell(as_text(cell)) for cell in (
-                utc_iso(time.time()), kind, study_uid, detail, extra)])
-    except OSError as error:  # a full disk must not turn one problem into a crash
-        log.error("cannot add %s row to %s: %s", kind, path, error)
+class IssueLog:
+    """BACKUP_ROOT/issues.csv (README: issues.csv), and the kinds one run added to it:
+    alerting reads those from here (a cycle's summary), never from the file."""
+
+    def __init__(self, path: str, written: Optional[Dict[str, int]] = None):
+        self.path = path
+        self.written = written if written is not None else {}
+
+    def add(self, kind: str, study_uid: str = "", detail: str = "", extra: str = "") -> None:
+        """One row. Counted even when the disk refuses it: a full disk must not turn
+        one problem into a crash, nor hide it from alerts."""
+        self.written[kind] = self.written.get(kind, 0) + 1
+        try:
+            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            if size >= ISSUES_MAX_BYTES:
+                # Renamed, never truncated: `tail -F issues.csv` follows the new file.
+                rotate_numbered(self.path, ISSUES_BACKUP_COUNT)
+                log.info("%s reached %s: renamed to %s.1, a new one begins", self.path,
+                         format_bytes(size), ISSUES_FILE)
+                size = 0
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                if size == 0:
+                    writer.writerow(ISSUES_HEADER)
+                writer.writerow([csv_safe_cell(as_text(cell)) for cell in (
+                    utc_iso(time.time()), kind, study_uid, detail, extra)])
+        except OSError as error:
+            log.error("cannot add %s row to %s: %s", kind, self.path, error)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -2435,18 +3064,6 @@ def setup_file_logging(cfg: Config) -> None:
     log.addHandler(handler)
 
 
-def plural(count: int, noun: str, nouns: str = "") -> str:
-    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1000:
-            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
-        count /= 1000.0
-    return "%.2f TB" % count
-
-
 # =====================================================================================
 # File modes: the backup is private to the account that runs it
 # =====================================================================================
@@ -2519,588 +3136,6 @@ def make_backup_root_private(backup_root: str) -> None:
 
 
 # =====================================================================================
-# Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
-# =====================================================================================
-
-GB = 1000 ** 3                 # MIN_FREE_GB is in the decimal gigabytes Finder shows
-ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
-
-
-def nearest_existing(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
-def check_sentinels(cfg: Config) -> None:
-    """Before anything is created: an unmounted volume must never get folders.
-
-    The PACS volume must hold its sentinel. A BACKUP_ROOT on another file system must
-    have a `.backup_sentinel` in its parent folder (the backup disk's root for
-    `/Volumes/BACKUP/Horos`), and a BACKUP_ROOT's parent is never created.
-    """
-    if not os.path.isfile(cfg.sentinel):
-        raise CannotRun("sentinel %s is missing: is the PACS volume mounted? "
-                        "(nothing was done)" % cfg.sentinel)
-    parent = os.path.dirname(cfg.backup_root)
-    if not os.path.isdir(parent):
-        raise CannotRun("%s does not exist: is the backup disk mounted? (nothing was done)"
-                        % parent)
-    if not same_disk(cfg.backup_root, cfg.pacs_root):
-        backup_sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
-        if not os.path.isfile(backup_sentinel):
-            raise CannotRun("%s is on another disk than %s and %s is missing: is the backup "
-                            "disk mounted? (nothing was done)"
-                            % (cfg.backup_root, cfg.pacs_root, backup_sentinel))
-
-
-@contextlib.contextmanager
-def run_lock(lock_path: str):
-    """Yields True while this process holds BACKUP_ROOT/.tmp/.run.lock, else False."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        yield True
-    finally:
-        os.close(fd)
-
-
-def count_files_up_to(folder: str, limit: int) -> int:
-    """Files below `folder`, counting stops once past `limit`."""
-    count = 0
-    pending = [folder]
-    while pending:
-        current = pending.pop()
-        try:
-            with os.scandir(current) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                        continue
-                    count += 1
-                    if count > limit:
-                        return count
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # Horos empties INCOMING while we count
-    return count
-
-
-def clean_tmp_dir(cfg: Config) -> None:
-    """Remove what a killed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
-    for entry in os.scandir(cfg.tmp_dir):
-        if entry.name in (LOCK_FILE, DB_COPY_DIR):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            remove_if_present(entry.path)
-        log.info("removed leftover %s", entry.path)
-
-
-def remove_replaced_zip(cfg: Config, replaced: Optional[str], current: str) -> None:
-    """Delete the ZIP a re-export under a new name replaced (never the current one)."""
-    if not replaced or replaced == current:
-        return
-    path = os.path.join(cfg.backup_root, replaced)
-    if os.path.exists(path):
-        os.remove(path)
-        sync_directory(os.path.dirname(path))
-        log.info("removed %s: replaced by %s", replaced, current)
-
-
-def recover_interrupted_writes(cfg: Config, state: ExportState) -> None:
-    """Finish what a killed run left: remove `.part` files, adopt verified ZIPs.
-
-    A run killed between the rename and the state commit leaves a complete, verified
-    ZIP that the state does not know: it is adopted (recorded from its manifest), so
-    the study is not written a second time. A run killed after the commit may leave
-    the ZIP that a renamed study's new ZIP replaced: it is removed now.
-    """
-    for relpath, uid, replaces in state.writes_in_progress():
-        final_path = os.path.join(cfg.backup_root, relpath)
-        if os.path.exists(final_path + PART_SUFFIX):
-            remove_if_present(final_path + PART_SUFFIX)
-            log.info("removed partial %s%s left by an interrupted run", relpath, PART_SUFFIX)
-        if os.path.exists(final_path) and adopt_or_discard(cfg, state, relpath, uid):
-            remove_replaced_zip(cfg, replaces, relpath)
-        state.end_write(relpath)
-
-
-def adopt_or_discard(cfg: Config, state: ExportState, relpath: str, uid: str) -> bool:
-    """Whether the state now records the ZIP at relpath (adopting it if need be)."""
-    final_path = os.path.join(cfg.backup_root, relpath)
-    row = state.exported_row(uid)
-    try:
-        with zipfile.ZipFile(final_path) as archive:
-            recorded = (row is not None and row.zip_path == relpath
-                        and read_manifest(archive).get("exported_at") == row.exported_at)
-    except ZIP_READ_ERRORS:
-        recorded = False
-    if recorded:
-        return True
-    problem, manifest = verify_zip(final_path)
-    if problem is None and manifest is not None and manifest["study"]["study_uid"] == uid:
-        state.record_export(export_record(manifest, relpath, os.path.getsize(final_path),
-                                          utc_iso(time.time())), keep_write=True)
-        log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
-        return True
-    remove_if_present(final_path)
-    problem = problem or "its manifest names another study"
-    log.warning("removed %s: left by an interrupted run and not verifiable (%s); the study "
-                "will be exported again", relpath, problem)
-    # Mostly it was verified before its rename: damage now means the disk lost data.
-    append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
-    if row is not None and row.zip_path == relpath:
-        state.forget_export(uid)
-    return False
-
-
-@dataclass
-class HorosSnapshot:
-    """What one read of Horos saw: the studies, the queue and the plans to export."""
-    studies: List[HorosStudy]
-    selection: Selection
-    plans: List[StudyPlan]         # of the head of selection.queue
-    newly_changed: List[str]       # exported studies Horos added image rows to
-    image_high_water: int
-    seconds_held: float            # all its read transactions together
-    times: Optional[ReadTimes] = None
-
-
-def database_for_cycle(cfg: Config) -> str:
-    """Database.sql, or with --use-db-copy its snapshot, refreshed if Horos changed it."""
-    if not cfg.use_db_copy:
-        return cfg.database_path
-    return refresh_db_copy(cfg.database_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
-                           cfg.busy_timeout)
-
-
-def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
-               capped: bool = True, times: Optional[ReadTimes] = None) -> HorosSnapshot:
-    """Select the queue and read the plans of its head, in short read transactions.
-
-    capped (clinic hours): the queue holds the next BATCH_SIZE studies and as many
-    spares (a study that fails before it is written gives its slot to the next).
-    Uncapped: the whole queue, of which the head's plans are read here and the rest's
-    by later_plans, a group at a time, while the cycle exports.
-    """
-    exported, high_water = view.exported, view.image_high_water
-    times = times if times is not None else ReadTimes()
-    started = time.monotonic()
-    with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
-        top = image_high_water(reader)
-        touched = set()
-        # top < high_water: Horos rebuilt its database and numbered its rows anew.
-        if high_water is not None and high_water < top:
-            touched = studies_with_new_images(reader, high_water, top)
-        studies = read_candidates(reader)
-        newly_changed = sorted(s.uid for s in studies if s.uid in exported
-                               and touched.intersection(s.pks)) if touched else []
-        selection = plan_selection(studies, exported, view.changed.union(newly_changed),
-                                   view.failures, cfg.modalities, cfg.order_by, now,
-                                   cfg.settle_minutes * 60,
-                                   limit=cfg.batch_size * 2 if capped else None)
-        plans = read_plans(reader, selection.queue[:cfg.batch_size * 2],
-                           cfg.horos_files_dir, cfg.folder_size)
-    log.debug("read %d studies from %s in %.3f s: %d read transactions, %.3f s in all, "
-              "the longest %.1f ms", len(studies), db_path, time.monotonic() - started,
-              times.transactions, times.seconds, times.longest * 1000)
-    return HorosSnapshot(studies=studies, selection=selection, plans=plans,
-                         newly_changed=newly_changed, image_high_water=top,
-                         seconds_held=times.seconds, times=times)
-
-
-def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
-                times: ReadTimes) -> Iterable[StudyPlan]:
-    """Plans of the rest of an uncapped queue, read a group at a time as they are
-    needed: Database.sql is open only while a group is read, never while zipping."""
-    group = cfg.batch_size * 2
-    for first in range(0, len(candidates), group):
-        with open_horos_reader(db_path, cfg.busy_timeout, cfg.chunk_rows, times) as reader:
-            plans = read_plans(reader, candidates[first:first + group], cfg.horos_files_dir,
-                               cfg.folder_size)
-        yield from plans
-
-
-def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
-    """(present files with their sizes, missing paths, bytes present)."""
-    present, missing, total = [], [], 0
-    for source in files:
-        try:
-            size = os.stat(source.path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            missing.append(source.path)
-            continue
-        present.append(dataclasses.replace(source, size=size))
-        total += size
-    return present, missing, total
-
-
-def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int) -> None:
-    """Room for the study plus the reserve: MIN_FREE_GB, so Horos can still receive
-    studies, or more, so Horos's auto-cleaning never starts (effective_reserve)."""
-    reserve, free, _total = backup_space(cfg, folder)
-    if reserve.bytes <= 0:
-        return
-    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + reserve.bytes
-    if free < needed:
-        raise DiskSpaceProblem("DISK_LOW", "backup volume low: %s free, the next study needs "
-                               "%s plus the %s reserve (%s)"
-                               % (format_bytes(free), format_bytes(study_bytes),
-                                  format_bytes(reserve.bytes), reserve.detail))
-
-
-def record_failure(cfg: Config, state: ExportState, plan: StudyPlan, kind: str,
-                   detail: str, now: float, extra: str = "") -> None:
-    attempts = state.record_failure(plan.info.uid, kind, detail, plan.fingerprint, now)
-    log.warning("study %s not exported (%s, attempt %d, next in %s): %s", plan.info.uid,
-                kind, attempts, format_duration(retry_delay(attempts)), detail)
-    append_issue(cfg, kind, plan.info.uid, detail, extra)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 86400:
-        return "%.1f days" % (seconds / 86400)
-    if seconds >= 3600:
-        return "%.1f h" % (seconds / 3600)
-    return "%.0f min" % (seconds / 60)
-
-
-# What export_study did with a study; only "deferred" leaves its batch slot to the next.
-EXPORTED, FAILED, DEFERRED = "exported", "failed", "deferred"
-
-
-def export_study(cfg: Config, state: ExportState, plan: StudyPlan, failures: Mapping,
-                 summary: CycleSummary, now: float, progress: Progress, label: str) -> str:
-    """Write, verify and record one study's ZIP; returns EXPORTED, FAILED or DEFERRED."""
-    uid = plan.info.uid
-    present, missing, source_bytes = stat_files(plan.files)
-    previous = failures.get(uid)
-    decision = files_decision(len(present), len(missing), previous, cfg.missing_retries)
-    if decision == FAIL:
-        record_failure(cfg, state, plan, "NO_FILES", "none of its %d files exist"
-                       % len(plan.files), now, missing[0] if missing else "")
-        return DEFERRED
-    if decision == DEFER:
-        record_failure(cfg, state, plan, "MISSING_FILES", "%d of %d files missing "
-                       "(deferral %d of %d before a partial export)"
-                       % (len(missing), len(plan.files), missing_deferrals(previous) + 1,
-                          cfg.missing_retries), now, missing[0])
-        return DEFERRED
-    final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
-    check_free_space(cfg, os.path.dirname(final_path), source_bytes, len(present))
-    old = state.exported_row(uid)
-    replaces = old.zip_path if old is not None and old.zip_path != plan.zip_relpath else None
-    started = time.monotonic()
-    state.begin_write(uid, plan.zip_relpath, replaces, now)
-    progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
-                                  plural(len(present), "file")), source_bytes)
-    throttle = Throttle(cfg.max_mbps)
-
-    def on_bytes(count: int) -> None:
-        progress.advance(count)
-        throttle(count)
-
-    try:
-        manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
-                                      cfg.compress_level, on_bytes, utc_iso(now), throttle)
-    except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
-        state.end_write(plan.zip_relpath)
-        kind = {FileChanged: "FILE_CHANGED", SourceUnreadable: "UNREADABLE_FILE",
-                ZipVerifyFailed: "ZIP_BAD"}[type(error)]
-        record_failure(cfg, state, plan, kind, str(error), now)
-        return FAILED
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        # The .part is gone already; the next cycle's recovery ends the write record.
-        raise DiskSpaceProblem("DISK_FULL", "backup volume full while writing %s: %s"
-                               % (plan.zip_relpath, error)) from None
-    finally:
-        progress.clear()
-    zip_bytes = os.path.getsize(final_path)
-    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes, utc_iso(now)),
-                        keep_write=replaces is not None)
-    if replaces is not None:
-        remove_replaced_zip(cfg, replaces, plan.zip_relpath)
-        state.end_write(plan.zip_relpath)
-    if missing:
-        log.warning("study %s exported without its %d missing files", uid, len(missing))
-        append_issue(cfg, "PARTIAL", uid, "%d of %d files missing"
-                     % (len(missing), len(plan.files)), missing[0])
-    summary.studies += 1
-    summary.files += len(present)
-    summary.source_bytes += source_bytes
-    summary.zip_bytes += zip_bytes
-    seconds = time.monotonic() - started
-    log.info("%s %s %s (%s, %s, %.1f s, %.1f MB/s)", label,
-             "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
-             plural(len(present), "file"), format_bytes(zip_bytes), seconds,
-             source_bytes / 1e6 / max(seconds, 1e-6))
-    return EXPORTED
-
-
-def over_time(cfg: Config, started: float) -> bool:
-    return 0 < cfg.max_run_seconds < time.monotonic() - started
-
-
-def export_plans(cfg: Config, state: ExportState, plans: Iterable[StudyPlan],
-                 failures: Mapping[str, Failure], summary: CycleSummary, now: float,
-                 progress: Progress, started: float, capped: bool = True,
-                 total: Optional[int] = None) -> None:
-    """Export up to BATCH_SIZE studies (capped: clinic hours), or until MAX_RUN_SECONDS
-    (uncapped); studies deferred before writing take no slot.
-
-    After MAX_RUN_SECONDS no new study is started (but every cycle exports at least
-    one, so a slow start can never stop the queue; an uncapped cycle stops anyway once
-    it has looked at 2 x BATCH_SIZE studies, so a queue of studies whose files are all
-    missing cannot keep it going). Past BATCH_SIZE, an uncapped cycle looks at
-    INCOMING.noindex again before each study: Horos may start importing.
-    """
-    used = tried = 0
-    if total is None:
-        plans = list(plans)
-        total = len(plans)
-    if capped:
-        total = min(cfg.batch_size, total)
-    for plan in plans:
-        if capped and used >= cfg.batch_size:
-            break
-        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, started):
-            log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
-                     "next cycle", time.monotonic() - started, cfg.max_run_seconds)
-            break
-        if used >= cfg.batch_size and count_files_up_to(
-                cfg.incoming_dir, cfg.incoming_max_files) > cfg.incoming_max_files:
-            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
-                     "the next study waits for the next cycle", cfg.incoming_max_files)
-            break
-        label = "[%d/%d]" % (used + 1, total)
-        tried += 1
-        outcome = export_study(cfg, state, plan, failures, summary, now, progress, label)
-        if outcome == DEFERRED:
-            summary.deferred += 1
-            continue
-        used += 1
-        if outcome == FAILED:
-            summary.failed += 1
-
-
-@dataclass
-class VerifyResult:
-    good: int = 0
-    bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (zip, problem)
-    bytes_read: int = 0
-
-
-def verify_exported(cfg: Config, state: ExportState, limit: Optional[int],
-                    max_bytes: Optional[int], now: float, progress: Progress,
-                    verified_before: Optional[float] = None,
-                    started: Optional[float] = None) -> VerifyResult:
-    """Re-read the longest-unverified ZIPs: every member's CRC, and the manifest.
-
-    A good ZIP gets verified_at = now. A missing or damaged one gets a VERIFY_FAILED row
-    and loses its state row, so the next cycle exports the study again while Horos still
-    has it; the damaged file itself is left where it is.
-    """
-    result = VerifyResult()
-    queue = state.verify_queue(verified_before, limit)
-    for index, (uid, relpath, zip_bytes) in enumerate(queue, 1):
-        if max_bytes is not None and result.bytes_read >= max_bytes:
-            break
-        if started is not None and over_time(cfg, started):
-            break
-        path = os.path.join(cfg.backup_root, relpath)
-        progress.start("verify %d/%d %s" % (index, len(queue), relpath), zip_bytes)
-        if os.path.exists(path):
-            problem, _ = verify_zip(path, Throttle(cfg.max_mbps))
-            result.bytes_read += os.path.getsize(path)
-        else:
-            problem = "the ZIP is missing"
-        progress.advance(zip_bytes)
-        progress.clear()
-        if problem is None:
-            state.mark_verified(uid, now)
-            result.good += 1
-            continue
-        result.bad.append((relpath, problem))
-        log.error("verify failed: %s: %s; the study will be exported again", relpath, problem)
-        append_issue(cfg, "VERIFY_FAILED", uid, problem, relpath)
-        state.forget_export(uid)
-    return result
-
-
-def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
-                         exported: Mapping[str, str], today: dt.date) -> None:
-    """`.month_done` exists in a month folder exactly when every eligible study of that
-    month is exported and the month is over."""
-    for month, (eligible, done) in sorted(
-            month_completeness(studies, exported, cfg.modalities).items()):
-        marker = os.path.join(cfg.backup_root, month, MONTH_DONE_FILE)
-        complete = eligible == done and month_is_over(month, today)
-        if complete and not os.path.exists(marker) and os.path.isdir(os.path.dirname(marker)):
-            write_small_file(marker, "month=%s eligible=%d exported=%d checked_at=%s\n"
-                             % (month, eligible, done, utc_iso(time.time())))
-            log.info("month %s complete: %s", month, plural(eligible, "study", "studies"))
-        elif not complete and os.path.exists(marker):
-            remove_if_present(marker)
-            log.info("month %s no longer complete (%d of %d exported): marker removed",
-                     month, done, eligible)
-
-
-def open_backup_root(cfg: Config) -> int:
-    """BACKUP_ROOT ready for a run that writes: private modes from here on, .tmp and the
-    log, an older backup tightened. Returns the umask the user had. The caller has
-    checked that the volume is there (nothing is created on one that is not)."""
-    user_umask = use_backup_umask()
-    os.makedirs(cfg.tmp_dir, exist_ok=True)
-    setup_file_logging(cfg)
-    make_backup_root_private(cfg.backup_root)
-    return user_umask
-
-
-def run_cycle(cfg: Config) -> int:
-    check_sentinels(cfg)
-    open_backup_root(cfg)
-    log_horos_preferences(cfg)
-    with run_lock(cfg.lock_path) as held:
-        if not held:
-            log.info("another run holds %s; skipping this cycle", cfg.lock_path)
-            return EXIT_OK
-        return locked_cycle(cfg, Progress(sys.stdout))
-
-
-def locked_cycle(cfg: Config, progress: Progress) -> int:
-    started = time.monotonic()
-    now = time.time()
-    summary = CycleSummary()
-    outcome, detail = "error", ""
-    state = ExportState(cfg.state_path, cfg.busy_timeout)
-    try:
-        if count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files) \
-                > cfg.incoming_max_files:
-            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
-                     "skipping this cycle", cfg.incoming_max_files)
-            append_issue(cfg, "INCOMING_OVER_LIMIT", "", "more than %d files in %s"
-                         % (cfg.incoming_max_files, cfg.incoming_dir))
-            outcome = "skipped_incoming"
-            return EXIT_OK
-        clean_tmp_dir(cfg)
-        export_cycle(cfg, state, summary, now, progress, started)
-        outcome = "ok"
-    except DiskSpaceProblem as problem:
-        outcome, detail = problem.kind.lower(), str(problem)
-        stop_for_disk_space(cfg, problem, summary)
-        raise
-    except (OSError, sqlite3.OperationalError) as error:
-        if not is_disk_full(error):
-            detail = str(error)
-            if isinstance(error, sqlite3.OperationalError):
-                raise CannotRun("state database %s: %s" % (cfg.state_path, error)) from None
-            raise
-        problem = DiskSpaceProblem("DISK_FULL", "backup volume full: %s" % error)
-        outcome, detail = "disk_full", str(problem)
-        stop_for_disk_space(cfg, problem, summary)
-        raise problem from None
-    except HorosUnreadable as error:
-        outcome, detail = "horos_unreadable", str(error)
-        raise
-    except CannotRun as error:
-        detail = str(error)
-        raise
-    finally:
-        seconds = time.monotonic() - started
-        record_run(state, now, seconds, outcome, summary, detail)
-        state.close()
-        if outcome == "ok":
-            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s, at most "
-                     "%.1f ms at a time)%s%s",
-                     plural(summary.studies, "study", "studies"),
-                     plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
-                     summary.source_bytes / 1e6 / max(seconds, 1e-6),
-                     "database copy read in" if cfg.use_db_copy else "Horos database held",
-                     summary.horos_seconds or 0.0, summary.horos_times.longest * 1000,
-                     "; %d failed, %d deferred" % (summary.failed, summary.deferred)
-                     if summary.failed or summary.deferred else "",
-                     "; %d ZIPs re-verified" % summary.verified if summary.verified else "")
-    return EXIT_OK
-
-
-def record_run(state: ExportState, now: float, seconds: float, outcome: str,
-               summary: CycleSummary, detail: str) -> None:
-    """One row in `runs`; a full disk may refuse it, which must not hide the real error."""
-    try:
-        state.record_run({
-            "started_at": utc_iso(now), "seconds": round(seconds, 3), "outcome": outcome,
-            "studies": summary.studies, "files": summary.files,
-            "zip_bytes": summary.zip_bytes, "source_bytes": summary.source_bytes,
-            "failed": summary.failed, "deferred": summary.deferred,
-            "verified": summary.verified,
-            "horos_seconds": round(summary.horos_seconds, 4)
-            if summary.horos_seconds is not None else None,
-            "detail": detail,
-            "horos_longest_seconds": round(summary.horos_times.longest, 4)
-            if summary.horos_times.transactions else None,
-            "horos_transactions": summary.horos_times.transactions or None})
-    except sqlite3.Error as error:
-        log.error("cannot record this run in %s: %s", state.path, error)
-
-
-def export_cycle(cfg: Config, state: ExportState, summary: CycleSummary, now: float,
-                 progress: Progress, started: float) -> None:
-    """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
-    recover_interrupted_writes(cfg, state)
-    backfill_search_fields(cfg, state, time.monotonic() + BACKFILL_SECONDS)
-    view = state.view()
-    capped = capped_at(cfg, now)
-    times = summary.horos_times
-    db_path = database_for_cycle(cfg)
-    try:
-        snapshot = read_horos(cfg, view, now, db_path, capped, times)
-    except HorosUnreadable as error:
-        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
-        raise
-    summary.horos_seconds = snapshot.seconds_held
-    if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
-        state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
-    if not capped:
-        log.info("outside clinic hours (--clinic-hours %s, --clinic-days %s): exporting "
-                 "until --max-run-seconds %g", cfg.clinic_hours, cfg.clinic_days,
-                 cfg.max_run_seconds)
-    queue = snapshot.selection.queue
-    plans = itertools.chain(snapshot.plans, later_plans(
-        cfg, db_path, queue[cfg.batch_size * 2:], times)) if not capped else snapshot.plans
-    try:
-        export_plans(cfg, state, plans, view.failures, summary, now, progress, started,
-                     capped, total=len(queue) if not capped else len(snapshot.plans))
-    except HorosUnreadable as error:
-        append_issue(cfg, "HOROS_DB_UNREADABLE", "", str(error))
-        raise
-    finally:
-        summary.horos_seconds = times.seconds
-    update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
-                         dt.date.today())
-    if cfg.verify_per_run > 0:
-        verified = verify_exported(cfg, state, cfg.verify_per_run, None, now, progress,
-                                   verified_before=now - VERIFY_MIN_AGE_DAYS * 86400,
-                                   started=started)
-        summary.verified = verified.good + len(verified.bad)
-
-
-def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
-                        summary: CycleSummary) -> None:
-    log.error("%s: %s; the cycle stops after %s, the next one continues once there is "
-              "room", problem.kind, problem, plural(summary.studies, "study", "studies"))
-    append_issue(cfg, problem.kind, "", str(problem))
-
-
-# =====================================================================================
 # Alerts: email, a command and a heartbeat URL, so the backup is never silent
 # =====================================================================================
 #
@@ -3109,15 +3144,6 @@ def stop_for_disk_space(cfg: Config, problem: DiskSpaceProblem,
 # backup volume, so it works while that volume is missing), which problems to alert
 # about and which are resolved; thin edges send by SMTP, run a command, and request
 # the heartbeat URL, all within ALERT_BUDGET_SECONDS. Alerts carry no patient data.
-
-ALERT_EMAIL = ""             # --alert-email ADDR[,ADDR...]; "" sends no email
-SMTP_HOST = ""               # --smtp-host
-SMTP_PORT = 587              # --smtp-port (465: TLS from the start)
-SMTP_USER = ""               # --smtp-user; "" sends without logging in (a local relay)
-SMTP_PASSWORD_FILE = ""      # --smtp-password-file; never the password itself
-ALERT_COMMAND = ""           # --alert-command, run by /bin/sh -c
-HEARTBEAT_URL = ""           # --heartbeat-url (healthchecks.io style: URL, URL/fail)
-ALERT_AFTER_HOURS = 24.0     # --alert-after-hours; 0: at the first failed cycle
 
 ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
 SMTP_TIMEOUT_SECONDS = 6.0
@@ -3131,13 +3157,12 @@ STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Hor
 ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
 ALERT_BOOK_FILE = "alerts.json"
 ALERT_BOOK_VERSION = 1
-ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"
 ALERT_LINE_WIDTH = 76
 
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
 NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
 STUDIES_FAILING = "STUDIES_FAILING"
-AT_ONCE_KINDS = ("DISK_LOW", "DISK_FULL", "VERIFY_FAILED", "ZIP_BAD")   # issues.csv kinds
+AT_ONCE_KINDS = (DISK_LOW, DISK_FULL, VERIFY_FAILED, ZIP_BAD)   # issues.csv kinds
 PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
 
 # What a run was, as alerting sees it.
@@ -3145,10 +3170,10 @@ RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "comma
 
 PROBLEM_TITLES = {
     NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
-    "DISK_LOW": "backup volume low on space",
-    "DISK_FULL": "backup volume full",
-    "VERIFY_FAILED": "damaged or missing ZIPs",
-    "ZIP_BAD": "ZIPs failing verification as they are written",
+    DISK_LOW: "backup volume low on space",
+    DISK_FULL: "backup volume full",
+    VERIFY_FAILED: "damaged or missing ZIPs",
+    ZIP_BAD: "ZIPs failing verification as they are written",
     STUDIES_FAILING: "studies failing for a week",
 }
 
@@ -3158,33 +3183,94 @@ class AlertNotSent(Exception):
 
 
 @dataclass(frozen=True)
-class AlertConfig:
-    """The alert channels, from the flags; the password is read from its file."""
-    emails: Tuple[str, ...] = ()
-    smtp_host: str = SMTP_HOST
-    smtp_port: int = SMTP_PORT
-    smtp_user: str = SMTP_USER
-    smtp_password_file: str = SMTP_PASSWORD_FILE
-    smtp_password: str = dataclasses.field(default="", repr=False)
-    command: str = ALERT_COMMAND
-    heartbeat_url: str = HEARTBEAT_URL
-    after_hours: float = ALERT_AFTER_HOURS
-
-    @property
-    def channels(self) -> Tuple[str, ...]:
-        """The channels that carry messages (the heartbeat carries none)."""
-        return (("email",) if self.emails else ()) + (("command",) if self.command else ())
-
-
-@dataclass(frozen=True)
 class RunReport:
     """What one cycle (or `verify`) found, in words and numbers free of patient data."""
     status: str                                   # RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND
     reason: str = ""                              # why it failed or was skipped
-    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # AT_ONCE_KINDS rows
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # issues.csv rows
     zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
     failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
     free_bytes: Optional[int] = None              # on the backup volume
+
+
+# -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
+
+@dataclass
+class Incident:
+    """A problem while it lasts (alerts.json `problems`)."""
+    since: str                       # UTC ISO
+    last_alert: Optional[str] = None
+    count: int = 0
+    text: str = ""
+
+
+@dataclass
+class ResolvedIncident:
+    """A problem that was alerted and has cleared, its "resolved" not yet delivered."""
+    since: str
+    cleared: str
+
+
+@dataclass
+class SentAlert:
+    at: str
+    subject: str
+    problems: List[str]
+    resolved: List[str]
+    channels: List[str]
+
+
+@dataclass
+class AlertBook:
+    """What alerting remembers between runs (alerts.json, README: Alerts)."""
+    last_success: Optional[str] = None       # UTC ISO of the last good cycle
+    first_failure: Optional[str] = None      # of the first failed cycle since then
+    failed_cycles: int = 0
+    problems: Dict[str, Incident] = dataclasses.field(default_factory=dict)
+    unsent_resolved: Dict[str, ResolvedIncident] = dataclasses.field(default_factory=dict)
+    last_alert: Optional[SentAlert] = None
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["version"] = ALERT_BOOK_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data) -> "AlertBook":
+        """The bookkeeping a file holds; ValueError when it has another shape (a file
+        edited by hand, another version's)."""
+        def text_or_none(value) -> Optional[str]:
+            if value is not None and not isinstance(value, str):
+                raise ValueError("%r is not a time" % (value,))
+            return value
+
+        def mapping(value) -> dict:
+            if not isinstance(value, dict):
+                raise ValueError("%r is not an object" % (value,))
+            return value
+
+        if not isinstance(data, dict) or data.get("version") != ALERT_BOOK_VERSION:
+            raise ValueError("not a version %d bookkeeping" % ALERT_BOOK_VERSION)
+        try:
+            problems = {name: Incident(since=str(mapping(p)["since"]),
+                                       last_alert=text_or_none(p.get("last_alert")),
+                                       count=int(p.get("count", 0)),
+                                       text=str(p.get("text", "")))
+                        for name, p in mapping(data.get("problems", {})).items()}
+            unsent = {name: ResolvedIncident(since=str(mapping(u)["since"]),
+                                             cleared=str(u["cleared"]))
+                      for name, u in mapping(data.get("unsent_resolved", {})).items()}
+            last = data.get("last_alert")
+            sent = SentAlert(**mapping(last)) if last is not None else None
+            failed_cycles = data.get("failed_cycles", 0)
+            if not isinstance(failed_cycles, int):
+                raise ValueError("failed_cycles %r is not a number" % (failed_cycles,))
+        except (KeyError, TypeError) as error:
+            raise ValueError("missing or unexpected field %s" % error) from None
+        return cls(last_success=text_or_none(data.get("last_success")),
+                   first_failure=text_or_none(data.get("first_failure")),
+                   failed_cycles=failed_cycles, problems=problems, unsent_resolved=unsent,
+                   last_alert=sent)
 
 
 @dataclass
@@ -3192,16 +3278,7 @@ class AlertPlan:
     """What decide_alerts found: problems to alert about now, resolved ones to announce."""
     due: List[str]
     resolved: List[str]
-    book: dict               # the bookkeeping after this run, deliveries not yet counted
-
-
-def parse_addresses(text: str) -> Tuple[str, ...]:
-    """--alert-email: comma-separated addresses, each with one @."""
-    addresses = tuple(part.strip() for part in text.split(",") if part.strip())
-    for address in addresses:
-        if address.count("@") != 1 or any(c in address for c in " <>\"\r\n"):
-            raise argparse.ArgumentTypeError("%r is not an email address" % address)
-    return addresses
+    book: AlertBook          # the bookkeeping after this run, deliveries not yet counted
 
 
 def read_password_file(path: str) -> str:
@@ -3221,79 +3298,50 @@ def read_password_file(path: str) -> str:
     return password
 
 
-def alert_config_from_args(args: argparse.Namespace) -> AlertConfig:
-    """The alert flags, checked: each mistake is one line and exit 1."""
-    emails = tuple(args.alert_email) if not isinstance(args.alert_email, str) \
-        else parse_addresses(args.alert_email)
-    if emails and not args.smtp_host:
+def checked_alert_config(alerts: AlertConfig) -> AlertConfig:
+    """The alert settings, checked, with the password read: each mistake is one line
+    and exit 1."""
+    if alerts.emails and not alerts.smtp_host:
         raise CannotRun("--alert-email needs --smtp-host (the mail server to send through)")
-    if bool(args.smtp_user) != bool(args.smtp_password_file):
+    if bool(alerts.smtp_user) != bool(alerts.smtp_password_file):
         raise CannotRun("--smtp-user and --smtp-password-file go together")
-    url = args.heartbeat_url
+    url = alerts.heartbeat_url
     if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise CannotRun("--heartbeat-url %s is not an http:// or https:// URL" % url)
-    password = read_password_file(os.path.expanduser(args.smtp_password_file)) \
-        if args.smtp_password_file else ""
-    return AlertConfig(emails=emails, smtp_host=args.smtp_host, smtp_port=args.smtp_port,
-                       smtp_user=args.smtp_user,
-                       smtp_password_file=args.smtp_password_file, smtp_password=password,
-                       command=args.alert_command, heartbeat_url=url,
-                       after_hours=args.alert_after_hours)
+    if not alerts.smtp_password_file:
+        return alerts
+    return dataclasses.replace(alerts, smtp_password=read_password_file(
+        os.path.expanduser(alerts.smtp_password_file)))
 
-
-# -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
 
 def alert_book_path() -> str:
     """Under the home folder (HOME), never on the backup volume."""
     return os.path.join(os.path.expanduser(ALERT_BOOK_DIR), ALERT_BOOK_FILE)
 
 
-def empty_alert_book() -> dict:
-    return {"version": ALERT_BOOK_VERSION, "last_success": None, "first_failure": None,
-            "failed_cycles": 0, "problems": {}, "unsent_resolved": {}, "last_alert": None}
-
-
-def load_alert_book(path: str) -> dict:
+def load_alert_book(path: str) -> AlertBook:
     """The bookkeeping, or a fresh one (logged) when it is missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as handle:
-            book = json.load(handle)
+            data = json.load(handle)
     except FileNotFoundError:
-        return empty_alert_book()
+        return AlertBook()
     except (OSError, ValueError) as error:
         log.error("alert bookkeeping %s is unreadable (%s); starting it afresh", path, error)
-        return empty_alert_book()
-    if not alert_book_is_valid(book):
-        log.error("alert bookkeeping %s is not a version %d bookkeeping; starting it "
-                  "afresh", path, ALERT_BOOK_VERSION)
-        return empty_alert_book()
-    return dict(empty_alert_book(), **book)
+        return AlertBook()
+    try:
+        return AlertBook.from_json(data)
+    except ValueError as error:
+        log.error("alert bookkeeping %s is not a version %d bookkeeping (%s); starting it "
+                  "afresh", path, ALERT_BOOK_VERSION, error)
+        return AlertBook()
 
 
-def alert_book_is_valid(book) -> bool:
-    """The shape decide_alerts relies on (a hand-edited file may have another)."""
-    def time_or_none(value) -> bool:
-        return value is None or isinstance(value, str)
-
-    if not isinstance(book, dict) or book.get("version") != ALERT_BOOK_VERSION:
-        return False
-    problems, unsent = book.get("problems", {}), book.get("unsent_resolved", {})
-    return (isinstance(problems, dict) and isinstance(unsent, dict)
-            and all(isinstance(p, dict) and isinstance(p.get("since"), str)
-                    and time_or_none(p.get("last_alert")) for p in problems.values())
-            and all(isinstance(u, dict) and isinstance(u.get("since"), str)
-                    and isinstance(u.get("cleared"), str) for u in unsent.values())
-            and time_or_none(book.get("last_success"))
-            and time_or_none(book.get("first_failure"))
-            and isinstance(book.get("failed_cycles", 0), int)
-            and (book.get("last_alert") is None or isinstance(book["last_alert"], dict)))
-
-
-def save_alert_book(path: str, book: dict) -> None:
+def save_alert_book(path: str, book: AlertBook) -> None:
     """Whole or not at all; a folder we cannot write costs one log line, not the cycle."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_small_file(path, json.dumps(book, indent=1, sort_keys=True) + "\n")
+        write_small_file(path, json.dumps(book.to_json(), indent=1, sort_keys=True) + "\n")
     except OSError as error:
         log.error("cannot write alert bookkeeping %s: %s (alerts may repeat every cycle "
                   "until it can be written)", path, error)
@@ -3301,11 +3349,7 @@ def save_alert_book(path: str, book: dict) -> None:
 
 # -- the decision: pure -----------------------------------------------------------------
 
-def hours_text(seconds: float) -> str:
-    return "%.0f min" % (seconds / 60) if seconds < 3600 else "%.1f h" % (seconds / 3600)
-
-
-def observe_run(book: dict, report: RunReport, now: float,
+def observe_run(book: AlertBook, report: RunReport, now: float,
                 after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
     """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
 
@@ -3314,53 +3358,53 @@ def observe_run(book: dict, report: RunReport, now: float,
     """
     seen: Dict[str, Optional[Tuple[int, str]]] = {}
     if report.status == RUN_OK:
-        book.update(last_success=utc_iso(now), first_failure=None, failed_cycles=0)
+        book.last_success, book.first_failure, book.failed_cycles = utc_iso(now), None, 0
         seen[NO_SUCCESSFUL_CYCLE] = (0, "")
     elif report.status in (RUN_FAILED, RUN_SKIPPED):
         if report.status == RUN_FAILED:
-            book["failed_cycles"] = book.get("failed_cycles", 0) + 1
-            if not book.get("first_failure"):
-                book["first_failure"] = utc_iso(now)
-        reference = book.get("last_success") or book.get("first_failure")
+            book.failed_cycles += 1
+            if not book.first_failure:
+                book.first_failure = utc_iso(now)
+        reference = book.last_success or book.first_failure
         overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
         if report.status == RUN_SKIPPED:
-            overdue = (NO_SUCCESSFUL_CYCLE in book["problems"]
+            overdue = (NO_SUCCESSFUL_CYCLE in book.problems
                        or (overdue and after_seconds > 0))
         if overdue:
-            if book.get("last_success"):
-                since = "since %s (%s ago)" % (local_time_text(book["last_success"]),
+            if book.last_success:
+                since = "since %s (%s ago)" % (local_time_text(book.last_success),
                                                hours_text(now - parse_utc_iso(reference)))
             else:
                 since = ("since the first failed cycle at %s (none has succeeded since "
-                         "alerting began)" % local_time_text(book["first_failure"]))
+                         "alerting began)" % local_time_text(book.first_failure))
             seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
                                          "%s. Failed cycles since: %d." % (
                                              since, report.reason or report.status,
-                                             book.get("failed_cycles", 0)))
+                                             book.failed_cycles))
     free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
             if report.free_bytes is not None else "")
     texts = {
-        "DISK_LOW": lambda count: "The backup volume has less free space than the next "
-                                  "study needs plus the reserve (--min-free-gb, or 1.2 x "
-                                  "Horos's auto-cleaning threshold when the backup shares "
-                                  "the library's disk): cycles stop before writing." + free,
-        "DISK_FULL": lambda count: "The backup volume filled up while a ZIP was written: "
-                                   "the cycle stopped and removed the partial file." + free,
-        "VERIFY_FAILED": lambda count: "%s missing or damaged when read back; their "
-                                       "studies are exported again while Horos still has "
-                                       "them." % plural(count, "ZIP was", "ZIPs were"),
-        "ZIP_BAD": lambda count: "%s not be backed up: the ZIP failed verification %d "
-                                 "times as it was written (a failing backup disk or "
-                                 "memory?)." % (plural(count, "study could", "studies could"),
-                                                VERIFY_ATTEMPTS),
+        DISK_LOW: lambda count: "The backup volume has less free space than the next "
+                                "study needs plus the reserve (--min-free-gb, or 1.2 x "
+                                "Horos's auto-cleaning threshold when the backup shares "
+                                "the library's disk): cycles stop before writing." + free,
+        DISK_FULL: lambda count: "The backup volume filled up while a ZIP was written: "
+                                 "the cycle stopped and removed the partial file." + free,
+        VERIFY_FAILED: lambda count: "%s missing or damaged when read back; their "
+                                     "studies are exported again while Horos still has "
+                                     "them." % plural(count, "ZIP was", "ZIPs were"),
+        ZIP_BAD: lambda count: "%s not be backed up: the ZIP failed verification %d "
+                               "times as it was written (a failing backup disk or "
+                               "memory?)." % (plural(count, "study could", "studies could"),
+                                              VERIFY_ATTEMPTS),
     }
     for kind in AT_ONCE_KINDS:
         count = report.kinds.get(kind, 0)
-        if kind == "ZIP_BAD":
+        if kind == ZIP_BAD:
             count = max(count, report.zip_bad_waiting or 0)
         if count:
             seen[kind] = (count, texts[kind](count))
-        elif report.status == RUN_OK and (kind != "ZIP_BAD"
+        elif report.status == RUN_OK and (kind != ZIP_BAD
                                           or report.zip_bad_waiting is not None):
             seen[kind] = (0, "")
     if report.failing_week is not None and report.status != RUN_COMMAND:
@@ -3374,7 +3418,7 @@ def observe_run(book: dict, report: RunReport, now: float,
     return seen
 
 
-def decide_alerts(book: dict, report: RunReport, now: float,
+def decide_alerts(book: AlertBook, report: RunReport, now: float,
                   after_seconds: float) -> AlertPlan:
     """Which problems to alert about now, and which to announce as resolved.
 
@@ -3383,9 +3427,8 @@ def decide_alerts(book: dict, report: RunReport, now: float,
     when it clears, one resolved message (if it was ever alerted). A problem that
     clears and comes back is a new incident.
     """
-    book = json.loads(json.dumps(book))           # values in, values out
-    problems = book.setdefault("problems", {})
-    unsent = book.setdefault("unsent_resolved", {})
+    book = copy.deepcopy(book)           # values in, values out
+    problems, unsent = book.problems, book.unsent_resolved
     for name, seen in observe_run(book, report, now, after_seconds).items():
         if seen is None:
             continue
@@ -3393,42 +3436,42 @@ def decide_alerts(book: dict, report: RunReport, now: float,
         current = problems.get(name)
         if count:
             if current is None:
-                current = problems[name] = {"since": utc_iso(now), "last_alert": None}
+                current = problems[name] = Incident(since=utc_iso(now))
                 unsent.pop(name, None)
-            current.update(count=count, text=text)
+            current.count, current.text = count, text
         elif current is not None:
             del problems[name]
-            if current.get("last_alert"):
-                unsent[name] = {"since": current["since"], "cleared": utc_iso(now)}
+            if current.last_alert:
+                unsent[name] = ResolvedIncident(since=current.since, cleared=utc_iso(now))
     due = [name for name in PROBLEM_ORDER if name in problems and (
-        not problems[name].get("last_alert")
-        or now - parse_utc_iso(problems[name]["last_alert"]) >= ALERT_REPEAT_SECONDS)]
+        not problems[name].last_alert
+        or now - parse_utc_iso(problems[name].last_alert) >= ALERT_REPEAT_SECONDS)]
     resolved = [name for name in PROBLEM_ORDER if name in unsent]
     return AlertPlan(due=due, resolved=resolved, book=book)
 
 
 def record_delivery(plan: AlertPlan, now: float, subject: str,
-                    channels: Sequence[str]) -> dict:
+                    channels: Sequence[str]) -> AlertBook:
     """The bookkeeping once a message went out by at least one channel."""
-    book = json.loads(json.dumps(plan.book))
+    book = copy.deepcopy(plan.book)
     for name in plan.due:
-        book["problems"][name]["last_alert"] = utc_iso(now)
+        book.problems[name].last_alert = utc_iso(now)
     for name in plan.resolved:
-        book["unsent_resolved"].pop(name, None)
-    book["last_alert"] = {"at": utc_iso(now), "subject": subject, "problems": plan.due,
-                          "resolved": plan.resolved, "channels": list(channels)}
+        book.unsent_resolved.pop(name, None)
+    book.last_alert = SentAlert(at=utc_iso(now), subject=subject, problems=list(plan.due),
+                                resolved=list(plan.resolved), channels=list(channels))
     return book
 
 
 def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     """(subject, body). Only kinds, counts, times, the host and our own paths: never a
     patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
-    problems, unsent = plan.book["problems"], plan.book["unsent_resolved"]
+    problems, unsent = plan.book.problems, plan.book.unsent_resolved
 
     def title(name: str) -> str:
-        if name == NO_SUCCESSFUL_CYCLE and plan.book.get("last_success"):
+        if name == NO_SUCCESSFUL_CYCLE and plan.book.last_success:
             return "no successful backup cycle since %s" % local_time_text(
-                plan.book["last_success"])
+                plan.book.last_success)
         return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
             else "%s (%s)" % (name, PROBLEM_TITLES[name])
 
@@ -3443,13 +3486,13 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     lines = []
     for name in plan.due:
         problem = problems[name]
-        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem["since"])),
-                  textwrap.fill(problem["text"], ALERT_LINE_WIDTH, initial_indent="  ",
+        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem.since)),
+                  textwrap.fill(problem.text, ALERT_LINE_WIDTH, initial_indent="  ",
                                 subsequent_indent="  ", break_long_words=False,
                                 break_on_hyphens=False), ""]
     for name in plan.resolved:
-        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name]["since"]),
-                                                   local_time_text(unsent[name]["cleared"])),
+        lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name].since),
+                                                   local_time_text(unsent[name].cleared)),
                   ""]
     if plan.due:
         lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
@@ -3470,53 +3513,7 @@ def alert_footer(cfg: Config, host: str) -> List[str]:
             "or ZIP names): issues.csv and the log on the Mac name the studies."]
 
 
-# -- what a run was: read from what the cycle wrote ------------------------------------
-
-# Failed studies by their last kind, and those failing for a week that are still retried
-# (a study Horos deleted keeps its row but is no longer tried).
-ALERT_FAILURES_SQL = """
-SELECT kind, COUNT(*),
-       SUM(first_failed_at <= :week_ago AND last_failed_at >= :retried_after)
-FROM failures
-GROUP BY kind
-"""
-
-
-def issues_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-SKIP_KINDS = ("INCOMING_OVER_LIMIT",)     # issues.csv kinds of a cycle skipped on purpose
-
-
-def issue_kinds_since(path: str, offset: int) -> Dict[str, int]:
-    """{kind: rows} of the AT_ONCE_KINDS and SKIP_KINDS rows appended after offset.
-
-    A file shorter than offset was rotated during the run (append_issue): the rows
-    after offset are then in `issues.csv.1`, and the new file holds the rest."""
-    counts: Dict[str, int] = {}
-    if issues_size(path) < offset:
-        count_issue_kinds(path + ".1", offset, counts)
-        offset = 0
-    count_issue_kinds(path, offset, counts)
-    return counts
-
-
-def count_issue_kinds(path: str, offset: int, counts: Dict[str, int]) -> None:
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            handle.seek(offset if offset <= os.fstat(handle.fileno()).st_size else 0)
-            for row in csv.reader(handle):
-                if len(row) > 1 and (row[1] in AT_ONCE_KINDS or row[1] in SKIP_KINDS):
-                    counts[row[1]] = counts.get(row[1], 0) + 1
-    except FileNotFoundError:
-        return
-    except (OSError, csv.Error) as error:
-        log.error("cannot read %s for alerts: %s", path, error)
-
+# -- what a run was: the cycle's summary and the state's failures ----------------------
 
 def free_bytes_of(path: str) -> Optional[int]:
     try:
@@ -3539,20 +3536,15 @@ def read_failure_facts(cfg: Config, now: float
         log.debug("alerts cannot read the state: %s", error)
         return None, None
     try:
-        zip_bad, failing = 0, {}
-        for kind, count, old in state.conn.execute(ALERT_FAILURES_SQL, {
-                "week_ago": utc_iso(now - STUDY_FAILING_DAYS * 86400),
-                "retried_after": utc_iso(now - STUDY_RETRIED_WITHIN_DAYS * 86400)}):
-            if kind == "ZIP_BAD":
-                zip_bad = count
-            if old:
-                failing[kind] = old
+        counts = state.failures_by_kind(now - STUDY_FAILING_DAYS * 86400,
+                                        now - STUDY_RETRIED_WITHIN_DAYS * 86400)
     except sqlite3.Error as error:
         log.debug("alerts cannot read the state: %s", error)
         return None, None
     finally:
         state.close()
-    return zip_bad, failing
+    zip_bad = counts[ZIP_BAD].studies if ZIP_BAD in counts else 0
+    return zip_bad, {kind: c.failing_long for kind, c in counts.items() if c.failing_long}
 
 
 def failure_reason(cfg: Config, error: BaseException) -> str:
@@ -3573,21 +3565,24 @@ def failure_reason(cfg: Config, error: BaseException) -> str:
     return "unexpected error %s (the log has the details)" % type(error).__name__
 
 
-def cycle_report(cfg: Config, lock_was_held: bool, kinds: Dict[str, int],
+def cycle_report(cfg: Config, summary: CycleSummary,
                  error: Optional[BaseException]) -> RunReport:
+    """What alerting makes of a cycle: its summary (the issue kinds it wrote, how it
+    ended), the error that stopped it, and the state's failures."""
     zip_bad, failing = (read_failure_facts(cfg, time.time()) if cfg.alerts.channels
                         else (None, None))
+    kinds = dict(summary.issue_kinds)
     if error is not None:
         if isinstance(error, DiskSpaceProblem):
-            kinds = dict(kinds, **{error.kind: max(1, kinds.get(error.kind, 0))})
+            kinds[error.kind] = max(1, kinds.get(error.kind, 0))
         status, reason = RUN_FAILED, failure_reason(cfg, error)
-    elif lock_was_held:
+    elif summary.outcome == CYCLE_SKIPPED_LOCK:
         status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
-    elif kinds.get("INCOMING_OVER_LIMIT"):
+    elif summary.outcome == CYCLE_SKIPPED_INCOMING:
         status, reason = RUN_SKIPPED, "skipped: Horos is busy importing (INCOMING_OVER_LIMIT)"
     else:
         status, reason = RUN_OK, ""
-    free = free_bytes_of(cfg.backup_root) if any(k.startswith("DISK_") for k in kinds) \
+    free = free_bytes_of(cfg.backup_root) if kinds.get(DISK_LOW) or kinds.get(DISK_FULL) \
         else None
     return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
                      failing_week=failing, free_bytes=free)
@@ -3765,81 +3760,25 @@ def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
 
 
 def alerting(cfg: Config) -> bool:
-    return cfg.alerts is not None and bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
-
-
-def cycle_with_alerts(cfg: Config) -> int:
-    """One cycle, then alerts and the heartbeat, whatever its outcome."""
-    if not alerting(cfg):
-        return run_cycle(cfg)
-    offset = issues_size(cfg.issues_path)
-    # The cycle skips quietly while another holds the lock (and writes nothing to tell):
-    # if the holder ends in between, a good cycle counts as skipped, which changes nothing.
-    lock_was_held = os.path.isfile(cfg.sentinel) and lock_holder(cfg.lock_path)[0]
-    try:
-        code = run_cycle(cfg)
-    except Terminated:
-        raise                    # launchd stopping the job: no outcome to report
-    except Exception as error:   # re-raised: main() prints and logs it as before
-        kinds = issue_kinds_since(cfg.issues_path, offset) if os.path.isfile(cfg.sentinel) \
-            else {}
-        alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, error), heartbeat=True)
-        raise
-    kinds = issue_kinds_since(cfg.issues_path, offset)
-    alert_after_run(cfg, cycle_report(cfg, lock_was_held, kinds, None), heartbeat=True)
-    return code
-
-
-def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
-                       max_gb: Optional[float]) -> int:
-    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle)."""
-    if not (cfg.alerts is not None and cfg.alerts.channels):
-        return verify_command(cfg, verify_all, limit, max_gb)
-    offset = issues_size(cfg.issues_path)
-    code = verify_command(cfg, verify_all, limit, max_gb)
-    bad = issue_kinds_since(cfg.issues_path, offset).get("VERIFY_FAILED", 0)
-    if bad:
-        alert_after_run(cfg, RunReport(status=RUN_COMMAND, kinds={"VERIFY_FAILED": bad}),
-                        heartbeat=False)
-    return code
-
-
-def test_alert_command(cfg: Config) -> int:
-    """Send one test message by every configured channel; never the heartbeat."""
-    alerts = cfg.alerts
-    if alerts is None or not alerts.channels:
-        raise CannotRun("no alert channel configured: give --alert-email with --smtp-host, "
-                        "or --alert-command")
-    host = socket.gethostname()
-    subject = "[Horos backup] TEST on %s" % host
-    body = "\n".join(["A test of horos_backup_export's alerts: if you read this, alerts "
-                      "reach you.", ""] + alert_footer(cfg, host)) + "\n"
-    sent, failed = deliver(alerts, subject, body, Deadline(ALERT_BUDGET_SECONDS), 0)
-    for channel in sent:
-        print("test alert sent by %s%s" % (channel, " to " + ", ".join(alerts.emails)
-                                           if channel == "email" else ""))
-    for channel, why in failed:
-        print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
-              file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    return bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
 
 
 def alert_status(cfg: Config) -> dict:
     """The `alerts` object of `status --json` (never the password)."""
-    alerts = cfg.alerts or AlertConfig()
+    alerts = cfg.alerts
     path = alert_book_path()
-    book = load_alert_book(path) if os.path.exists(path) else empty_alert_book()
+    book = load_alert_book(path) if os.path.exists(path) else AlertBook()
     return {
         "email": list(alerts.emails), "smtp_host": alerts.smtp_host or None,
         "smtp_port": alerts.smtp_port, "smtp_user": alerts.smtp_user or None,
         "smtp_password_file": alerts.smtp_password_file or None,
         "command": alerts.command or None, "heartbeat_url": alerts.heartbeat_url or None,
         "alert_after_hours": alerts.after_hours, "bookkeeping": path,
-        "last_success": book["last_success"],
-        "open_problems": {name: {"since": problem["since"], "count": problem.get("count"),
-                                 "last_alert": problem.get("last_alert")}
-                          for name, problem in sorted(book["problems"].items())},
-        "last_alert": book["last_alert"],
+        "last_success": book.last_success,
+        "open_problems": {name: {"since": problem.since, "count": problem.count,
+                                 "last_alert": problem.last_alert}
+                          for name, problem in sorted(book.problems.items())},
+        "last_alert": dataclasses.asdict(book.last_alert) if book.last_alert else None,
     }
 
 
@@ -3866,8 +3805,729 @@ def print_alert_status(status: Mapping) -> None:
 
 
 # =====================================================================================
-# Operator commands: dry run, status, verify, restore, reindex, retry
+# Cycle: sentinels, lock, INCOMING, recovery, read Horos, export, month markers
 # =====================================================================================
+#
+# One cycle: check the volumes, take the lock, clean up after a killed run, read
+# Horos in short transactions, export the head of the queue (each study written,
+# verified and renamed before the state records it), mark finished months, re-read a
+# few old ZIPs. What it did is its CycleSummary: the `runs` row, the log's last line
+# and, through cycle_with_alerts, the alerts.
+
+ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
+
+# Manifests of rows an older version wrote are read for at most this long per cycle
+# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
+BACKFILL_SECONDS = 60
+BACKFILL_ROWS_PER_STEP = 200
+
+
+def check_sentinels(cfg: Config) -> None:
+    """Before anything is created: an unmounted volume must never get folders.
+
+    The PACS volume must hold its sentinel. A BACKUP_ROOT on another file system must
+    have a `.backup_sentinel` in its parent folder (the backup disk's root for
+    `/Volumes/BACKUP/Horos`), and a BACKUP_ROOT's parent is never created.
+    """
+    if not os.path.isfile(cfg.sentinel):
+        raise CannotRun("sentinel %s is missing: is the PACS volume mounted? "
+                        "(nothing was done)" % cfg.sentinel)
+    parent = os.path.dirname(cfg.backup_root)
+    if not os.path.isdir(parent):
+        raise CannotRun("%s does not exist: is the backup disk mounted? (nothing was done)"
+                        % parent)
+    if not same_disk(cfg.backup_root, cfg.pacs_root):
+        backup_sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
+        if not os.path.isfile(backup_sentinel):
+            raise CannotRun("%s is on another disk than %s and %s is missing: is the backup "
+                            "disk mounted? (nothing was done)"
+                            % (cfg.backup_root, cfg.pacs_root, backup_sentinel))
+
+
+@contextlib.contextmanager
+def run_lock(lock_path: str):
+    """Yields True while this process holds BACKUP_ROOT/.tmp/.run.lock, else False."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
+    """(held, pid of the holder) without disturbing a running cycle for longer than a
+    single flock call."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, as_int(os.read(fd, 32).decode("ascii", "replace").strip())
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+def count_files_up_to(folder: str, limit: int) -> int:
+    """Files below `folder`, counting stops once past `limit`."""
+    count = 0
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                        continue
+                    count += 1
+                    if count > limit:
+                        return count
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # Horos empties INCOMING while we count
+    return count
+
+
+def open_backup_root(cfg: Config) -> int:
+    """BACKUP_ROOT ready for a run that writes: private modes from here on, .tmp and the
+    log, an older backup tightened. Returns the umask the user had. The caller has
+    checked that the volume is there (nothing is created on one that is not)."""
+    user_umask = use_backup_umask()
+    os.makedirs(cfg.tmp_dir, exist_ok=True)
+    setup_file_logging(cfg)
+    make_backup_root_private(cfg.backup_root)
+    return user_umask
+
+
+def clean_tmp_dir(cfg: Config) -> None:
+    """Remove what a killed run left in BACKUP_ROOT/.tmp (not the lock or the db copy)."""
+    for entry in os.scandir(cfg.tmp_dir):
+        if entry.name in (LOCK_FILE, DB_COPY_DIR):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            remove_if_present(entry.path)
+        log.info("removed leftover %s", entry.path)
+
+
+@dataclass
+class Cycle:
+    """What every step of one cycle reads and writes."""
+    cfg: Config
+    state: ExportState
+    issues: IssueLog
+    summary: CycleSummary
+    progress: Progress
+    now: float               # Unix time the cycle started: the settle clock, the state's
+    started: float           # time.monotonic() then: MAX_RUN_SECONDS
+
+
+# -- recovery: what a killed run left ---------------------------------------------------
+
+def remove_replaced_zip(cfg: Config, replaced: Optional[str], current: str) -> None:
+    """Delete the ZIP a re-export under a new name replaced (never the current one)."""
+    if not replaced or replaced == current:
+        return
+    path = os.path.join(cfg.backup_root, replaced)
+    if os.path.exists(path):
+        os.remove(path)
+        sync_directory(os.path.dirname(path))
+        log.info("removed %s: replaced by %s", replaced, current)
+
+
+def recover_interrupted_writes(cfg: Config, state: ExportState, issues: IssueLog) -> None:
+    """Finish what a killed run left: remove `.part` files, adopt verified ZIPs.
+
+    A run killed between the rename and the state commit leaves a complete, verified
+    ZIP that the state does not know: it is adopted (recorded from its manifest), so
+    the study is not written a second time. A run killed after the commit may leave
+    the ZIP that a renamed study's new ZIP replaced: it is removed now.
+    """
+    for write in state.writes_in_progress():
+        final_path = os.path.join(cfg.backup_root, write.zip_path)
+        if os.path.exists(final_path + PART_SUFFIX):
+            remove_if_present(final_path + PART_SUFFIX)
+            log.info("removed partial %s%s left by an interrupted run", write.zip_path,
+                     PART_SUFFIX)
+        if os.path.exists(final_path) and adopt_or_discard(cfg, state, issues, write):
+            remove_replaced_zip(cfg, write.replaces, write.zip_path)
+        state.end_write(write.zip_path)
+
+
+def adopt_or_discard(cfg: Config, state: ExportState, issues: IssueLog,
+                     write: WriteInProgress) -> bool:
+    """Whether the state now records the ZIP of `write` (adopting it if need be)."""
+    relpath, uid = write.zip_path, write.study_uid
+    final_path = os.path.join(cfg.backup_root, relpath)
+    row = state.exported_row(uid)
+    try:
+        with zipfile.ZipFile(final_path) as archive:
+            recorded = (row is not None and row.zip_path == relpath
+                        and read_manifest(archive).get("exported_at") == row.exported_at)
+    except ZIP_READ_ERRORS:
+        recorded = False
+    if recorded:
+        return True
+    problem, manifest = verify_zip(final_path)
+    if problem is None and manifest is not None and manifest["study"]["study_uid"] == uid:
+        state.record_export(export_record(manifest, relpath, os.path.getsize(final_path),
+                                          utc_iso(time.time())), keep_write=True)
+        log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
+        return True
+    remove_if_present(final_path)
+    problem = problem or "its manifest names another study"
+    log.warning("removed %s: left by an interrupted run and not verifiable (%s); the study "
+                "will be exported again", relpath, problem)
+    # Mostly it was verified before its rename: damage now means the disk lost data.
+    issues.add(VERIFY_FAILED, uid, problem, relpath)
+    if row is not None and row.zip_path == relpath:
+        state.forget_export(uid)
+    return False
+
+
+def search_fields_from_zip(cfg: Config, issues: IssueLog, study_uid: str,
+                           relpath: str) -> dict:
+    """The find fields of one ZIP, read from its manifest only (not its members).
+
+    An unreadable ZIP gets empty fields (not NULL), so no cycle reads it again;
+    `verify` is what finds and replaces damaged ZIPs.
+    """
+    path = os.path.join(cfg.backup_root, relpath)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = export_record(read_manifest(archive), relpath, 0, None)
+        return dict(record, study_uid=study_uid)
+    except ZIP_READ_ERRORS as error:
+        log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
+                    "and birth date stay unknown to find", relpath, error)
+        issues.add(UNREADABLE_ZIP, study_uid, str(error), relpath)
+        return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
+                "birth_date": None}
+
+
+def backfill_search_fields(cfg: Config, state: ExportState, issues: IssueLog,
+                           deadline: float, clock=time.monotonic) -> int:
+    """Fill patient ID, accession number and birth date of the rows an older version
+    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
+
+    Rows are committed a step at a time, so a killed cycle keeps what it read and the
+    next one goes on from there. Returns how many rows were filled.
+    """
+    filled = 0
+    while clock() < deadline:
+        rows = state.unread_rows(BACKFILL_ROWS_PER_STEP)
+        if not rows:
+            break
+        updates = []
+        for uid, relpath in rows:
+            updates.append(search_fields_from_zip(cfg, issues, uid, relpath))
+            if clock() >= deadline:
+                break
+        state.set_search_fields(updates)
+        filled += len(updates)
+    if filled:
+        left = state.unread_count()
+        log.info("find: read patient IDs from %s written by an older version (%s)",
+                 plural(filled, "manifest"),
+                 "%d left for the next cycles" % left if left else "all done")
+    return filled
+
+
+# -- reading Horos ----------------------------------------------------------------------
+
+@dataclass
+class HorosSnapshot:
+    """What one read of Horos saw: the studies, the queue and the plans to export."""
+    studies: List[HorosStudy]
+    selection: Selection
+    plans: List[StudyPlan]         # of the head of selection.queue
+    newly_changed: List[str]       # exported studies Horos added image rows to
+    image_high_water: int
+    seconds_held: float            # all its read transactions together
+    times: Optional[ReadTimes] = None
+
+
+def database_for_cycle(cfg: Config) -> str:
+    """Database.sql, or with --use-db-copy its snapshot, refreshed if Horos changed it."""
+    if not cfg.use_db_copy:
+        return cfg.database_path
+    return refresh_db_copy(cfg.database_path, os.path.join(cfg.tmp_dir, DB_COPY_DIR),
+                           cfg.busy_timeout)
+
+
+def read_candidates(reader: HorosReader) -> List[HorosStudy]:
+    """Every study in the library, ZSTUDY and ZSERIES read in chunks.
+
+    The rows of all chunks are grouped together: two ZSTUDY rows of one UID in
+    different chunks are still one study. A chunk's rows are grouped after its read
+    transaction has ended.
+    """
+    return group_candidates(row for chunk in reader.candidate_chunks() for row in chunk)
+
+
+def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
+               files_dir: str, folder_size: int = DB_FOLDER_SIZE) -> List[StudyPlan]:
+    """The plans of these candidates, one read transaction each; a study Horos deleted
+    since the scan is left out."""
+    plans = []
+    for candidate in candidates:
+        rows = reader.read_study(candidate.study)
+        if rows is None:
+            log.info("study %s: Horos deleted it since the scan; skipped",
+                     candidate.study.uid)
+            continue
+        plans.append(plan_study(rows, candidate.study, files_dir, folder_size,
+                                candidate.reason))
+    return plans
+
+
+def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
+               capped: bool = True, times: Optional[ReadTimes] = None) -> HorosSnapshot:
+    """Select the queue and read the plans of its head, in short read transactions.
+
+    capped (clinic hours): the queue holds the next BATCH_SIZE studies and as many
+    spares (a study that fails before it is written gives its slot to the next).
+    Uncapped: the whole queue, of which the head's plans are read here and the rest's
+    by later_plans, a group at a time, while the cycle exports.
+    """
+    exported, high_water = view.exported, view.image_high_water
+    times = times if times is not None else ReadTimes()
+    started = time.monotonic()
+    with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows,
+                           times) as reader:
+        top = reader.image_high_water()
+        touched = set()
+        # top < high_water: Horos rebuilt its database and numbered its rows anew.
+        if high_water is not None and high_water < top:
+            touched = reader.studies_with_new_images(high_water, top)
+        studies = read_candidates(reader)
+        newly_changed = sorted(s.uid for s in studies if s.uid in exported
+                               and touched.intersection(s.pks)) if touched else []
+        selection = plan_selection(studies, exported, view.changed.union(newly_changed),
+                                   view.failures, cfg.modalities, cfg.order_by, now,
+                                   cfg.settle_minutes * 60,
+                                   limit=cfg.batch_size * 2 if capped else None)
+        plans = read_plans(reader, selection.queue[:cfg.batch_size * 2],
+                           cfg.horos_files_dir, cfg.folder_size)
+    log.debug("read %d studies from %s in %.3f s: %d read transactions, %.3f s in all, "
+              "the longest %.1f ms", len(studies), db_path, time.monotonic() - started,
+              times.transactions, times.seconds, times.longest * 1000)
+    return HorosSnapshot(studies=studies, selection=selection, plans=plans,
+                         newly_changed=newly_changed, image_high_water=top,
+                         seconds_held=times.seconds, times=times)
+
+
+def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
+                times: ReadTimes) -> Iterable[StudyPlan]:
+    """Plans of the rest of an uncapped queue, read a group at a time as they are
+    needed: Database.sql is open only while a group is read, never while zipping."""
+    group = cfg.batch_size * 2
+    for first in range(0, len(candidates), group):
+        with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows,
+                               times) as reader:
+            plans = read_plans(reader, candidates[first:first + group], cfg.horos_files_dir,
+                               cfg.folder_size)
+        yield from plans
+
+
+# -- exporting --------------------------------------------------------------------------
+
+def stat_files(files: Sequence[SourceFile]) -> Tuple[List[SourceFile], List[str], int]:
+    """(present files with their sizes, missing paths, bytes present)."""
+    present, missing, total = [], [], 0
+    for source in files:
+        try:
+            size = os.stat(source.path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(source.path)
+            continue
+        present.append(dataclasses.replace(source, size=size))
+        total += size
+    return present, missing, total
+
+
+def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int) -> None:
+    """Room for the study plus the reserve: MIN_FREE_GB, so Horos can still receive
+    studies, or more, so Horos's auto-cleaning never starts (effective_reserve)."""
+    reserve, free, _total = backup_space(cfg, folder)
+    if reserve.bytes <= 0:
+        return
+    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + reserve.bytes
+    if free < needed:
+        raise DiskSpaceProblem(DISK_LOW, "backup volume low: %s free, the next study needs "
+                               "%s plus the %s reserve (%s)"
+                               % (format_bytes(free), format_bytes(study_bytes),
+                                  format_bytes(reserve.bytes), reserve.detail))
+
+
+def record_failure(cycle: Cycle, plan: StudyPlan, kind: str, detail: str,
+                   extra: str = "") -> None:
+    attempts = cycle.state.record_failure(plan.info.uid, kind, detail, plan.fingerprint,
+                                          cycle.now)
+    log.warning("study %s not exported (%s, attempt %d, next in %s): %s", plan.info.uid,
+                kind, attempts, format_duration(retry_delay(attempts)), detail)
+    cycle.issues.add(kind, plan.info.uid, detail, extra)
+
+
+# The failures of writing one study, by the kind each is recorded as.
+WRITE_FAILURE_KINDS = ((FileChanged, FILE_CHANGED), (SourceUnreadable, UNREADABLE_FILE),
+                       (ZipVerifyFailed, ZIP_BAD))
+
+
+def export_study(cycle: Cycle, plan: StudyPlan, failures: Mapping[str, Failure],
+                 label: str) -> str:
+    """Write, verify and record one study's ZIP; returns its Outcome."""
+    cfg, state, summary = cycle.cfg, cycle.state, cycle.summary
+    uid = plan.info.uid
+    present, missing, source_bytes = stat_files(plan.files)
+    previous = failures.get(uid)
+    decision = files_decision(len(present), len(missing), previous, cfg.missing_retries)
+    if decision == Outcome.NO_FILES:
+        record_failure(cycle, plan, NO_FILES, "none of its %d files exist"
+                       % len(plan.files), missing[0] if missing else "")
+        return decision
+    if decision == Outcome.DEFERRED:
+        record_failure(cycle, plan, MISSING_FILES, "%d of %d files missing "
+                       "(deferral %d of %d before a partial export)"
+                       % (len(missing), len(plan.files), missing_deferrals(previous) + 1,
+                          cfg.missing_retries), missing[0])
+        return decision
+    final_path = os.path.join(cfg.backup_root, plan.zip_relpath)
+    check_free_space(cfg, os.path.dirname(final_path), source_bytes, len(present))
+    old = state.exported_row(uid)
+    replaces = old.zip_path if old is not None and old.zip_path != plan.zip_relpath else None
+    started = time.monotonic()
+    state.begin_write(uid, plan.zip_relpath, replaces, cycle.now)
+    cycle.progress.start("%s %s  %s" % (label, plan.info.patient_name or uid,
+                                        plural(len(present), "file")), source_bytes)
+    throttle = Throttle(cfg.max_mbps)
+
+    def on_bytes(count: int) -> None:
+        cycle.progress.advance(count)
+        throttle(count)
+
+    try:
+        manifest = write_verified_zip(final_path, plan, present, missing, cfg.compression,
+                                      cfg.compress_level, on_bytes, utc_iso(cycle.now),
+                                      throttle)
+    except (FileChanged, SourceUnreadable, ZipVerifyFailed) as error:
+        state.end_write(plan.zip_relpath)
+        kind = next(kind for failure, kind in WRITE_FAILURE_KINDS
+                    if isinstance(error, failure))
+        record_failure(cycle, plan, kind, str(error))
+        return Outcome.FAILED
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        # The .part is gone already; the next cycle's recovery ends the write record.
+        raise DiskSpaceProblem(DISK_FULL, "backup volume full while writing %s: %s"
+                               % (plan.zip_relpath, error)) from None
+    finally:
+        cycle.progress.clear()
+    zip_bytes = os.path.getsize(final_path)
+    state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes,
+                                      utc_iso(cycle.now)), keep_write=replaces is not None)
+    if replaces is not None:
+        remove_replaced_zip(cfg, replaces, plan.zip_relpath)
+        state.end_write(plan.zip_relpath)
+    if missing:
+        log.warning("study %s exported without its %d missing files", uid, len(missing))
+        cycle.issues.add(PARTIAL, uid, "%d of %d files missing"
+                         % (len(missing), len(plan.files)), missing[0])
+    summary.studies += 1
+    summary.files += len(present)
+    summary.source_bytes += source_bytes
+    summary.zip_bytes += zip_bytes
+    seconds = time.monotonic() - started
+    log.info("%s %s %s (%s, %s, %.1f s, %.1f MB/s)", label,
+             "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
+             plural(len(present), "file"), format_bytes(zip_bytes), seconds,
+             source_bytes / 1e6 / max(seconds, 1e-6))
+    return decision
+
+
+def over_time(cfg: Config, started: float) -> bool:
+    return 0 < cfg.max_run_seconds < time.monotonic() - started
+
+
+def export_plans(cycle: Cycle, plans: Iterable[StudyPlan], failures: Mapping[str, Failure],
+                 capped: bool = True, total: Optional[int] = None) -> None:
+    """Export up to BATCH_SIZE studies (capped: clinic hours), or until MAX_RUN_SECONDS
+    (uncapped); studies deferred before writing take no slot.
+
+    After MAX_RUN_SECONDS no new study is started (but every cycle exports at least
+    one, so a slow start can never stop the queue; an uncapped cycle stops anyway once
+    it has looked at 2 x BATCH_SIZE studies, so a queue of studies whose files are all
+    missing cannot keep it going). Past BATCH_SIZE, an uncapped cycle looks at
+    INCOMING.noindex again before each study: Horos may start importing.
+    """
+    cfg, summary = cycle.cfg, cycle.summary
+    used = tried = 0
+    if total is None:
+        plans = list(plans)
+        total = len(plans)
+    if capped:
+        total = min(cfg.batch_size, total)
+    for plan in plans:
+        if capped and used >= cfg.batch_size:
+            break
+        if (used or tried >= cfg.batch_size * 2) and over_time(cfg, cycle.started):
+            log.info("ran for %.0f s (--max-run-seconds %g): the next study waits for the "
+                     "next cycle", time.monotonic() - cycle.started, cfg.max_run_seconds)
+            break
+        if used >= cfg.batch_size and count_files_up_to(
+                cfg.incoming_dir, cfg.incoming_max_files) > cfg.incoming_max_files:
+            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
+                     "the next study waits for the next cycle", cfg.incoming_max_files)
+            break
+        label = "[%d/%d]" % (used + 1, total)
+        tried += 1
+        outcome = export_study(cycle, plan, failures, label)
+        if outcome in (Outcome.DEFERRED, Outcome.NO_FILES):
+            summary.deferred += 1
+            continue
+        used += 1
+        if outcome == Outcome.FAILED:
+            summary.failed += 1
+
+
+@dataclass
+class VerifyResult:
+    good: int = 0
+    bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (zip, problem)
+    bytes_read: int = 0
+
+
+def verify_exported(cfg: Config, state: ExportState, issues: IssueLog, limit: Optional[int],
+                    max_bytes: Optional[int], now: float, progress: Progress,
+                    verified_before: Optional[float] = None,
+                    started: Optional[float] = None) -> VerifyResult:
+    """Re-read the longest-unverified ZIPs: every member's CRC, and the manifest.
+
+    A good ZIP gets verified_at = now. A missing or damaged one gets a VERIFY_FAILED row
+    and loses its state row, so the next cycle exports the study again while Horos still
+    has it; the damaged file itself is left where it is.
+    """
+    result = VerifyResult()
+    queue = state.verify_queue(verified_before, limit)
+    for index, item in enumerate(queue, 1):
+        if max_bytes is not None and result.bytes_read >= max_bytes:
+            break
+        if started is not None and over_time(cfg, started):
+            break
+        path = os.path.join(cfg.backup_root, item.zip_path)
+        progress.start("verify %d/%d %s" % (index, len(queue), item.zip_path), item.zip_bytes)
+        if os.path.exists(path):
+            problem, _ = verify_zip(path, Throttle(cfg.max_mbps))
+            result.bytes_read += os.path.getsize(path)
+        else:
+            problem = "the ZIP is missing"
+        progress.advance(item.zip_bytes)
+        progress.clear()
+        if problem is None:
+            state.mark_verified(item.study_uid, now)
+            result.good += 1
+            continue
+        result.bad.append((item.zip_path, problem))
+        log.error("verify failed: %s: %s; the study will be exported again", item.zip_path,
+                  problem)
+        issues.add(VERIFY_FAILED, item.study_uid, problem, item.zip_path)
+        state.forget_export(item.study_uid)
+    return result
+
+
+def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
+                         exported: Mapping[str, str], today: dt.date) -> None:
+    """`.month_done` exists in a month folder exactly when every eligible study of that
+    month is exported and the month is over."""
+    for month, (eligible, done) in sorted(
+            month_completeness(studies, exported, cfg.modalities).items()):
+        marker = os.path.join(cfg.backup_root, month, MONTH_DONE_FILE)
+        complete = eligible == done and month_is_over(month, today)
+        if complete and not os.path.exists(marker) and os.path.isdir(os.path.dirname(marker)):
+            write_small_file(marker, "month=%s eligible=%d exported=%d checked_at=%s\n"
+                             % (month, eligible, done, utc_iso(time.time())))
+            log.info("month %s complete: %s", month, plural(eligible, "study", "studies"))
+        elif not complete and os.path.exists(marker):
+            remove_if_present(marker)
+            log.info("month %s no longer complete (%d of %d exported): marker removed",
+                     month, done, eligible)
+
+
+# -- the cycle --------------------------------------------------------------------------
+
+def run_cycle(cfg: Config, summary: CycleSummary) -> int:
+    """One cycle; `summary` says what it did, even when it raises."""
+    check_sentinels(cfg)
+    open_backup_root(cfg)
+    log_horos_preferences(cfg)
+    with run_lock(cfg.lock_path) as held:
+        if not held:
+            log.info("another run holds %s; skipping this cycle", cfg.lock_path)
+            summary.outcome = CYCLE_SKIPPED_LOCK
+            return EXIT_OK
+        return locked_cycle(cfg, summary, Progress(sys.stdout))
+
+
+def locked_cycle(cfg: Config, summary: CycleSummary, progress: Progress) -> int:
+    issues = IssueLog(cfg.issues_path, summary.issue_kinds)
+    state = ExportState(cfg.state_path, cfg.busy_timeout)
+    cycle = Cycle(cfg=cfg, state=state, issues=issues, summary=summary, progress=progress,
+                  now=time.time(), started=time.monotonic())
+    try:
+        if count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files) \
+                > cfg.incoming_max_files:
+            log.info("INCOMING.noindex holds more than %d files: Horos is busy importing; "
+                     "skipping this cycle", cfg.incoming_max_files)
+            issues.add(INCOMING_OVER_LIMIT, "", "more than %d files in %s"
+                       % (cfg.incoming_max_files, cfg.incoming_dir))
+            summary.outcome = CYCLE_SKIPPED_INCOMING
+            return EXIT_OK
+        clean_tmp_dir(cfg)
+        export_cycle(cycle)
+        summary.outcome = CYCLE_OK
+    except DiskSpaceProblem as problem:
+        stop_for_disk_space(cycle, problem)
+        raise
+    except (OSError, sqlite3.OperationalError) as error:
+        if not is_disk_full(error):
+            summary.detail = str(error)
+            if isinstance(error, sqlite3.OperationalError):
+                raise CannotRun("state database %s: %s" % (cfg.state_path, error)) from None
+            raise
+        problem = DiskSpaceProblem(DISK_FULL, "backup volume full: %s" % error)
+        stop_for_disk_space(cycle, problem)
+        raise problem from None
+    except HorosUnreadable as error:
+        summary.outcome, summary.detail = CYCLE_HOROS_UNREADABLE, str(error)
+        raise
+    except CannotRun as error:
+        summary.detail = str(error)
+        raise
+    finally:
+        seconds = time.monotonic() - cycle.started
+        record_run(state, cycle.now, seconds, summary)
+        state.close()
+        if summary.outcome == CYCLE_OK:
+            log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s, at most "
+                     "%.1f ms at a time)%s%s",
+                     plural(summary.studies, "study", "studies"),
+                     plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
+                     summary.source_bytes / 1e6 / max(seconds, 1e-6),
+                     "database copy read in" if cfg.use_db_copy else "Horos database held",
+                     summary.horos_seconds or 0.0, summary.horos_times.longest * 1000,
+                     "; %d failed, %d deferred" % (summary.failed, summary.deferred)
+                     if summary.failed or summary.deferred else "",
+                     "; %d ZIPs re-verified" % summary.verified if summary.verified else "")
+    return EXIT_OK
+
+
+def record_run(state: ExportState, now: float, seconds: float, summary: CycleSummary) -> None:
+    """One row in `runs`; a full disk may refuse it, which must not hide the real error."""
+    try:
+        state.record_run({
+            "started_at": utc_iso(now), "seconds": round(seconds, 3),
+            "outcome": summary.outcome, "studies": summary.studies, "files": summary.files,
+            "zip_bytes": summary.zip_bytes, "source_bytes": summary.source_bytes,
+            "failed": summary.failed, "deferred": summary.deferred,
+            "verified": summary.verified,
+            "horos_seconds": round(summary.horos_seconds, 4)
+            if summary.horos_seconds is not None else None,
+            "detail": summary.detail,
+            "horos_longest_seconds": round(summary.horos_times.longest, 4)
+            if summary.horos_times.transactions else None,
+            "horos_transactions": summary.horos_times.transactions or None})
+    except sqlite3.Error as error:
+        log.error("cannot record this run in %s: %s", state.path, error)
+
+
+def export_cycle(cycle: Cycle) -> None:
+    """Recovery, one read of Horos, the exports, the month markers, a few re-reads."""
+    cfg, state, summary, now = cycle.cfg, cycle.state, cycle.summary, cycle.now
+    recover_interrupted_writes(cfg, state, cycle.issues)
+    backfill_search_fields(cfg, state, cycle.issues, time.monotonic() + BACKFILL_SECONDS)
+    view = state.view()
+    capped = capped_at(cfg, now)
+    times = summary.horos_times
+    db_path = database_for_cycle(cfg)
+    try:
+        snapshot = read_horos(cfg, view, now, db_path, capped, times)
+    except HorosUnreadable as error:
+        cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
+        raise
+    summary.horos_seconds = snapshot.seconds_held
+    if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
+        state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
+    if not capped:
+        log.info("outside clinic hours (--clinic-hours %s, --clinic-days %s): exporting "
+                 "until --max-run-seconds %g", cfg.clinic_hours, cfg.clinic_days,
+                 cfg.max_run_seconds)
+    queue = snapshot.selection.queue
+    plans = itertools.chain(snapshot.plans, later_plans(
+        cfg, db_path, queue[cfg.batch_size * 2:], times)) if not capped else snapshot.plans
+    try:
+        export_plans(cycle, plans, view.failures, capped,
+                     total=len(queue) if not capped else len(snapshot.plans))
+    except HorosUnreadable as error:
+        cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
+        raise
+    finally:
+        summary.horos_seconds = times.seconds
+    update_month_markers(cfg, snapshot.studies, state.exported_fingerprints(),
+                         dt.date.today())
+    if cfg.verify_per_run > 0:
+        verified = verify_exported(cfg, state, cycle.issues, cfg.verify_per_run, None, now,
+                                   cycle.progress,
+                                   verified_before=now - VERIFY_MIN_AGE_DAYS * 86400,
+                                   started=cycle.started)
+        summary.verified = verified.good + len(verified.bad)
+
+
+def stop_for_disk_space(cycle: Cycle, problem: DiskSpaceProblem) -> None:
+    cycle.summary.outcome = (CYCLE_DISK_LOW if problem.kind == DISK_LOW
+                             else CYCLE_DISK_FULL)
+    cycle.summary.detail = str(problem)
+    log.error("%s: %s; the cycle stops after %s, the next one continues once there is "
+              "room", problem.kind, problem, plural(cycle.summary.studies, "study",
+                                                   "studies"))
+    cycle.issues.add(problem.kind, "", str(problem))
+
+
+def cycle_with_alerts(cfg: Config) -> int:
+    """One cycle, then alerts and the heartbeat, whatever its outcome."""
+    summary = CycleSummary()
+    if not alerting(cfg):
+        return run_cycle(cfg, summary)
+    try:
+        code = run_cycle(cfg, summary)
+    except Terminated:
+        raise                    # launchd stopping the job: no outcome to report
+    except Exception as error:   # re-raised: main() prints and logs it as before
+        alert_after_run(cfg, cycle_report(cfg, summary, error), heartbeat=True)
+        raise
+    alert_after_run(cfg, cycle_report(cfg, summary, None), heartbeat=True)
+    return code
+
+
+# =====================================================================================
+# Operator commands: dry run, status, verify, reindex, retry, test-alert
+# =====================================================================================
+#
+# What a person runs by hand. Commands that write wait for a running cycle
+# (operator_lock); those that only read never take the lock.
+
 
 @contextlib.contextmanager
 def operator_lock(cfg: Config):
@@ -3894,6 +4554,25 @@ def prepare_backup_root(cfg: Config) -> None:
     open_backup_root(cfg)
 
 
+def prepare_backup_alone(cfg: Config, purpose: str) -> int:
+    """What reindex and restore --into-horos need: a writable BACKUP_ROOT, its .tmp and
+    log, private as a cycle makes them. The PACS volume may be gone (a backup moved to a
+    recovery disk): with its sentinel the usual checks apply; without it BACKUP_ROOT must
+    already exist, so nothing is ever created on a disk that is not mounted. Returns
+    the umask the user had."""
+    if os.path.isfile(cfg.sentinel):
+        check_sentinels(cfg)
+    elif not os.path.isdir(cfg.backup_root):
+        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
+                        "the backup disk mounted? (check --backup-root; nothing was done)"
+                        % (cfg.sentinel, cfg.backup_root))
+    if os.path.isdir(cfg.backup_root) and not os.access(cfg.backup_root, os.W_OK):
+        raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
+                        "backup to a writable disk (find and restore --to DIR work on a "
+                        "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
+    return open_backup_root(cfg)
+
+
 def read_state_view(cfg: Config) -> StateView:
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
@@ -3902,12 +4581,9 @@ def read_state_view(cfg: Config) -> StateView:
         state.close()
 
 
-def local_time_text(utc_text) -> str:
-    """A state timestamp as the Mac's local time, for people."""
-    seconds = parse_utc_iso(utc_text)
-    if not seconds:
-        return as_text(utc_text) or "-"
-    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+# The words the dry run prints for what a cycle would do (README: --dry-run).
+DRY_RUN_ACTIONS = {Outcome.EXPORTED: "export", Outcome.PARTIAL: "partial",
+                   Outcome.DEFERRED: "defer", Outcome.NO_FILES: "fail"}
 
 
 def dry_run(cfg: Config) -> int:
@@ -3930,15 +4606,16 @@ def dry_run(cfg: Config) -> int:
         if capped and used >= cfg.batch_size:
             break
         present, missing, size = stat_files(plan.files)
-        action = files_decision(len(present), len(missing), view.failures.get(plan.info.uid),
-                                cfg.missing_retries)
-        if action in (FAIL, DEFER):
+        outcome = files_decision(len(present), len(missing),
+                                 view.failures.get(plan.info.uid), cfg.missing_retries)
+        action = DRY_RUN_ACTIONS[outcome]
+        if outcome in (Outcome.NO_FILES, Outcome.DEFERRED):
             label = "-"                      # its slot goes to the next study
         else:
             used += 1
             label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)) if capped
                                  else selection.pending)
-            if action == EXPORT and plan.reason == "changed":
+            if outcome == Outcome.EXPORTED and plan.reason == "changed":
                 action = "reexport"
         day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
             else UNKNOWN
@@ -3955,46 +4632,20 @@ def dry_run(cfg: Config) -> int:
     return EXIT_OK
 
 
-def lock_holder(lock_path: str) -> Tuple[bool, Optional[int]]:
-    """(held, pid of the holder) without disturbing a running cycle for longer than a
-    single flock call."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False, None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, _as_int(os.read(fd, 32).decode("ascii", "replace").strip())
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, None
-    finally:
-        os.close(fd)
-
-
-STATE_TOTALS_SQL = """
-SELECT COUNT(*), COALESCE(SUM(zip_bytes), 0), COALESCE(SUM(missing_count > 0), 0)
-FROM exported_studies
-"""
-
-STATE_MONTHS_SQL = "SELECT month, COUNT(*) FROM exported_studies GROUP BY month"
-
-
 def gather_status(cfg: Config, now: float) -> dict:
     """Everything `status` shows, as plain values (the JSON of `status --json`)."""
     check_sentinels(cfg)
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
         view = state.view()
-        exported_count, zip_bytes, partial = state.conn.execute(STATE_TOTALS_SQL).fetchone()
-        exported_by_month = dict(state.conn.execute(STATE_MONTHS_SQL))
+        totals = state.totals()
+        exported_by_month = state.exported_by_month()
         runs = state.last_runs(50)
         restores = restore_targets_status(state)
     finally:
         state.close()
     times = ReadTimes()
-    with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.chunk_rows,
+    with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.horos_chunk_rows,
                            times) as reader:
         studies = read_candidates(reader)
     selection = plan_selection(studies, view.exported, view.changed, view.failures,
@@ -4015,7 +4666,7 @@ def gather_status(cfg: Config, now: float) -> dict:
     busy_seconds = sum(r["seconds"] for r in exporting_runs)
     backlog = selection.pending + selection.unsettled
     inside, outside = cycle_capacity(cfg, exporting_runs)
-    cycles = cycles_to_drain(backlog, cfg.schedule, dt.datetime.fromtimestamp(now), inside,
+    cycles = cycles_to_drain(backlog, config_schedule(cfg), dt.datetime.fromtimestamp(now), inside,
                              outside, LAUNCHD_INTERVAL_SECONDS)
     held, pid = lock_holder(cfg.lock_path)
     usage = os.statvfs(nearest_existing(cfg.backup_root))
@@ -4025,16 +4676,16 @@ def gather_status(cfg: Config, now: float) -> dict:
         "generated_at": utc_iso(now),
         "backup_root": cfg.backup_root,
         "eligible": selection.eligible,
-        "exported": exported_count,
+        "exported": totals.exported,
         "up_to_date": selection.up_to_date,
         "pending": selection.pending,
         "changed": selection.changed,
         "unsettled": selection.unsettled,
         "failed": len(view.failures),
         "waiting": selection.waiting,
-        "partial": partial,
+        "partial": totals.partial,
         "only_in_backup": sum(1 for uid in view.exported if uid not in in_horos),
-        "bytes": zip_bytes,
+        "bytes": totals.zip_bytes,
         "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
                       "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
         "months": months,
@@ -4060,6 +4711,29 @@ def gather_status(cfg: Config, now: float) -> dict:
         "restores": restores,
         "alerts": alert_status(cfg),
     }
+
+
+def preferences_status(cfg: Config) -> dict:
+    """The `horos_preferences` and `reserve` entries of `status --json`."""
+    prefs = cfg.horos_prefs
+    reserve, _free, _total = backup_space(cfg, cfg.backup_root)
+    return {
+        "horos_preferences": {
+            "path": prefs.path, "found": prefs.found, "folder_size": prefs.folder_size,
+            "auto_cleaning": prefs.auto_cleaning,
+            "auto_cleaning_size": prefs.auto_cleaning_size},
+        "reserve": {"bytes": reserve.bytes, "source": reserve.source,
+                    "detail": reserve.detail,
+                    "horos_threshold_bytes": reserve.horos_threshold},
+    }
+
+
+def restore_targets_status(state: ExportState) -> List[dict]:
+    """The `restores` of `status --json`: each library restore --into-horos feeds."""
+    return [{"target": t.target, "selection": t.selection, "left": t.left,
+             "last_run_at": t.last_run_at, "restored": t.restored,
+             "in_progress": t.left > 0}
+            for t in state.restore_targets()]
 
 
 def cycle_capacity(cfg: Config, exporting_runs: Sequence[Mapping]) -> Tuple[float, float]:
@@ -4179,8 +4853,8 @@ def status_command(cfg: Config, as_json: bool) -> int:
 
 
 def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
-                   max_gb: Optional[float]) -> int:
-    """Re-read ZIPs oldest-verified first; exit 1 if any is missing or damaged."""
+                   max_gb: Optional[float]) -> VerifyResult:
+    """Re-read ZIPs oldest-verified first, and say which are bad."""
     prepare_backup_root(cfg)
     if not verify_all and limit is None and max_gb is None:
         limit = VERIFY_DEFAULT_LIMIT
@@ -4188,7 +4862,8 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
     with operator_lock(cfg):
         state = ExportState(cfg.state_path, cfg.busy_timeout)
         try:
-            result = verify_exported(cfg, state, None if verify_all else limit,
+            result = verify_exported(cfg, state, IssueLog(cfg.issues_path),
+                                     None if verify_all else limit,
                                      int(max_gb * GB) if max_gb is not None else None,
                                      time.time(), Progress(sys.stdout))
         finally:
@@ -4198,94 +4873,19 @@ def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
              time.monotonic() - started, result.good, len(result.bad))
     for relpath, problem in result.bad:
         print("BAD %s: %s" % (relpath, problem))
+    return result
+
+
+def verify_with_alerts(cfg: Config, verify_all: bool, limit: Optional[int],
+                       max_gb: Optional[float]) -> int:
+    """`verify`; damaged ZIPs alert at once (no heartbeat: this was no cycle). Exit 1 if
+    any ZIP is missing or damaged."""
+    result = verify_command(cfg, verify_all, limit, max_gb)
+    if result.bad and cfg.alerts.channels:
+        alert_after_run(cfg, RunReport(status=RUN_COMMAND,
+                                       kinds={VERIFY_FAILED: len(result.bad)}),
+                        heartbeat=False)
     return EXIT_FAILED if result.bad else EXIT_OK
-
-
-class RestoreRefused(Exception):
-    """A ZIP that cannot be restored safely; nothing of it was written."""
-
-
-def safe_member_path(name: str) -> List[str]:
-    """The parts of a member name, or RestoreRefused if it could escape the target."""
-    parts = name.split("/")
-    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
-            or ".." in parts or "" in parts[:-1] or re.match(r"^[A-Za-z]:", name)):
-        raise RestoreRefused("unsafe member name %r" % name)
-    return parts
-
-
-def restore_zip(zip_path: str, parent: str, staging_parent: str, on_bytes=None,
-                before_rename=None) -> Tuple[str, int]:
-    """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
-
-    The files are written in a staging folder next to it and the folder is renamed
-    into place whole, so nobody (Horos included) sees half a study, and nothing that
-    exists is overwritten. on_bytes(count) follows the bytes written; before_rename
-    (manifest) runs once the study is staged in full.
-    """
-    folder_name = os.path.basename(zip_path)
-    if folder_name.endswith(".zip"):
-        folder_name = folder_name[:-len(".zip")]
-    target = os.path.join(parent, folder_name)
-    if os.path.lexists(target):
-        raise RestoreRefused("%s already exists; nothing was overwritten" % target)
-    with zipfile.ZipFile(zip_path) as archive:
-        manifest = read_manifest(archive)
-        sizes = {entry["name"]: entry["size"] for entry in manifest["files"]}
-        members = [info for info in archive.infolist()
-                   if info.filename != MANIFEST_NAME and not info.is_dir()]
-        for info in members:
-            safe_member_path(info.filename)
-        os.makedirs(staging_parent, exist_ok=True)
-        staging = os.path.join(staging_parent, "%s%d-%s" % (RESTORE_STAGING_PREFIX,
-                                                             os.getpid(), folder_name))
-        os.mkdir(staging)
-        try:
-            for info in members:
-                destination = os.path.join(staging, *safe_member_path(info.filename))
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                with archive.open(info) as src, open(destination, "xb") as dst:
-                    while True:                                      # CRC checked at EOF
-                        chunk = src.read(COPY_CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        dst.write(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
-                if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
-                    raise RestoreRefused("%s: size differs from the manifest" % info.filename)
-                stamp = time.mktime(info.date_time + (0, 0, -1))
-                os.utime(destination, (stamp, stamp))
-            if before_rename is not None:
-                before_rename(manifest)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging)
-            raise
-    return target, len(members)
-
-
-def resolve_zip_argument(cfg: Config, text: str) -> str:
-    """A ZIP named as a path, or relative to BACKUP_ROOT (`2019_03/X.zip`)."""
-    if os.path.exists(text) or os.path.isabs(text):
-        return os.path.abspath(text)
-    return os.path.join(cfg.backup_root, text)
-
-
-def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
-                    into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
-                    find_texts: Sequence[str] = ()) -> int:
-    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
-    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
-    if not (zips or select_all or months or find_texts):
-        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
-                        "--find TEXT")
-    if into_horos:
-        return feed_horos(cfg, zips, select_all, months, find_texts)
-    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
-
-
-MONTH_FOLDER = re.compile(r"^(\d{4}_\d{2}|%s)$" % UNKNOWN_DATE_FOLDER)
 
 
 def reindex_command(cfg: Config) -> int:
@@ -4297,6 +4897,7 @@ def reindex_command(cfg: Config) -> int:
     """
     prepare_backup_alone(cfg, "reindex")
     started = time.monotonic()
+    issues = IssueLog(cfg.issues_path)
     with operator_lock(cfg):
         rows: Dict[str, dict] = {}
         duplicates: List[str] = []
@@ -4322,7 +4923,7 @@ def reindex_command(cfg: Config) -> int:
                     unreadable += 1
                     log.error("reindex: %s has no readable manifest (%s); left out",
                               relpath, error)
-                    append_issue(cfg, "UNREADABLE_ZIP", "", str(error), relpath)
+                    issues.add(UNREADABLE_ZIP, "", str(error), relpath)
                     continue
                 previous = rows.get(record["study_uid"])
                 if previous is not None:
@@ -4338,9 +4939,7 @@ def reindex_command(cfg: Config) -> int:
             remove_if_present(leftover)
         state = ExportState(rebuilt, cfg.busy_timeout)
         try:
-            with state.transaction() as conn:
-                conn.executemany(UPSERT_EXPORTED_SQL, list(rows.values()))
-                conn.executemany(SET_SEARCH_FIELDS_SQL, list(rows.values()))
+            state.replace_exported(list(rows.values()))
             carry_over_restores(cfg.state_path, state)
         finally:
             state.close()
@@ -4356,6 +4955,24 @@ def reindex_command(cfg: Config) -> int:
              "%d unreadable ZIPs left out)", len(rows), time.monotonic() - started,
              len(duplicates), unreadable)
     return EXIT_FAILED if unreadable else EXIT_OK
+
+
+def carry_over_restores(old_path: str, state: ExportState) -> None:
+    """Keep the restore progress of the state reindex replaces: without it, a feeding
+    under way would give Horos every study a second time."""
+    if not os.path.exists(old_path):
+        return
+    try:
+        old = ExportState(old_path, read_only=True)
+    except CannotRun as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+        return
+    try:
+        state.copy_restores_from(old)
+    except sqlite3.Error as error:
+        log.warning("reindex: the restore progress in the old state is lost: %s", error)
+    finally:
+        old.close()
 
 
 def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
@@ -4379,6 +4996,26 @@ def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
     return EXIT_FAILED if unknown else EXIT_OK
 
 
+def test_alert_command(cfg: Config) -> int:
+    """Send one test message by every configured channel; never the heartbeat."""
+    alerts = cfg.alerts
+    if alerts is None or not alerts.channels:
+        raise CannotRun("no alert channel configured: give --alert-email with --smtp-host, "
+                        "or --alert-command")
+    host = socket.gethostname()
+    subject = "[Horos backup] TEST on %s" % host
+    body = "\n".join(["A test of horos_backup_export's alerts: if you read this, alerts "
+                      "reach you.", ""] + alert_footer(cfg, host)) + "\n"
+    sent, failed = deliver(alerts, subject, body, Deadline(ALERT_BUDGET_SECONDS), 0)
+    for channel in sent:
+        print("test alert sent by %s%s" % (channel, " to " + ", ".join(alerts.emails)
+                                           if channel == "email" else ""))
+    for channel, why in failed:
+        print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
+              file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # =====================================================================================
 # Doctor: a read-only check of the installation, end to end
 # =====================================================================================
@@ -4386,7 +5023,7 @@ def retry_command(cfg: Config, study_uids: Sequence[str]) -> int:
 # Meant for the day the script is installed and for any day something looks wrong. It
 # writes nothing at all (no folder, log, lock, state or database snapshot), so it is
 # safe on a volume that is not mounted and next to a running cycle; Database.sql is
-# read in one short read transaction of index lookups.
+# read in short read transactions of index lookups.
 
 CHECK_OK, CHECK_WARN, CHECK_FAIL, CHECK_SKIP = "ok", "warn", "fail", "skip"
 PATH_SAMPLE_SIZE = 200            # image rows whose files the path rule must find
@@ -4396,24 +5033,9 @@ FAT_FILE_SYSTEMS = frozenset({"msdos", "vfat", "fat", "fat12", "fat16", "fat32",
 LAUNCHD_LABEL = "com.horos.backup"
 MIN_PYTHON = (3, 8)
 LAUNCH_AGENT_PLIST = "~/Library/LaunchAgents/com.horos.backup.plist"
+
 # A successful cycle older than this means launchd is not running the job.
 LAST_CYCLE_LATE_SECONDS = 3 * LAUNCHD_INTERVAL_SECONDS + MAX_RUN_SECONDS
-
-# Two statements, not MIN and MAX in one: SQLite answers a lone MIN() or MAX() of the
-# primary key from the b-tree's edge, but scans the whole table for both at once.
-FIRST_STUDY_PK_SQL = "SELECT MIN(Z_PK) FROM ZSTUDY"
-LAST_STUDY_PK_SQL = "SELECT MAX(Z_PK) FROM ZSTUDY"
-FIRST_IMAGE_PK_SQL = "SELECT MIN(Z_PK) FROM ZIMAGE"
-LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) FROM ZIMAGE"
-
-# One primary-key lookup per sampled row: the cost does not grow with the library.
-IMAGE_AT_OR_AFTER_SQL = """
-SELECT Z_PK, ZPATHNUMBER, ZPATHSTRING
-FROM ZIMAGE
-WHERE Z_PK >= ?
-ORDER BY Z_PK
-LIMIT 1
-"""
 
 
 @dataclass(frozen=True)
@@ -4490,32 +5112,21 @@ def horos_data_check(cfg: Config, prefs: HorosPreferences) -> Check:
                                                     "say)" if prefs.found else ""))
 
 
-def read_path_sample(cfg: Config) -> Tuple[List[Tuple[int, object, object]], str]:
+def read_path_sample(cfg: Config) -> Tuple[List[ImageRow], str]:
     """(sampled ZIMAGE rows, what the read saw), in short read transactions as a cycle
     reads: the tables and columns, the row ranges, then the sample a group at a time."""
     started = time.monotonic()
     times = ReadTimes()
     with open_horos_reader(cfg.database_path, cfg.busy_timeout, times=times) as reader:
-        with reader.transaction() as conn:
-            studies_low, studies_high, low, high = (
-                conn.execute(sql).fetchone()[0] for sql in (
-                    FIRST_STUDY_PK_SQL, LAST_STUDY_PK_SQL, FIRST_IMAGE_PK_SQL,
-                    LAST_IMAGE_PK_SQL))
-        rows: List[Tuple[int, object, object]] = []
-        targets = sample_targets(low, high, PATH_SAMPLE_SIZE) if low is not None else []
-        seen = set()
-        for first in range(0, len(targets), PATH_SAMPLE_GROUP):
-            with reader.transaction() as conn:
-                for target in targets[first:first + PATH_SAMPLE_GROUP]:
-                    row = conn.execute(IMAGE_AT_OR_AFTER_SQL, (target,)).fetchone()
-                    if row is not None and row[0] not in seen:
-                        seen.add(row[0])
-                        rows.append(tuple(row))
+        ranges = reader.table_ranges()
+        targets = sample_targets(ranges.first_image, ranges.last_image, PATH_SAMPLE_SIZE) \
+            if ranges.first_image is not None else []
+        rows = reader.images_at_or_after(targets, PATH_SAMPLE_GROUP)
     seen_text = "readable, with every table and column needed; study rows Z_PK %s to %s, " \
                 "image rows %s to %s; read in %.3f s (%d read transactions, the longest " \
-                "%.1f ms)" % (studies_low, studies_high, low, high,
-                              time.monotonic() - started, times.transactions,
-                              times.longest * 1000)
+                "%.1f ms)" % (ranges.first_study, ranges.last_study, ranges.first_image,
+                              ranges.last_image, time.monotonic() - started,
+                              times.transactions, times.longest * 1000)
     return rows, seen_text
 
 
@@ -4529,16 +5140,19 @@ def unmounted_volume(path: str, exists) -> Optional[str]:
     return None
 
 
-def missing_files_cause(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+def missing_files_cause(rows: Sequence[ImageRow], files_dir: str,
                         folder_size: int, exists, prefs_files_dir: Optional[str]) -> str:
     """The likely reason sampled files are not where the path rule puts them."""
-    in_place = [r for r in rows if _as_int(r[1]) is None and as_text(r[2]).startswith("/")]
+    in_place = [r for r in rows
+                if as_int(r.path_number) is None and as_text(r.path_string).startswith("/")]
     in_database = [r for r in rows if r not in in_place]
-    missing_in_place = [as_text(r[2]) for r in in_place if not exists(as_text(r[2]))]
+    missing_in_place = [as_text(r.path_string) for r in in_place
+                        if not exists(as_text(r.path_string))]
 
     def found_with(folder: str, size: int) -> int:
-        return sum(1 for _pk, number, text in in_database
-                   if exists(resolve_image_path(folder, number, text, size) or ""))
+        return sum(1 for r in in_database
+                   if exists(resolve_image_path(folder, r.path_number, r.path_string, size)
+                             or ""))
 
     missing_in_database = len(in_database) - found_with(files_dir, folder_size)
     if len(missing_in_place) > missing_in_database:
@@ -4568,16 +5182,16 @@ def missing_files_cause(rows: Sequence[Tuple[int, object, object]], files_dir: s
             "Database.sql?" % (files_dir, os.path.dirname(files_dir)))
 
 
-def path_rule_check(rows: Sequence[Tuple[int, object, object]], files_dir: str,
+def path_rule_check(rows: Sequence[ImageRow], files_dir: str,
                     folder_size: int, exists=os.path.exists,
                     prefs_files_dir: Optional[str] = None) -> Check:
     """Whether the files of sampled image rows are where the path rule says."""
     if not rows:
         return Check("path_rule", CHECK_SKIP, "Database.sql holds no image rows yet")
-    paths = [resolve_image_path(files_dir, number, text, folder_size)
-             for _pk, number, text in rows]
+    paths = [resolve_image_path(files_dir, r.path_number, r.path_string, folder_size)
+             for r in rows]
     missing = [p or "(no path)" for p in paths if not p or not exists(p)]
-    span = "Z_PK %d to %d" % (rows[0][0], rows[-1][0])
+    span = "Z_PK %d to %d" % (rows[0].pk, rows[-1].pk)
     if not missing:
         return Check("path_rule", CHECK_OK, "all %d sampled image rows (%s) have their file, "
                      "with folder size %d" % (len(rows), span, folder_size))
@@ -4780,7 +5394,7 @@ def launchd_check() -> Check:
 
 def run_doctor(cfg: Config, now: float) -> List[Check]:
     """Every check, in the order a person would fix them."""
-    prefs = cfg.horos_prefs or HorosPreferences("")
+    prefs = cfg.horos_prefs
     checks = [python_check()]
     checks.extend(sentinel_checks(cfg))
     checks.append(preferences_check(cfg, prefs))
@@ -4809,189 +5423,12 @@ def doctor_command(cfg: Config, as_json: bool) -> int:
 
 
 # =====================================================================================
-# Find and disaster recovery: search the backup alone, feed a new Horos at its pace
+# Find: search the backup alone
 # =====================================================================================
 #
-# The day these are needed the Horos disk may be dead: `find` and `restore` read
-# BACKUP_ROOT (its state and ZIPs) and nothing else, with no PACS sentinel and no
-# Database.sql. `find` and `restore --to DIR` never write there, so they work on a
-# read-only recovery disk.
-
-# Manifests of rows an older version wrote are read for at most this long per cycle
-# (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
-BACKFILL_SECONDS = 60
-BACKFILL_ROWS_PER_STEP = 200
-RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
-RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
-
-UNREAD_ROWS_SQL = """
-SELECT study_uid, zip_path
-FROM exported_studies
-WHERE patient_id IS NULL
-ORDER BY study_uid
-LIMIT ?
-"""
-
-UNREAD_COUNT_SQL = "SELECT COUNT(*) FROM exported_studies WHERE patient_id IS NULL"
-
-BACKUP_STUDIES_SQL = """
-SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
-       patient_name, patient_id, accession_number, birth_date, modalities
-FROM exported_studies
-"""
-
-RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
-
-RECORD_RESTORE_SQL = """
-INSERT INTO restores (target, study_uid, zip_path, restored_at)
-VALUES (?, ?, ?, ?)
-"""
-
-FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
-
-RESTORED_ZIP_NAMES_SQL = "SELECT study_uid, zip_path FROM restores WHERE target = ?"
-
-RECORD_RESTORE_TARGET_SQL = """
-INSERT OR REPLACE INTO restore_targets (target, selection, left_count, last_run_at)
-VALUES (?, ?, ?, ?)
-"""
-
-RESTORE_TARGETS_SQL = """
-SELECT t.target, t.selection, t.left_count, t.last_run_at,
-       (SELECT COUNT(*) FROM restores AS r WHERE r.target = t.target)
-FROM restore_targets AS t
-ORDER BY t.last_run_at DESC
-"""
-
-ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restores"
-
-ALL_RESTORE_TARGETS_SQL = """
-SELECT target, selection, left_count, last_run_at FROM restore_targets
-"""
-
-
-def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
-    """The state opened for reading, never written, even on a read-only disk.
-
-    On a disk nobody can write (a recovery disk mounted read-only) nothing can change
-    the file, so it is opened immutable: no lock is taken (some read-only file systems
-    refuse one). If a cycle was cut off mid-write there (the disk unplugged, then
-    mounted read-only), the file holds half a transaction and only its `-journal` can
-    undo it: SQLite rolls it back in a scratch copy, and that copy is read.
-    """
-    path = os.path.abspath(path)
-    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
-    if os.access(os.path.dirname(path), os.W_OK):
-        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
-    journal = path + "-journal"
-    if not (os.path.isfile(journal) and os.path.getsize(journal) > 0):
-        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
-    memory = sqlite3.connect(":memory:", isolation_level=None)
-    with tempfile.TemporaryDirectory(prefix="horos-backup-state-") as scratch:
-        copy = os.path.join(scratch, STATE_FILE)
-        shutil.copyfile(path, copy)
-        shutil.copyfile(journal, copy + "-journal")
-        recovered = sqlite3.connect(copy, isolation_level=None)
-        try:
-            recovered.backup(memory)
-        finally:
-            recovered.close()
-    log.debug("read %s through a copy: its hot journal was rolled back there", path)
-    return memory
-
-
-def search_fields_from_zip(cfg: Config, study_uid: str, relpath: str) -> dict:
-    """The find fields of one ZIP, read from its manifest only (not its members).
-
-    An unreadable ZIP gets empty fields, so no cycle reads it again; `verify` is what
-    finds and replaces damaged ZIPs.
-    """
-    path = os.path.join(cfg.backup_root, relpath)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            record = export_record(read_manifest(archive), relpath, 0, None)
-        return dict(record, study_uid=study_uid)
-    except ZIP_READ_ERRORS as error:
-        log.warning("cannot read the manifest of %s (%s): its patient ID, accession number "
-                    "and birth date stay unknown to find", relpath, error)
-        append_issue(cfg, "UNREADABLE_ZIP", study_uid, str(error), relpath)
-        return {"study_uid": study_uid, "patient_id": "", "accession_number": "",
-                "birth_date": None}
-
-
-def backfill_search_fields(cfg: Config, state: ExportState, deadline: float,
-                           clock=time.monotonic) -> int:
-    """Fill patient ID, accession number and birth date of the rows an older version
-    wrote, from their ZIPs' manifests, until `deadline` (on `clock`).
-
-    Rows are committed a step at a time, so a killed cycle keeps what it read and the
-    next one goes on from there. Returns how many rows were filled.
-    """
-    filled = 0
-    while clock() < deadline:
-        rows = list(state.conn.execute(UNREAD_ROWS_SQL, (BACKFILL_ROWS_PER_STEP,)))
-        if not rows:
-            break
-        updates = []
-        for uid, relpath in rows:
-            updates.append(search_fields_from_zip(cfg, uid, relpath))
-            if clock() >= deadline:
-                break
-        with state.transaction() as conn:
-            conn.executemany(SET_SEARCH_FIELDS_SQL, updates)
-        filled += len(updates)
-    if filled:
-        left = state.conn.execute(UNREAD_COUNT_SQL).fetchone()[0]
-        log.info("find: read patient IDs from %s written by an older version (%s)",
-                 plural(filled, "manifest"),
-                 "%d left for the next cycles" % left if left else "all done")
-    return filled
-
-
-def carry_over_restores(old_path: str, state: ExportState) -> None:
-    """Keep the restore progress of the state reindex replaces: without it, a feeding
-    under way would give Horos every study a second time."""
-    if not os.path.exists(old_path):
-        return
-    try:
-        old = ExportState(old_path, read_only=True)
-    except CannotRun as error:
-        log.warning("reindex: the restore progress in the old state is lost: %s", error)
-        return
-    try:
-        restores = list(old.conn.execute(ALL_RESTORES_SQL))
-        targets = list(old.conn.execute(ALL_RESTORE_TARGETS_SQL))
-    except sqlite3.Error as error:
-        log.warning("reindex: the restore progress in the old state is lost: %s", error)
-        return
-    finally:
-        old.close()
-    with state.transaction() as conn:
-        conn.executemany(RECORD_RESTORE_SQL, restores)
-        conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
-
-
-@dataclass
-class BackupStudy:
-    """One study of the backup as its state row tells it (find, restore).
-
-    find makes one per study of the backup (50,000+) each time it runs: slots keep
-    that cheap, as for HorosStudy. Nothing changes one once made.
-    """
-    __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
-                 "patient_name", "patient_id", "accession_number", "birth_date",
-                 "modalities")
-    uid: str
-    zip_path: str                      # relative to BACKUP_ROOT
-    zip_bytes: int
-    file_count: int
-    source_bytes: int
-    study_date: Optional[str]          # YYYY-MM-DD
-    patient_name: str
-    patient_id: Optional[str]          # None: written by an older version, not read yet
-    accession_number: Optional[str]
-    birth_date: Optional[str]
-    modalities: Tuple[str, ...]
+# The day this is needed the Horos disk may be dead: `find` reads BACKUP_ROOT's state
+# and nothing else, with no PACS sentinel and no Database.sql, and never writes there,
+# so it works on a read-only recovery disk.
 
 
 def read_backup_studies(cfg: Config) -> List[BackupStudy]:
@@ -5005,22 +5442,12 @@ def read_backup_studies(cfg: Config) -> List[BackupStudy]:
                         % (cfg.backup_root, STATE_FILE, cfg.backup_root))
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
-        rows = list(state.conn.execute(BACKUP_STUDIES_SQL))
+        return state.backup_studies()
     except sqlite3.Error as error:
         raise CannotRun("state database %s cannot be read (%s); run `reindex` to rebuild it"
                         % (cfg.state_path, error)) from None
     finally:
         state.close()
-    parsed: Dict[object, Tuple[str, ...]] = {}     # `CT`, `MR\SR` repeat thousands of times
-    studies = []
-    for r in rows:
-        modalities = parsed.get(r[10])
-        if modalities is None:
-            modalities = parsed[r[10]] = modality_tokens(r[10])
-        studies.append(BackupStudy(as_text(r[0]), as_text(r[1]), r[2] or 0, r[3] or 0,
-                                   r[4] or 0, r[5], as_text(r[6]), r[7], r[8], r[9],
-                                   modalities))
-    return studies
 
 
 def search_text(value) -> str:
@@ -5063,11 +5490,6 @@ def find_studies(studies: Sequence[BackupStudy], terms: Sequence[str]
     found = [study for study in studies if study_matches(terms, study)]
     return sorted(found, key=lambda s: (search_text(s.patient_name), s.study_date is None,
                                         s.study_date or "", s.uid))
-
-
-def printable(text) -> str:
-    """A name as one safe line on a terminal (no control characters)."""
-    return "".join(ch if ch.isprintable() else "?" for ch in as_text(text))
 
 
 def find_result(cfg: Config, study: BackupStudy) -> dict:
@@ -5130,7 +5552,89 @@ def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
     return EXIT_OK
 
 
-# -- restore by selection, and feeding a new Horos ------------------------------------
+# =====================================================================================
+# Restore: studies back into a folder or into Horos, at its pace
+# =====================================================================================
+#
+# Like find, restore needs no PACS sentinel: `restore --to DIR` reads the backup and
+# writes only DIR; `restore --into-horos` records in the state which studies went to
+# which library, so that none is fed twice, and feeds INCOMING.noindex only as fast as
+# Horos empties it.
+
+RESTORE_STAGING_DIR = ".horos-backup-restore"    # next to INCOMING.noindex
+RESTORE_STAGING_PREFIX = ".restoring-"           # + pid + "-" + the study folder's name
+
+
+class RestoreRefused(Exception):
+    """A ZIP that cannot be restored safely; nothing of it was written."""
+
+
+def safe_member_path(name: str) -> List[str]:
+    """The parts of a member name, or RestoreRefused if it could escape the target."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+            or ".." in parts or "" in parts[:-1] or re.match(r"^[A-Za-z]:", name)):
+        raise RestoreRefused("unsafe member name %r" % name)
+    return parts
+
+
+def restore_zip(zip_path: str, parent: str, staging_parent: str, on_bytes=None,
+                before_rename=None) -> Tuple[str, int]:
+    """Extract a study ZIP as a new folder in `parent`; returns (folder, file count).
+
+    The files are written in a staging folder next to it and the folder is renamed
+    into place whole, so nobody (Horos included) sees half a study, and nothing that
+    exists is overwritten. on_bytes(count) follows the bytes written; before_rename
+    (manifest) runs once the study is staged in full.
+    """
+    folder_name = os.path.basename(zip_path)
+    if folder_name.endswith(".zip"):
+        folder_name = folder_name[:-len(".zip")]
+    target = os.path.join(parent, folder_name)
+    if os.path.lexists(target):
+        raise RestoreRefused("%s already exists; nothing was overwritten" % target)
+    with zipfile.ZipFile(zip_path) as archive:
+        manifest = read_manifest(archive)
+        sizes = {entry["name"]: entry["size"] for entry in manifest["files"]}
+        members = [info for info in archive.infolist()
+                   if info.filename != MANIFEST_NAME and not info.is_dir()]
+        for info in members:
+            safe_member_path(info.filename)
+        os.makedirs(staging_parent, exist_ok=True)
+        staging = os.path.join(staging_parent, "%s%d-%s" % (RESTORE_STAGING_PREFIX,
+                                                             os.getpid(), folder_name))
+        os.mkdir(staging)
+        try:
+            for info in members:
+                destination = os.path.join(staging, *safe_member_path(info.filename))
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                with archive.open(info) as src, open(destination, "xb") as dst:
+                    while True:                                      # CRC checked at EOF
+                        chunk = src.read(COPY_CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+                if os.path.getsize(destination) != sizes.get(info.filename, info.file_size):
+                    raise RestoreRefused("%s: size differs from the manifest" % info.filename)
+                stamp = time.mktime(info.date_time + (0, 0, -1))
+                os.utime(destination, (stamp, stamp))
+            if before_rename is not None:
+                before_rename(manifest)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+    return target, len(members)
+
+
+def resolve_zip_argument(cfg: Config, text: str) -> str:
+    """A ZIP named as a path, or relative to BACKUP_ROOT (`2019_03/X.zip`)."""
+    if os.path.exists(text) or os.path.isabs(text):
+        return os.path.abspath(text)
+    return os.path.join(cfg.backup_root, text)
+
 
 @dataclass(frozen=True)
 class RestoreItem:
@@ -5140,15 +5644,6 @@ class RestoreItem:
     zip_path: str          # as the state names it (or as given)
     files: int
     source_bytes: int
-
-
-def month_argument(text: str) -> str:
-    """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
-    month = text.strip().replace("-", "_")
-    if not MONTH_FOLDER.match(month):
-        raise argparse.ArgumentTypeError("%r is not a month: use YYYY_MM, e.g. 2019_03, "
-                                         "or %s" % (text, UNKNOWN_DATE_FOLDER))
-    return month
 
 
 def select_studies(studies: Sequence[BackupStudy], select_all: bool,
@@ -5272,25 +5767,6 @@ class RestoreProgress(Progress):
             self.total / 1e6, rate / 1e6, left)
 
 
-def prepare_backup_alone(cfg: Config, purpose: str) -> int:
-    """What reindex and restore --into-horos need: a writable BACKUP_ROOT, its .tmp and
-    log, private as a cycle makes them. The PACS volume may be gone (a backup moved to a
-    recovery disk): with its sentinel the usual checks apply; without it BACKUP_ROOT must
-    already exist, so nothing is ever created on a disk that is not mounted. Returns
-    the umask the user had."""
-    if os.path.isfile(cfg.sentinel):
-        check_sentinels(cfg)
-    elif not os.path.isdir(cfg.backup_root):
-        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
-                        "the backup disk mounted? (check --backup-root; nothing was done)"
-                        % (cfg.sentinel, cfg.backup_root))
-    if os.path.isdir(cfg.backup_root) and not os.access(cfg.backup_root, os.W_OK):
-        raise CannotRun("%s is read-only, and %s records its progress in %s there: copy the "
-                        "backup to a writable disk (find and restore --to DIR work on a "
-                        "read-only one)" % (cfg.backup_root, purpose, STATE_FILE))
-    return open_backup_root(cfg)
-
-
 def staged_folder_name(entry_name: str) -> Optional[str]:
     """`.restoring-<pid>-<folder>` -> (pid, folder), None for any other name."""
     match = re.match(r"^%s(\d+)-(.+)$" % re.escape(RESTORE_STAGING_PREFIX), entry_name)
@@ -5306,7 +5782,7 @@ def finish_interrupted_restores(state: ExportState, target: str, incoming: str,
         return
     recorded = {os.path.basename(relpath)[:-len(".zip")]
                 if relpath.endswith(".zip") else os.path.basename(relpath)
-                for _uid, relpath in state.conn.execute(RESTORED_ZIP_NAMES_SQL, (target,))}
+                for relpath in state.restored_zip_paths(target)}
     for entry in sorted(os.listdir(staging_parent)):
         parsed = staged_folder_name(entry)
         if parsed is None:
@@ -5345,15 +5821,12 @@ def restore_into_target(state: ExportState, item: RestoreItem, target: str,
         found = as_text(manifest.get("study", {}).get("study_uid"))
         if found != item.study_uid:
             raise RestoreRefused("the ZIP holds study %s, not %s" % (found, item.study_uid))
-        with state.transaction() as conn:
-            conn.execute(RECORD_RESTORE_SQL, (target, item.study_uid, item.zip_path,
-                                              utc_iso(time.time())))
+        state.record_restore(target, item.study_uid, item.zip_path, time.time())
 
     try:
         return restore_zip(item.zip_file, incoming, staging_parent, on_bytes, record)
     except BaseException:
-        with state.transaction() as conn:
-            conn.execute(FORGET_RESTORE_SQL, (target, item.study_uid))
+        state.forget_restore(target, item.study_uid)
         raise
 
 
@@ -5380,7 +5853,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
             with umask_of(user_umask):
                 finish_interrupted_restores(state, target, cfg.incoming_dir, staging_parent)
             items, failed = restore_items(cfg, zips, select_all, months, find_texts)
-            done = dict(state.conn.execute(RESTORED_UIDS_SQL, (target,)))
+            done = state.restored_uids(target)
             todo = []
             earlier = 0
             for item in items:
@@ -5417,9 +5890,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
                          plural(count, "file"), folder)
             progress.clear()
             left = len(todo) - restored
-            with state.transaction() as conn:
-                conn.execute(RECORD_RESTORE_TARGET_SQL, (target, selection, left,
-                                                         utc_iso(time.time())))
+            state.record_restore_target(target, selection, left, time.time())
         finally:
             state.close()
     print(feeding_summary(cfg, restored, files, size, earlier, left, waiting + files))
@@ -5476,205 +5947,214 @@ def stop_if_disk_full(error: BaseException, folder: str) -> None:
                         "it goes on where it stopped" % (folder, error)) from None
 
 
-def restore_targets_status(state: ExportState) -> List[dict]:
-    """The `restores` of `status --json`: each library restore --into-horos feeds."""
-    return [{"target": row[0], "selection": row[1], "left": row[2], "last_run_at": row[3],
-             "restored": row[4], "in_progress": row[2] > 0}
-            for row in state.conn.execute(RESTORE_TARGETS_SQL)]
+def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
+                    into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
+                    find_texts: Sequence[str] = ()) -> int:
+    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
+    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
+    if not (zips or select_all or months or find_texts):
+        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
+                        "--find TEXT")
+    if into_horos:
+        return feed_horos(cfg, zips, select_all, months, find_texts)
+    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
 
 
 # =====================================================================================
 # CLI
 # =====================================================================================
+#
+# One table of commands: what each runs, and its own arguments. The settings are added
+# from their declarations (Config and AlertConfig); each command gets those whose Flag
+# names it. A setting may stand before the command's name or after it.
 
-def parse_modalities(text: str) -> Tuple[str, ...]:
-    tokens = tuple(t.strip().upper() for t in text.split(",") if t.strip())
-    if not tokens:
-        raise argparse.ArgumentTypeError("give at least one modality, e.g. CT,MR")
-    return tokens
-
-
-def bounded_number(kind, low, high=None):
-    """An argparse type: a number of `kind` (int or float) from low to high."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a %s" % (
-                text, "whole number" if kind is int else "number")) from None
-        if value != value or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                "must be from %s to %s" % (low, high) if high is not None
-                else "must be %s or more" % low)
-        return value
-    return parse
+@dataclass(frozen=True)
+class Argument:
+    """An argument of one command besides the settings (argparse's add_argument)."""
+    names: Tuple[str, ...]
+    options: Mapping[str, object]
+    group: str = ""          # arguments of one group exclude each other
 
 
-positive_int = bounded_number(int, 1)
-non_negative_int = bounded_number(int, 0)
-non_negative_float = bounded_number(float, 0)
-compress_level = bounded_number(int, 0, 9)
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[Config, argparse.Namespace], int]
+    arguments: Tuple[Argument, ...] = ()
+    required_groups: Tuple[str, ...] = ()    # groups of which one argument must be given
 
 
-# Flags every command takes, before or after its name: (flags, argparse options, default).
-# Paths default to None here and derive from --pacs-root in config_from_args.
-COMMON_FLAGS = (
-    (("--pacs-root",), dict(help="the PACS volume; holds .pacs_sentinel (default %s)"
-                             % PACS_ROOT), None),
-    (("--horos-data",), dict(help="the Horos Data folder (default PACS_ROOT/Database/"
-                              "Horos Data)"), None),
-    (("--backup-root",), dict(help="where ZIPs and state go (default PACS_ROOT/Backup)"),
-     None),
-    (("--batch-size",), dict(type=positive_int, help="studies per cycle (default %d)"
-                              % BATCH_SIZE), BATCH_SIZE),
-    (("--incoming-max-files",), dict(type=positive_int, help="skip the cycle while "
-                                      "INCOMING.noindex holds more files (default %d)"
-                                      % INCOMING_MAX_FILES), INCOMING_MAX_FILES),
-    (("--order-by",), dict(choices=ORDER_CHOICES, help="export order, oldest first "
-                            "(default %s)" % ORDER_BY), ORDER_BY),
-    (("--modalities",), dict(type=parse_modalities, help="studies to back up, "
-                              "comma-separated (default %s)" % ",".join(MODS)), MODS),
-    (("--use-db-copy",), dict(action="store_true", help="read a snapshot of Database.sql "
-                               "in BACKUP_ROOT/.tmp/dbcopy"), USE_DB_COPY),
-    (("--compression",), dict(choices=COMPRESSION_CHOICES, help="ZIP member compression "
-                               "(default %s)" % COMPRESSION), COMPRESSION),
-    (("--compress-level",), dict(type=compress_level, help="deflate level 0-9 (default %d)"
-                                  % COMPRESS_LEVEL), COMPRESS_LEVEL),
-    (("--busy-timeout",), dict(type=non_negative_float, help="seconds to wait for a locked "
-                                "database (default %g)" % BUSY_TIMEOUT_SECONDS),
-     BUSY_TIMEOUT_SECONDS),
-    (("--settle-minutes",), dict(type=non_negative_float, help="export a study once Horos "
-                                  "added nothing to it for this long (default %g)"
-                                  % SETTLE_MINUTES), SETTLE_MINUTES),
-    (("--missing-retries",), dict(type=non_negative_int, help="times a study with missing "
-                                   "files is deferred before it is exported without them "
-                                   "(default %d)" % MISSING_RETRIES), MISSING_RETRIES),
-    (("--min-free-gb",), dict(type=non_negative_float, help="free space to leave on the "
-                               "backup volume; 0 turns the check off (default %g)"
-                               % MIN_FREE_GB), MIN_FREE_GB),
-    (("--verify-per-run",), dict(type=non_negative_int, help="old ZIPs each cycle reads "
-                                  "back (default %d)" % VERIFY_PER_RUN), VERIFY_PER_RUN),
-    (("--max-mbps",), dict(type=non_negative_float, help="cap on MB/s read while exporting "
-                            "and verifying; 0: no cap (default %g)" % MAX_MBPS), MAX_MBPS),
-    (("--max-run-seconds",), dict(type=non_negative_float, help="start no new study after "
-                                   "this long; 0: no limit (default %g)" % MAX_RUN_SECONDS),
-     MAX_RUN_SECONDS),
-    (("--verbose",), dict(action="store_true", help="debug logging"), False),
-    (("--horos-prefs",), dict(metavar="PLIST", help="Horos's preferences (default %s)"
-                               % HOROS_PREFS), None),
-    (("--alert-email",), dict(type=parse_addresses, metavar="ADDR[,ADDR...]",
-                              help="email alerts to these addresses (needs --smtp-host)"),
-     ALERT_EMAIL),
-    (("--smtp-host",), dict(help="mail server for --alert-email"), SMTP_HOST),
-    (("--smtp-port",), dict(type=bounded_number(int, 1, 65535), help="its port; STARTTLS "
-                             "when offered, 465 is TLS from the start (default %d)"
-                             % SMTP_PORT), SMTP_PORT),
-    (("--smtp-user",), dict(help="log in as this user (only over TLS)"), SMTP_USER),
-    (("--smtp-password-file",), dict(metavar="FILE", help="the password, first line of a "
-                                      "file only its owner can read (chmod 600)"),
-     SMTP_PASSWORD_FILE),
-    (("--alert-command",), dict(metavar="CMD", help="run by /bin/sh -c for each alert: "
-                                 "the message on stdin, the subject in $%s"
-                                 % ALERT_SUBJECT_ENV), ALERT_COMMAND),
-    (("--heartbeat-url",), dict(metavar="URL", help="requested after every cycle that ends "
-                                 "well, URL/fail after a failed one"), HEARTBEAT_URL),
-    (("--alert-after-hours",), dict(type=non_negative_float, help="alert when no cycle has "
-                                     "succeeded for this long; 0: at the first failed "
-                                     "cycle (default %g)" % ALERT_AFTER_HOURS),
-     ALERT_AFTER_HOURS),
-    (("--clinic-hours",), dict(metavar="HH-HH", help="local hours Horos is in use, the end "
-                                "exclusive (19-07 wraps): up to --batch-size studies per "
-                                "cycle then, until --max-run-seconds outside; none: never "
-                                "capped; 00-24: always (default %s)" % CLINIC_HOURS),
-     CLINIC_HOURS),
-    (("--clinic-days",), dict(metavar="DAYS", help="days with clinic hours: mon-fri, "
-                               "mon-sat, mon,wed,fri (default %s)" % CLINIC_DAYS),
-     CLINIC_DAYS),
-    # Rows per read transaction on Database.sql (default HOROS_CHUNK_ROWS); for tests.
-    (("--horos-chunk-rows",), dict(type=positive_int, help=argparse.SUPPRESS), 0),
-)
-
-COMMANDS = {
-    "status": "where the backup stands (--json for scripts)",
-    "verify": "re-read ZIPs and check every member; damaged ones are exported again",
-    "restore": "extract study ZIPs into a folder, or back into Horos",
-    "reindex": "rebuild export_state.sqlite from the ZIPs' manifests",
-    "retry": "clear the back-off of failed studies",
-    "doctor": "check the installation end to end; writes nothing (--json for scripts)",
-    "find": "search the backup alone for studies by patient, ID, date or modality",
-    "test-alert": "send one test message by every configured alert channel",
-}
+def run_cycle_command(cfg: Config, args: argparse.Namespace) -> int:
+    return dry_run(cfg) if args.dry_run else cycle_with_alerts(cfg)
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("options every command takes")
-    for flags, options, _default in COMMON_FLAGS:
-        # SUPPRESS: a flag given before the command name is not reset after it.
-        group.add_argument(*flags, default=argparse.SUPPRESS, **options)
+def run_status(cfg: Config, args: argparse.Namespace) -> int:
+    return status_command(cfg, args.json)
+
+
+def run_verify(cfg: Config, args: argparse.Namespace) -> int:
+    return verify_with_alerts(cfg, args.all, args.limit, args.max_gb)
+
+
+def run_restore(cfg: Config, args: argparse.Namespace) -> int:
+    return restore_command(cfg, args.zips, args.to, args.into_horos, args.all, args.month,
+                           args.find)
+
+
+def run_reindex(cfg: Config, args: argparse.Namespace) -> int:
+    return reindex_command(cfg)
+
+
+def run_retry(cfg: Config, args: argparse.Namespace) -> int:
+    return retry_command(cfg, args.study_uids)
+
+
+def run_doctor_command(cfg: Config, args: argparse.Namespace) -> int:
+    return doctor_command(cfg, args.json)
+
+
+def run_find(cfg: Config, args: argparse.Namespace) -> int:
+    return find_command(cfg, args.texts, args.json)
+
+
+def run_test_alert(cfg: Config, args: argparse.Namespace) -> int:
+    return test_alert_command(cfg)
+
+
+JSON = Argument(("--json",), dict(action="store_true", help="machine-readable"))
+
+COMMANDS = {command.name: command for command in (
+    Command(CYCLE, "Export every CT/MR study of a Horos library to one verified ZIP per "
+            "study, in monthly folders. With no command, runs one backup cycle.",
+            run_cycle_command, (
+                Argument(("--dry-run",), dict(action="store_true", help="list what the next "
+                                              "cycle would export; write nothing")),)),
+    Command(STATUS, "where the backup stands (--json for scripts)", run_status, (JSON,)),
+    Command(VERIFY, "re-read ZIPs and check every member; damaged ones are exported again",
+            run_verify, (
+                Argument(("--all",), dict(action="store_true", help="every ZIP"), "how_much"),
+                Argument(("--limit",), dict(type=positive_int, metavar="N",
+                                            help="the N longest-unverified ZIPs (default %d)"
+                                            % VERIFY_DEFAULT_LIMIT), "how_much"),
+                Argument(("--max-gb",), dict(type=non_negative_float, metavar="X",
+                                             help="longest-unverified ZIPs until X GB are "
+                                             "read"), "how_much"))),
+    Command(RESTORE, "extract study ZIPs into a folder, or back into Horos", run_restore, (
+        Argument(("zips",), dict(nargs="*", metavar="ZIP", help="study ZIPs (a path, or "
+                                 "relative to BACKUP_ROOT)")),
+        Argument(("--all",), dict(action="store_true", help="every study of the backup"),
+                 "which"),
+        Argument(("--month",), dict(action="append", type=month_argument, default=[],
+                                    metavar="YYYY_MM", help="the studies of a month folder "
+                                    "(repeatable)"), "which"),
+        Argument(("--find",), dict(nargs="+", default=[], metavar="TEXT",
+                                   help="the studies `find TEXT...` lists"), "which"),
+        Argument(("--to",), dict(metavar="DIR", help="a folder (created if needed); each "
+                                 "study becomes a new folder in it"), "where"),
+        Argument(("--into-horos",), dict(action="store_true", help="into INCOMING.noindex, "
+                                         "for Horos to import"), "where")),
+        required_groups=("where",)),
+    Command(REINDEX, "rebuild export_state.sqlite from the ZIPs' manifests", run_reindex),
+    Command(RETRY, "clear the back-off of failed studies", run_retry, (
+        Argument(("study_uids",), dict(nargs="*", metavar="STUDY_UID", help="the studies to "
+                                       "retry (default: every failed study)")),)),
+    Command(DOCTOR, "check the installation end to end; writes nothing (--json for "
+            "scripts)", run_doctor_command, (JSON,)),
+    Command(FIND, "search the backup alone for studies by patient, ID, date or modality",
+            run_find, (
+                Argument(("texts",), dict(nargs="+", metavar="TEXT", help="words that must "
+                                          "all match: part of the patient name, ID or "
+                                          "accession number, the start of the study UID or "
+                                          "date (2019, 2019-03), or a modality")),
+                JSON)),
+    Command(TEST_ALERT, "send one test message by every configured alert channel",
+            run_test_alert),
+)}
+
+
+def default_text(field: dataclasses.Field) -> str:
+    """A setting's default as --help shows it."""
+    flag = field.metadata["flag"]
+    if flag.default_text or flag.switch:
+        return flag.default_text
+    value = field.default
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return "%g" % value
+    return str(value)
+
+
+def add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    group = parser.add_argument_group("settings (README: Configuration)")
+    for field in setting_fields():
+        flag = field.metadata["flag"]
+        if command not in flag.commands:
+            continue
+        shown = default_text(field)
+        options: Dict[str, object] = dict(
+            dest=field.name, help=argparse.SUPPRESS if flag.hidden
+            else flag.help + (" (default %s)" % shown if shown else ""),
+            # SUPPRESS: a setting given before the command's name is not reset after it.
+            default=argparse.SUPPRESS)
+        if flag.switch:
+            options["action"] = "store_true"
+        else:
+            options.update(type=flag.type, choices=flag.choices, metavar=flag.metavar
+                           or flag.name.lstrip("-").replace("-", "_").upper())
+        group.add_argument(flag.name, **options)
+
+
+def add_command_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
+    groups: Dict[str, Any] = {}
+    for argument in command.arguments:
+        target = parser
+        if argument.group:
+            if argument.group not in groups:
+                groups[argument.group] = parser.add_mutually_exclusive_group(
+                    required=argument.group in command.required_groups)
+            target = groups[argument.group]
+        target.add_argument(*argument.names, **argument.options)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="horos_backup_export.py",
-        description="Export every CT/MR study of a Horos library to one verified ZIP per "
-                    "study, in monthly folders. With no command, runs one backup cycle.")
-    add_common_flags(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what the next cycle would export; write nothing")
+    cycle = COMMANDS[CYCLE]
+    parser = argparse.ArgumentParser(prog="horos_backup_export.py", description=cycle.help)
+    add_settings(parser, CYCLE)
+    add_command_arguments(parser, cycle)
     parser.add_argument("--version", action="version", version="%(prog)s " + TOOL_VERSION)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     title="commands (none: run one backup cycle)")
-    sub = {name: commands.add_parser(name, help=text, description=text)
-           for name, text in COMMANDS.items()}
-    for subparser in sub.values():
-        add_common_flags(subparser)
-    sub["status"].add_argument("--json", action="store_true", help="machine-readable")
-    how_much = sub["verify"].add_mutually_exclusive_group()
-    how_much.add_argument("--all", action="store_true", help="every ZIP")
-    how_much.add_argument("--limit", type=positive_int, metavar="N",
-                          help="the N longest-unverified ZIPs (default %d)"
-                          % VERIFY_DEFAULT_LIMIT)
-    how_much.add_argument("--max-gb", type=non_negative_float, metavar="X",
-                          help="longest-unverified ZIPs until X GB are read")
-    sub["restore"].add_argument("zips", nargs="*", metavar="ZIP",
-                                help="study ZIPs (a path, or relative to BACKUP_ROOT)")
-    which = sub["restore"].add_mutually_exclusive_group()
-    which.add_argument("--all", action="store_true", help="every study of the backup")
-    which.add_argument("--month", action="append", type=month_argument, default=[],
-                       metavar="YYYY_MM", help="the studies of a month folder (repeatable)")
-    which.add_argument("--find", nargs="+", default=[], metavar="TEXT",
-                       help="the studies `find TEXT...` lists")
-    where = sub["restore"].add_mutually_exclusive_group(required=True)
-    where.add_argument("--to", metavar="DIR", help="a folder (created if needed); each "
-                       "study becomes a new folder in it")
-    where.add_argument("--into-horos", action="store_true",
-                       help="into INCOMING.noindex, for Horos to import")
-    sub["retry"].add_argument("study_uids", nargs="*", metavar="STUDY_UID",
-                              help="the studies to retry (default: every failed study)")
-    sub["doctor"].add_argument("--json", action="store_true", help="machine-readable")
-    sub["find"].add_argument("texts", nargs="+", metavar="TEXT",
-                             help="words that must all match: part of the patient name, ID "
-                             "or accession number, the start of the study UID or date "
-                             "(2019, 2019-03), or a modality")
-    sub["find"].add_argument("--json", action="store_true", help="machine-readable")
+    subparsers = parser.add_subparsers(dest="command_name", metavar="COMMAND",
+                                       title="commands (none: run one backup cycle)")
+    for command in COMMANDS.values():
+        if command.name == CYCLE:
+            continue
+        subparser = subparsers.add_parser(command.name, help=command.help,
+                                          description=command.help)
+        add_settings(subparser, command.name)
+        add_command_arguments(subparser, command)
     return parser
 
 
-def option_names(parser: argparse.ArgumentParser) -> set:
-    """Every option string the parser and its commands' parsers take."""
-    names = set()
-    for action in parser._actions:
-        names.update(action.option_strings)
-        if isinstance(action.choices, dict):          # the commands' subparsers
-            for subparser in action.choices.values():
-                names.update(option_names(subparser))
+def option_names() -> set:
+    """Every option string the script takes, from the declarations (not from argparse)."""
+    names = {"-h", "--help", "--version"}
+    names.update(field.metadata["flag"].name for field in setting_fields())
+    names.update(name for command in COMMANDS.values() for argument in command.arguments
+                 for name in argument.names if name.startswith("-"))
     return names
 
 
-def reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+def usage_error(message: str) -> None:
+    """argparse's exit code, in one line: the usage text would bury the message."""
+    print("horos_backup_export.py: error: %s" % message, file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def reject_unknown_options(argv: Sequence[str]) -> None:
     """Name a mistyped flag, one line, exit 2. Left to argparse, `--pacs-rot X` reads X
     as the command and reports "invalid choice: 'X'", which hides the typo."""
-    known = option_names(parser)
+    known = option_names()
     for token in argv:
         if token == "--":
             return
@@ -5686,114 +6166,96 @@ def reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str])
                 or name in known:
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1)
-        print("%s: error: unrecognized option %s%s" % (
-            parser.prog, name, " (did you mean %s?)" % close[0] if close else ""),
-            file=sys.stderr)
-        sys.exit(2)
+        usage_error("unrecognized option %s%s" % (
+            name, " (did you mean %s?)" % close[0] if close else ""))
+
+
+def drop_settings_of_the_cycle(args: argparse.Namespace, command: str) -> None:
+    """Settings before a command's name are the cycle's (copied from the plist, say):
+    the command keeps those it takes and ignores the rest. --dry-run there is refused:
+    `--dry-run restore ...` must not restore for real."""
+    if command == CYCLE:
+        return
+    if args.dry_run:
+        usage_error("--dry-run applies to a backup cycle, not to `%s`" % command)
+    for field in setting_fields():
+        flag = field.metadata["flag"]
+        if hasattr(args, field.name) and command not in flag.commands:
+            log.debug("%s ignored: `%s` does not use it", flag.name, command)
+            delattr(args, field.name)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = build_parser()
-    reject_unknown_options(parser, sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    for flags, _options, default in COMMON_FLAGS:
-        name = flags[0].lstrip("-").replace("-", "_")
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    try:
-        clinic_schedule(args.clinic_hours, args.clinic_days)
-    except ValueError as error:
-        # argparse's exit code, but one line: the usage text would bury the value.
-        print("horos_backup_export.py: error: %s" % error, file=sys.stderr)
-        raise SystemExit(2) from None
+    reject_unknown_options(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    drop_settings_of_the_cycle(args, args.command_name or CYCLE)
+    if hasattr(args, "clinic_hours") or hasattr(args, "clinic_days"):
+        try:
+            clinic_schedule(getattr(args, "clinic_hours", CLINIC_HOURS),
+                            getattr(args, "clinic_days", CLINIC_DAYS))
+        except ValueError as error:
+            usage_error(str(error))
     return args
+
+
+def setting_values(kind, args: argparse.Namespace) -> Dict[str, object]:
+    """{field: value} of the settings of Config or AlertConfig: the flag when given,
+    else the constant, parsed by the flag's type as the flag's text would be."""
+    values = {}
+    for field in dataclasses.fields(kind):
+        flag = field.metadata.get("flag")
+        if flag is None:
+            continue
+        value = getattr(args, field.name, field.default)
+        if isinstance(value, str) and flag.type is not None and not hasattr(args, field.name):
+            try:
+                value = flag.type(value)
+            except argparse.ArgumentTypeError as error:
+                raise CannotRun("%s = %r at the top of %s: %s" % (
+                    flag.constant, value, os.path.basename(__file__), error)) from None
+        values[field.name] = value
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Flags over constants. Without --pacs-root the path constants apply as edited at
     the top of this file (but Horos Data follows Horos's preferences when they exist);
     with it, paths derive from it unless given on their own."""
-    if args.pacs_root:
-        pacs_root = os.path.abspath(args.pacs_root)
+    command = args.command_name or CYCLE
+    values = setting_values(Config, args)
+    sentinel = SENTINEL
+    if hasattr(args, "pacs_root"):
+        pacs_root = values["pacs_root"] = os.path.abspath(args.pacs_root)
         sentinel = os.path.join(pacs_root, SENTINEL_NAME)
-        horos_data = os.path.join(pacs_root, "Database", "Horos Data")
-        backup_root = os.path.join(pacs_root, "Backup")
-    else:
-        pacs_root, sentinel, horos_data, backup_root = (PACS_ROOT, SENTINEL, HOROS_DATA_DIR,
-                                                        BACKUP_ROOT)
-    prefs = load_horos_preferences(os.path.abspath(os.path.expanduser(
-        args.horos_prefs or HOROS_PREFS)), explicit=args.horos_prefs is not None,
-        # find and restore read the backup alone (a recovery Mac may hold a Horos whose
-        # settings are damaged); doctor reports the problem as a check.
-        tolerant=args.command in ("doctor", "find", "restore"))
-    if not args.pacs_root and prefs.found:
-        horos_data = horos_data_folder(prefs, os.path.expanduser("~"))
-    return Config(
-        pacs_root=pacs_root,
-        sentinel=sentinel,
-        horos_data=os.path.abspath(args.horos_data or horos_data),
-        backup_root=os.path.abspath(args.backup_root or backup_root),
-        batch_size=args.batch_size,
-        incoming_max_files=args.incoming_max_files,
-        order_by=args.order_by,
-        modalities=tuple(args.modalities),
-        use_db_copy=args.use_db_copy,
-        compression=args.compression,
-        compress_level=args.compress_level,
-        busy_timeout=args.busy_timeout,
-        settle_minutes=args.settle_minutes,
-        missing_retries=args.missing_retries,
-        min_free_gb=args.min_free_gb,
-        verify_per_run=args.verify_per_run,
-        max_mbps=args.max_mbps,
-        max_run_seconds=args.max_run_seconds,
-        verbose=args.verbose,
-        folder_size=prefs.folder_size,
-        horos_prefs=prefs,
-        alerts=alert_config_from_args(args),
-        clinic_hours=args.clinic_hours,
-        clinic_days=args.clinic_days,
-        horos_chunk_rows=args.horos_chunk_rows,
-    )
-
-
-def run_command(args: argparse.Namespace, cfg: Config) -> int:
-    if args.command is None:
-        return dry_run(cfg) if args.dry_run else cycle_with_alerts(cfg)
-    if args.dry_run:
-        raise CannotRun("--dry-run applies to a backup cycle, not to `%s`" % args.command)
-    if args.command == "status":
-        return status_command(cfg, args.json)
-    if args.command == "verify":
-        return verify_with_alerts(cfg, args.all, args.limit, args.max_gb)
-    if args.command == "restore":
-        return restore_command(cfg, args.zips, args.to, args.into_horos, args.all,
-                               args.month, args.find)
-    if args.command == "reindex":
-        return reindex_command(cfg)
-    if args.command == "doctor":
-        return doctor_command(cfg, args.json)
-    if args.command == "find":
-        return find_command(cfg, args.texts, args.json)
-    if args.command == "retry":
-        return retry_command(cfg, args.study_uids)
-    return test_alert_command(cfg)
-
-
-class Terminated(Exception):
-    """launchd (or kill) sent SIGTERM."""
-
-
-def raise_terminated(_signum, _frame):
-    raise Terminated()
+        if not hasattr(args, "horos_data"):
+            values["horos_data"] = os.path.join(pacs_root, HOROS_DATA_SUBDIR)
+        if not hasattr(args, "backup_root"):
+            values["backup_root"] = os.path.join(pacs_root, BACKUP_SUBDIR)
+    prefs = HorosPreferences(path="")
+    if command in READS_HOROS_DATA:
+        prefs = load_horos_preferences(
+            os.path.abspath(os.path.expanduser(values["horos_prefs_file"])),
+            explicit=hasattr(args, "horos_prefs_file"),
+            # restore reads the backup (a recovery Mac may hold a Horos whose settings
+            # are damaged); doctor reports the problem as a check.
+            tolerant=command in (DOCTOR, RESTORE))
+        if not hasattr(args, "pacs_root") and not hasattr(args, "horos_data") and prefs.found:
+            values["horos_data"] = horos_data_folder(prefs, os.path.expanduser("~"))
+    values["horos_data"] = os.path.abspath(values["horos_data"])
+    values["backup_root"] = os.path.abspath(values["backup_root"])
+    alerts = AlertConfig(**setting_values(AlertConfig, args))
+    if command in ALERTING_COMMANDS:
+        alerts = checked_alert_config(alerts)
+    return Config(sentinel=sentinel, horos_prefs=prefs, alerts=alerts, **values)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    setup_console_logging(args.verbose)
+    setup_console_logging(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return run_command(args, config_from_args(args))
+        cfg = config_from_args(args)
+        return COMMANDS[args.command_name or CYCLE].run(cfg, args)
     except CannotRun as error:
         log.debug("cannot run: %s", error)
         print("horos_backup_export: error: %s" % error, file=sys.stderr)
@@ -5801,7 +6263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, Terminated):
         print("horos_backup_export: interrupted; partial files are removed next run",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `status | head` closed the pipe: what was wanted is printed. Point stdout at
         # /dev/null so the interpreter's last flush fails no more.

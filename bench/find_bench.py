@@ -110,7 +110,8 @@ def backfill_rate(work, count):
         conn.executemany(hbe.SET_SEARCH_FIELDS_SQL, rows)
     cfg = hbe.Config(pacs_root=work, sentinel="", horos_data=work, backup_root=backup)
     started = time.perf_counter()
-    filled = hbe.backfill_search_fields(cfg, state, float("inf"))
+    filled = hbe.backfill_search_fields(cfg, state, hbe.IssueLog(cfg.issues_path),
+                                        float("inf"))
     seconds = time.perf_counter() - started
     state.close()
     return filled / seconds

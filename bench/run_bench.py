@@ -218,7 +218,7 @@ def exported_state(pacs_root):
     db = os.path.join(pacs_root, "Database", "Horos Data", "Database.sql")
     with hbe.open_horos_reader(db, 30) as reader:
         studies = hbe.read_candidates(reader)
-        top = hbe.image_high_water(reader)
+        top = reader.image_high_water()
     state = hbe.ExportState(os.path.join(backup, "export_state.sqlite"))
     now = hbe.utc_iso(time.time())
     wanted = hbe.wanted_modalities(hbe.MODS)

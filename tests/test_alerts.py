@@ -749,8 +749,9 @@ def ok(**kinds):
 
 
 def run_sequence(reports, start=T0, step=600.0, after_hours=24.0, delivered=True):
-    """Feed reports every `step` seconds; returns [(due, resolved)] and the last book."""
-    book, seen = hbe.empty_alert_book(), []
+    """Feed reports every `step` seconds; returns [(due, resolved)] and the last book,
+    as alerts.json holds it."""
+    book, seen = hbe.AlertBook(), []
     for index, report in enumerate(reports):
         now = start + index * step
         plan = hbe.decide_alerts(book, report, now, after_hours * HOUR)
@@ -758,7 +759,7 @@ def run_sequence(reports, start=T0, step=600.0, after_hours=24.0, delivered=True
         book = plan.book
         if (plan.due or plan.resolved) and delivered:
             book = hbe.record_delivery(plan, now, "s", ["email"])
-    return seen, book
+    return seen, book.to_json()
 
 
 def test_one_problem_alerts_once_a_day_while_it_lasts_then_resolves_once():
@@ -848,7 +849,7 @@ def test_the_message_names_kinds_counts_and_paths_only():
                      backup_root="/Volumes/PACS/Backup")
     report = hbe.RunReport(status=hbe.RUN_OK, kinds={"VERIFY_FAILED": 2}, zip_bad_waiting=3,
                            failing_week={})
-    plan = hbe.decide_alerts(hbe.empty_alert_book(), report, T0, 24 * HOUR)
+    plan = hbe.decide_alerts(hbe.AlertBook(), report, T0, 24 * HOUR)
     subject, body = hbe.compose_alert(cfg, plan, "mini.local")
     assert subject == ("[Horos backup] 2 PROBLEMS on mini.local: VERIFY_FAILED (damaged or "
                        "missing ZIPs); ZIP_BAD (ZIPs failing verification as they are "
@@ -883,19 +884,17 @@ def test_the_deadline_keeps_time_for_the_channels_still_to_come():
 
 
 def test_rows_written_across_an_issues_csv_rotation_still_alert(tmp_path, monkeypatch):
-    """append_issue rotates issues.csv mid-run: the kinds in `.1` after the run's start
-    and in the new file are both counted."""
-    root = tmp_path / "Backup"
-    root.mkdir()
-    cfg = hbe.Config(pacs_root=str(tmp_path), sentinel=str(tmp_path / ".pacs_sentinel"),
-                     horos_data=str(tmp_path / "Horos Data"), backup_root=str(root))
+    """issues.csv rotates mid-run: every row the run added, before and after the
+    rotation, is in what alerting reads (the run's IssueLog), and on disk."""
     monkeypatch.setattr(hbe, "ISSUES_MAX_BYTES", 400)
+    path = str(tmp_path / "issues.csv")
+    earlier = hbe.IssueLog(path)
     for _ in range(3):
-        hbe.append_issue(cfg, "INCOMING_OVER_LIMIT", "", "x" * 40)
-    offset = hbe.issues_size(cfg.issues_path)
-    hbe.append_issue(cfg, "DISK_LOW", "", "y" * 200)        # goes into the old file
-    assert not os.path.exists(cfg.issues_path + ".1")
-    hbe.append_issue(cfg, "ZIP_BAD", "1.2.3", "z")           # rotates first
-    assert os.path.exists(cfg.issues_path + ".1")
-    assert hbe.issues_size(cfg.issues_path) < offset
-    assert hbe.issue_kinds_since(cfg.issues_path, offset) == {"DISK_LOW": 1, "ZIP_BAD": 1}
+        earlier.add("INCOMING_OVER_LIMIT", "", "x" * 40)
+    issues = hbe.IssueLog(path)
+    issues.add("DISK_LOW", "", "y" * 200)                    # goes into the old file
+    assert not os.path.exists(path + ".1")
+    issues.add("ZIP_BAD", "1.2.3", "z")                      # rotates first
+    assert os.path.exists(path + ".1")
+    assert issues.written == {"DISK_LOW": 1, "ZIP_BAD": 1}
+    assert [row["kind"] for row in issues_rows(str(tmp_path))] == ["ZIP_BAD"]

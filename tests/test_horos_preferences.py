@@ -313,12 +313,12 @@ def test_auto_cleaning_stops_the_cycle_before_horos_would_delete(tmp_path, share
     assert free_bytes(shared_disk) > reserve + 4 * MIB     # room for a few studies
     root = backup_root(lib)
 
-    status = json.loads(run_cycle(lib, "status", "--json", *CYCLE,
+    status = json.loads(run_cycle(lib, *CYCLE, "status", "--json",
                                   env=home_env(home)).stdout)
     assert status["reserve"]["source"] == "horos_auto_cleaning"
     assert status["reserve"]["bytes"] == reserve
     assert status["reserve"]["horos_threshold_bytes"] == threshold
-    text = run_cycle(lib, "status", *CYCLE, env=home_env(home)).stdout
+    text = run_cycle(lib, *CYCLE, "status", env=home_env(home)).stdout
     assert "auto-cleaning threshold" in text
 
     result = run_cycle(lib, *CYCLE, env=home_env(home))
@@ -346,7 +346,7 @@ def test_with_auto_cleaning_off_only_min_free_gb_applies(tmp_path, shared_disk, 
     home = tmp_path / "home"
     write_horos_preferences({"AUTOCLEANINGSPACE": off, "AUTOCLEANINGSPACESIZE": -40},
                             home=str(home))
-    status = json.loads(run_cycle(lib, "status", "--json", *CYCLE,
+    status = json.loads(run_cycle(lib, *CYCLE, "status", "--json",
                                   env=home_env(home)).stdout)
     assert status["reserve"]["source"] == "min_free_gb"
     assert status["reserve"]["bytes"] == 0
@@ -365,7 +365,7 @@ def test_a_backup_on_another_disk_ignores_the_threshold(tmp_path, shared_disk):
     home = tmp_path / "home"
     write_horos_preferences({"AUTOCLEANINGSPACESIZE": "-90"}, home=str(home))
     target = os.path.join(shared_disk, "Horos")
-    status = json.loads(run_cycle(lib, "status", "--json", "--backup-root", target, *CYCLE,
+    status = json.loads(run_cycle(lib, *CYCLE, "status", "--json", "--backup-root", target,
                                   env=home_env(home)).stdout)
     assert status["reserve"]["source"] == "min_free_gb"
     assert status["reserve"]["horos_threshold_bytes"] is None

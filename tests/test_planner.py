@@ -2,6 +2,7 @@
 
 import datetime as dt
 import os
+import sys
 import time
 
 import pytest
@@ -182,7 +183,7 @@ def series(pk, number, modality="CT", description="Axial", uid=None):
 
 
 def image(series_pk, number=None, path=None, instance=None):
-    return hbe.ImageRow(series_pk=series_pk, path_number=number, path_string=path,
+    return hbe.ImageRow(pk=0, series_pk=series_pk, path_number=number, path_string=path,
                         instance_number=instance)
 
 
@@ -309,12 +310,21 @@ def test_retry_back_off_grows_then_stays_daily():
         [HOUR, 6 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR]
 
 
+# The columns of CANDIDATES_SQL, in its order.
+CANDIDATE_COLUMNS = ("pk", "uid", "study_date", "date_added", "modality_summary",
+                     "series_modalities", "fingerprint_text")
+
+
+def candidate_rows(*rows):
+    return [dict(zip(CANDIDATE_COLUMNS, row)) for row in rows]
+
+
 def test_two_rows_with_one_uid_are_one_study():
-    rows = [  # CANDIDATES_SQL shape, in Z_PK order
+    rows = candidate_rows(  # in Z_PK order
         (3, "1.2.3", 100.0, 11.0, "SR", "SR", "100000|SR|1|A|P2|0|1|1"),
         (4, "4.5.6", None, 12.0, "US", "US", "0|US|1|B|P3|0|1|1"),
         (7, "1.2.3 ", 200.0, 10.0, "CT", "CT\\ ct ", "200000|CT|5|A|P1|0|1|5"),
-    ]
+    )
     studies = {s.uid: s for s in hbe.group_candidates(rows)}
     assert set(studies) == {"1.2.3", "4.5.6"}
     assert studies["1.2.3"].pks == (3, 7)
@@ -332,7 +342,7 @@ def test_fingerprint_moves_with_what_horos_keeps_and_nothing_else():
     def fingerprint(**changes):
         values = dict(zip(("pk", "uid", "date", "added", "summary", "series", "text"), row))
         values.update(changes)
-        return hbe.group_candidates([tuple(values.values())])[0].fingerprint
+        return hbe.group_candidates(candidate_rows(tuple(values.values())))[0].fingerprint
 
     same = fingerprint()
     assert fingerprint() == same
@@ -342,9 +352,9 @@ def test_fingerprint_moves_with_what_horos_keeps_and_nothing_else():
 
 
 def test_odd_date_types_in_candidate_rows():
-    rows = [(1, "1.1", "612345678.5", 5, "CT", None, "x"),
-            (2, "2.2", "junk", None, "MR", None, "y"),
-            (3, "3.3", float("nan"), 1e300, "CT", None, "z")]
+    rows = candidate_rows((1, "1.1", "612345678.5", 5, "CT", None, "x"),
+                          (2, "2.2", "junk", None, "MR", None, "y"),
+                          (3, "3.3", float("nan"), 1e300, "CT", None, "z"))
     studies = {s.uid: s for s in hbe.group_candidates(rows)}
     assert studies["1.1"].study_date == 612345678.5 and studies["1.1"].last_added == 5
     assert studies["2.2"].study_date is None and studies["2.2"].last_added is None
@@ -398,19 +408,35 @@ def test_no_throttle_at_zero():
 
 # -- configuration ---------------------------------------------------------------------
 
-def test_path_constants_apply_unless_pacs_root_is_given(monkeypatch):
+def test_path_constants_apply_unless_pacs_root_is_given(tmp_path, monkeypatch):
     # What a person does who edits the constants at the top of the copied script.
-    monkeypatch.setattr(hbe, "HOROS_DATA_DIR", "/Volumes/RAID/Horos Data")
-    monkeypatch.setattr(hbe, "BACKUP_ROOT", "/Volumes/BACKUP/Horos")
-    cfg = hbe.config_from_args(hbe.parse_args([]))
+    import importlib.util
+    with open(hbe.__file__, encoding="utf-8") as handle:
+        text = handle.read()
+    for old, new in (
+            ("HOROS_DATA_DIR = os.path.join(PACS_ROOT, HOROS_DATA_SUBDIR)",
+             'HOROS_DATA_DIR = "/Volumes/RAID/Horos Data"'),
+            ("BACKUP_ROOT = os.path.join(PACS_ROOT, BACKUP_SUBDIR)",
+             'BACKUP_ROOT = "/Volumes/BACKUP/Horos"'),
+            ("BATCH_SIZE = 15 ", "BATCH_SIZE = 4 ")):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    edited = tmp_path / "horos_backup_export.py"
+    edited.write_text(text, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("edited_copy", str(edited))
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "edited_copy", copy)     # dataclasses look it up
+    spec.loader.exec_module(copy)
+    cfg = copy.config_from_args(copy.parse_args([]))
     assert (cfg.pacs_root, cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
         "/Volumes/PACS", "/Volumes/PACS/.pacs_sentinel", "/Volumes/RAID/Horos Data",
         "/Volumes/BACKUP/Horos")
-    cfg = hbe.config_from_args(hbe.parse_args(["--pacs-root", "/X"]))
+    assert cfg.batch_size == 4
+    cfg = copy.config_from_args(copy.parse_args(["--pacs-root", "/X"]))
     assert (cfg.sentinel, cfg.horos_data, cfg.backup_root) == (
         "/X/.pacs_sentinel", "/X/Database/Horos Data", "/X/Backup")
-    cfg = hbe.config_from_args(hbe.parse_args(["status", "--pacs-root", "/X",
-                                               "--backup-root", "/B/H"]))
+    cfg = copy.config_from_args(copy.parse_args(["status", "--pacs-root", "/X",
+                                                 "--backup-root", "/B/H"]))
     assert (cfg.horos_data, cfg.backup_root) == ("/X/Database/Horos Data", "/B/H")
 
 
@@ -428,10 +454,11 @@ def test_bad_flags_are_refused_with_usage(argv, capsys):
 def test_files_decision_for_the_cycle_and_the_dry_run():
     missing = hbe.Failure("u", "MISSING_FILES", 2, 0.0, "f")
     other = hbe.Failure("u", "FILE_CHANGED", 5, 0.0, "f")
-    assert hbe.files_decision(0, 3, None, 3) == hbe.FAIL
-    assert hbe.files_decision(3, 0, missing, 3) == hbe.EXPORT
-    assert hbe.files_decision(2, 1, None, 3) == hbe.DEFER
-    assert hbe.files_decision(2, 1, missing, 3) == hbe.DEFER        # 2 deferrals of 3
-    assert hbe.files_decision(2, 1, missing, 2) == hbe.PARTIAL      # used up
-    assert hbe.files_decision(2, 1, other, 1) == hbe.DEFER          # other failures don't count
-    assert hbe.files_decision(2, 1, None, 0) == hbe.PARTIAL
+    outcome = hbe.Outcome
+    assert hbe.files_decision(0, 3, None, 3) == outcome.NO_FILES
+    assert hbe.files_decision(3, 0, missing, 3) == outcome.EXPORTED
+    assert hbe.files_decision(2, 1, None, 3) == outcome.DEFERRED
+    assert hbe.files_decision(2, 1, missing, 3) == outcome.DEFERRED   # 2 deferrals of 3
+    assert hbe.files_decision(2, 1, missing, 2) == outcome.PARTIAL    # used up
+    assert hbe.files_decision(2, 1, other, 1) == outcome.DEFERRED     # others don't count
+    assert hbe.files_decision(2, 1, None, 0) == outcome.PARTIAL

@@ -231,9 +231,7 @@ def test_every_formula_start_gets_a_quote_and_nothing_else_changes(tmp_path):
         assert hbe.csv_safe_cell(text) == "'" + text
     for text in ("", "1.2.3", "/Volumes/PACS/x.dcm", "a=b", "'=already", "NO_FILES"):
         assert hbe.csv_safe_cell(text) == text
-    cfg = hbe.Config(pacs_root=str(tmp_path), sentinel="", horos_data="",
-                     backup_root=str(tmp_path))
-    hbe.append_issue(cfg, "NO_FILES", "\r=cmd", "\t=1+1", "-2+3")
+    hbe.IssueLog(str(tmp_path / "issues.csv")).add("NO_FILES", "\r=cmd", "\t=1+1", "-2+3")
     rows = issues_rows(str(tmp_path))
     assert [(r["kind"], r["study_uid"], r["detail"], r["extra"]) for r in rows] == [
         ("NO_FILES", "'\r=cmd", "'\t=1+1", "'-2+3")]

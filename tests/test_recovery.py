@@ -260,13 +260,15 @@ def test_the_backfill_stops_at_its_deadline_and_the_next_one_goes_on(tmp_path):
     cfg = hbe.Config(pacs_root=lib.pacs_root, sentinel="", horos_data=lib.horos_data,
                      backup_root=root)
     state = hbe.ExportState(cfg.state_path)
+    issues = hbe.IssueLog(cfg.issues_path)
     try:
         ticks = iter(range(1000))       # the clock moves one second per manifest read
-        assert hbe.backfill_search_fields(cfg, state, 4, clock=lambda: next(ticks)) == 4
+        assert hbe.backfill_search_fields(cfg, state, issues, 4,
+                                          clock=lambda: next(ticks)) == 4
         assert len(state_rows(root, "SELECT * FROM exported_studies "
                                     "WHERE patient_id IS NOT NULL")) == 4   # committed
-        assert hbe.backfill_search_fields(cfg, state, float("inf")) == EXPORTED - 4
-        assert hbe.backfill_search_fields(cfg, state, float("inf")) == 0
+        assert hbe.backfill_search_fields(cfg, state, issues, float("inf")) == EXPORTED - 4
+        assert hbe.backfill_search_fields(cfg, state, issues, float("inf")) == 0
     finally:
         state.close()
     assert all(r["patient_id"] for r in state_rows(root))

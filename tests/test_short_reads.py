@@ -98,7 +98,7 @@ def test_horos_commits_between_two_chunks_of_the_scan(tmp_path):
     times = hbe.ReadTimes()
     rows = []
     with hbe.open_horos_reader(lib.db_path, 5.0, chunk_rows=2, times=times) as reader:
-        chunks = hbe.candidate_chunks(reader)
+        chunks = reader.candidate_chunks()
         rows += next(chunks)                      # pks 1 and 2
         # Horos commits now, between two chunks, from its own connection. A read
         # transaction held across chunks would make this commit fail at once.
@@ -111,7 +111,7 @@ def test_horos_commits_between_two_chunks_of_the_scan(tmp_path):
             rows += chunk
         studies = hbe.group_candidates(rows)
         fresh = {s.uid: s for s in hbe.read_candidates(reader)}
-    assert [chunk_pk for chunk_pk, *_ in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["pk"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert times.transactions == 1 + 4 + 4     # columns; 3 full chunks and the empty end
     seen = {s.uid: s for s in studies}
     assert sorted(seen) == ["1.2.88.1", "1.2.88.2", "1.2.88.3", "1.2.88.4", "1.2.88.6"]
@@ -182,9 +182,9 @@ def test_new_image_rows_are_found_in_chunks(tmp_path):
     lib.finish()
     times = hbe.ReadTimes()
     with hbe.open_horos_reader(lib.db_path, 5.0, chunk_rows=1, times=times) as reader:
-        top = hbe.image_high_water(reader)
-        touched = hbe.studies_with_new_images(reader, high_water, top)
-        assert hbe.studies_with_new_images(reader, top, top) == set()
+        top = reader.image_high_water()
+        touched = reader.studies_with_new_images(high_water, top)
+        assert reader.studies_with_new_images(top, top) == set()
     assert top == high_water + 24
     assert touched == {pks[0], pks[2]}
     assert times.transactions == 1 + 1 + 3        # columns, the high-water mark, 10+10+4
