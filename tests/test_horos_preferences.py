@@ -402,7 +402,7 @@ def test_the_reserve_follows_the_disk_of_horos_data_not_of_pacs_root(tmp_path, b
                  "--backup-root", target) + CYCLE
         assert not hbe.same_disk(lib.horos_data, str(pacs))
         result = run_script(*flags, "--clinic-hours", "00-24", env=home_env(home))
-        status = json.loads(run_script("status", "--json", *flags,
+        status = json.loads(run_script(*flags, "status", "--json",
                                        env=home_env(home)).stdout)["reserve"]
         if backup_with == "library":
             # 1.2 x 90 % of the library's volume can never be free: stop before writing.
