@@ -545,14 +545,20 @@ def restore_with_fault(rec, fault, *args):
                           env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
 
 
-@pytest.mark.slow
-def test_a_restore_killed_between_the_record_and_the_rename_is_finished_once(recovered):
-    rec = recovered
+def new_library_for_march(rec):
+    """(INCOMING.noindex, the staging folder, the flags) of a new, empty Horos library
+    that restore feeds the backup's March 2019 studies."""
     new = rec.tmp / "Horos Data"
     incoming = new / "INCOMING.noindex"
     incoming.mkdir(parents=True)
     staging = new / ".horos-backup-restore"
-    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    return incoming, staging, ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+
+
+@pytest.mark.slow
+def test_a_restore_killed_between_the_record_and_the_rename_is_finished_once(recovered):
+    rec = recovered
+    incoming, staging, march = new_library_for_march(rec)
     # Killed once the first study is staged in full and recorded, before its rename.
     killed = restore_with_fault(rec, "kill-after-restore-record", *march)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -589,11 +595,7 @@ def test_a_restore_killed_between_the_record_and_the_rename_is_finished_once(rec
 @pytest.mark.slow
 def test_a_restore_killed_before_the_record_feeds_the_study_next_time(recovered):
     rec = recovered
-    new = rec.tmp / "Horos Data"
-    incoming = new / "INCOMING.noindex"
-    incoming.mkdir(parents=True)
-    staging = new / ".horos-backup-restore"
-    march = ("--month", "2019_03", "--into-horos", "--horos-data", str(new))
+    incoming, staging, march = new_library_for_march(rec)
     killed = restore_with_fault(rec, "kill-before-restore-record", *march)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert state_rows(rec.backup, "SELECT * FROM restores") == []
