@@ -65,7 +65,7 @@ from typing import (Any, Callable, Container, Dict, Iterable, Iterator, List, Ma
 # field), and editing it here changes what the copy launchd runs does. The README's
 # configuration table lists them; a test checks that the three agree.
 
-TOOL_VERSION = "1.0.0"
+TOOL_VERSION = "1.1.0"
 
 # The commands: the first word on the command line (CYCLE: none, a backup cycle).
 CYCLE = "cycle"
@@ -111,6 +111,8 @@ BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
 # A study is exported once Horos has added nothing to it for this long. CT arrives in
 # minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
 # and reconstructions or reports can trail; anything later still triggers a re-export.
+# An edited study (ROIs, comments, report...) is exported again once the reader has
+# edited nothing in it for as long: once per reading session, not per keystroke.
 SETTLE_MINUTES = 60                                             # --settle-minutes
 MISSING_RETRIES = 3                                             # --missing-retries
 MIN_FREE_GB = 20.0                                              # --min-free-gb
@@ -151,9 +153,12 @@ ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"   # the subject, for --alert-co
 # 1,000 studies take 4-6 ms in SQLite, 2,000 take 9-12 ms, 5,000 23-28 ms, and the
 # whole scan costs the same 0.6-0.7 s at any size from 500 up. Under a load of 3
 # (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses the CPU mid-transaction
-# keeps the lock meanwhile. 1,000 keeps the longest near 25 ms there, half the 50 ms
+# keeps the lock meanwhile. 1,000 kept the longest near 25 ms there, half the 50 ms
 # target, for a slower Mac; a chunk's rows are grouped after its transaction ends.
-HOROS_CHUNK_ROWS = 1000                                         # --horos-chunk-rows
+# Since the scan also reads the reader's work (comments, status, Horos's SR series), a
+# study costs a third more (at 50,000 studies, 7.6 ms of CPU per 1,000 against 5.9):
+# 750 holds each transaction as long as 1,000 did, for the same total.
+HOROS_CHUNK_ROWS = 750                                          # --horos-chunk-rows
 
 MAX_NAME_NOEXT = 128         # longest ZIP name without `.zip`
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
@@ -657,7 +662,8 @@ class Config:
         OPENS_A_DATABASE, type=non_negative_float))
     settle_minutes: float = setting(SETTLE_MINUTES, Flag(
         "--settle-minutes", "SETTLE_MINUTES", "export a study once Horos added nothing to "
-        "it for this long", (CYCLE, STATUS), type=non_negative_float))
+        "it, and the reader edited nothing in it, for this long", (CYCLE, STATUS),
+        type=non_negative_float))
     missing_retries: int = setting(MISSING_RETRIES, Flag(
         "--missing-retries", "MISSING_RETRIES", "times a study with missing files is "
         "deferred before it is exported without them", (CYCLE,), type=non_negative_int))
@@ -956,8 +962,8 @@ class CycleSummary:
 IMAGE_CHUNK_FACTOR = 10
 # A plan's image rows per transaction: a seek on the ZSERIES index and its rows, in the
 # order of the index (no sort). Measured on a 20,000-image study: 1.3 us of SQLite per
-# row, so 5,000 rows hold the lock about as long as a chunk of the scan (6-7 ms); the
-# rows become ImageRows after the transaction.
+# row, so 3,750 rows (with 750 studies per scan chunk) hold the lock about as long as a
+# chunk of the scan (5-6 ms); the rows become ImageRows after the transaction.
 PLAN_IMAGE_CHUNK_FACTOR = 5
 
 REQUIRED_COLUMNS = {
