@@ -375,13 +375,15 @@ def report(results):
         seconds = sorted(check[1] for check in edit["checks"])
         lines += ["", "The edit check of an idle cycle at {:,} studies ({:,} exported, {:,} "
                   "SR files watched; 5 cycles, no writer): {} files stat'ed per cycle in "
-                  "{:.0f} ms (median; {:.0f}-{:.0f} ms); the idle cycle's CPU {:.2f} s "
-                  "against {:.2f} s with no SR file watched (medians). Load {}.".format(
+                  "{:.0f} ms (median; {:.0f}-{:.0f} ms), {:.1f} us per file. The idle "
+                  "cycle's CPU: {:.2f}-{:.2f} s with them watched, {:.2f}-{:.2f} s with "
+                  "none (min-max of 5 each). Load {}.".format(
                       edit["studies"], edit["exported"], edit["watched"],
                       "/".join(sorted({"{:,}".format(c[0]) for c in edit["checks"]})),
                       seconds[2] * 1000, seconds[0] * 1000, seconds[-1] * 1000,
-                      sorted(edit["cpu"])[2], sorted(edit["cpu_unwatched"])[2],
-                      edit["load"])]
+                      seconds[2] * 1e6 / max(edit["checks"][0][0], 1),
+                      min(edit["cpu"]), max(edit["cpu"]), min(edit["cpu_unwatched"]),
+                      max(edit["cpu_unwatched"]), edit["load"])]
     fb = results["first_backup"]
     lines += ["", "### 5. Time to a first full backup: %s studies, %.0f TB" % (
         "{:,}".format(fb["studies"]), fb["bytes"] / 1e12), "",
