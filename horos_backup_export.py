@@ -12,9 +12,9 @@ run by macOS's /usr/bin/python3.
 
 Sections, in the order data flows; each uses only what is above it:
   constants - shared helpers - data types - Horos reader - Horos preferences -
-  planner (pure) - clinic hours (pure) - archive writer - state store - issues, logs
-  and progress - file modes - alerts - cycle - operator commands - doctor - find -
-  restore - CLI
+  planner (pure) - clinic hours (pure) - archive writer - state store - edit check -
+  issues, logs and progress - file modes - alerts - cycle - operator commands -
+  doctor - find - restore - CLI
 """
 
 import argparse
@@ -54,7 +54,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from xml.parsers.expat import ExpatError
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Container, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 
 # =====================================================================================
@@ -65,7 +66,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 # field), and editing it here changes what the copy launchd runs does. The README's
 # configuration table lists them; a test checks that the three agree.
 
-TOOL_VERSION = "1.0.0"
+TOOL_VERSION = "1.1.0"
 
 # The commands: the first word on the command line (CYCLE: none, a backup cycle).
 CYCLE = "cycle"
@@ -111,6 +112,8 @@ BUSY_TIMEOUT_SECONDS = 30.0                                     # --busy-timeout
 # A study is exported once Horos has added nothing to it for this long. CT arrives in
 # minutes, but MR scanners send each series as it finishes over a 30-45 minute exam,
 # and reconstructions or reports can trail; anything later still triggers a re-export.
+# An edited study (ROIs, comments, report...) is exported again once the reader has
+# edited nothing in it for as long: once per reading session, not per keystroke.
 SETTLE_MINUTES = 60                                             # --settle-minutes
 MISSING_RETRIES = 3                                             # --missing-retries
 MIN_FREE_GB = 20.0                                              # --min-free-gb
@@ -151,9 +154,12 @@ ALERT_SUBJECT_ENV = "HOROS_BACKUP_ALERT_SUBJECT"   # the subject, for --alert-co
 # 1,000 studies take 4-6 ms in SQLite, 2,000 take 9-12 ms, 5,000 23-28 ms, and the
 # whole scan costs the same 0.6-0.7 s at any size from 500 up. Under a load of 3
 # (BENCHMARKS.md) 2,000 reached 53 ms: a reader that loses the CPU mid-transaction
-# keeps the lock meanwhile. 1,000 keeps the longest near 25 ms there, half the 50 ms
+# keeps the lock meanwhile. 1,000 kept the longest near 25 ms there, half the 50 ms
 # target, for a slower Mac; a chunk's rows are grouped after its transaction ends.
-HOROS_CHUNK_ROWS = 1000                                         # --horos-chunk-rows
+# Since the scan also reads the reader's work (comments, status, Horos's SR series), a
+# study costs a third more (at 50,000 studies, 7.6 ms of CPU per 1,000 against 5.9):
+# 750 holds each transaction as long as 1,000 did, for the same total.
+HOROS_CHUNK_ROWS = 750                                          # --horos-chunk-rows
 
 MAX_NAME_NOEXT = 128         # longest ZIP name without `.zip`
 VERIFY_MIN_AGE_DAYS = 30     # a cycle re-reads only ZIPs last read longer ago than this
@@ -243,6 +249,28 @@ class Outcome:
     DEFERRED = "deferred"        # some files missing: tried again later
     NO_FILES = "no_files"        # none of its files exist
     FAILED = "failed"            # written, but it failed (FILE_CHANGED, ZIP_BAD ...)
+
+
+class Reason:
+    """Why a study is in the export queue (Candidate.reason), in the order the queue
+    takes them: re-exports of changed and edited studies first, then new studies and
+    retries, and last the studies an older version exported without the reader's work
+    (an upgrade never holds up a study that has no backup at all)."""
+    CHANGED = "changed"          # exported; Horos added images, renamed the patient...
+    EDITED = "edited"            # exported; the reader's work changed (README: Edits)
+    NEW = "new"
+    RETRY = "retry"              # failed before, and due again
+    UPGRADE = "upgrade"          # exported by a version that recorded no reader's work
+    REEXPORTS = (CHANGED, EDITED, UPGRADE)
+
+
+# Horos's own SR series, where it keeps the reader's work (DicomStudy.m): kind ->
+# (ZSERIES.ZID, ZSERIES.ZNAME). Horos finds each by that number, that exact name and an
+# SR SOP class (ZSERIESSOPCLASSUID 1.2.840.10008.5.1.4.1.1.88.x), never by
+# ZIMAGE.ZGENERATEDBYOSIRIX, which a re-import or a rebuild leaves NULL: so do we.
+HOROS_SR_SERIES = {"roi": (5002, "OsiriX ROI SR"), "report": (5003, "OsiriX Report SR"),
+                   "annotations": (5004, "OsiriX Annotations SR")}
+SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 # runs.outcome (README: State): how a cycle ended.
@@ -635,7 +663,8 @@ class Config:
         OPENS_A_DATABASE, type=non_negative_float))
     settle_minutes: float = setting(SETTLE_MINUTES, Flag(
         "--settle-minutes", "SETTLE_MINUTES", "export a study once Horos added nothing to "
-        "it for this long", (CYCLE, STATUS), type=non_negative_float))
+        "it, and the reader edited nothing in it, for this long", (CYCLE, STATUS),
+        type=non_negative_float))
     missing_retries: int = setting(MISSING_RETRIES, Flag(
         "--missing-retries", "MISSING_RETRIES", "times a study with missing files is "
         "deferred before it is exported without them", (CYCLE,), type=non_negative_int))
@@ -738,7 +767,7 @@ class HorosStudy:
     changes one once made.
     """
     __slots__ = ("uid", "pks", "study_date", "date_added", "last_added", "modalities",
-                 "fingerprint")
+                 "fingerprint", "base_fingerprint")
     uid: str
     pks: Tuple[int, ...]
     study_date: Optional[float]      # Core Data seconds, None when unknown
@@ -746,11 +775,13 @@ class HorosStudy:
     last_added: Optional[float]      # newest ZSTUDY.ZDATEADDED of its rows
     modalities: Tuple[str, ...]      # tokens of ZSTUDY.ZMODALITY and of every series
     fingerprint: str
+    base_fingerprint: str            # without the reader's work: version 1.0's fingerprint
 
 
 @dataclass(frozen=True)
 class StudyInfo:
-    """What the ZIP's name and manifest say about a study."""
+    """What the ZIP's name and manifest say about a study; the reader's work as Horos
+    holds it in Database.sql (the comments, the status, the report's URL) too."""
     uid: str
     pks: Tuple[int, ...]
     patient_name: str
@@ -760,6 +791,9 @@ class StudyInfo:
     accession_number: str
     description: str
     modalities: Tuple[str, ...]
+    comments: Tuple[Optional[str], ...] = (None, None, None, None)   # ZCOMMENT...ZCOMMENT4
+    status: Optional[int] = None        # ZSTATETEXT: 0 none, 1 unread ... 4 validated
+    report_url: Optional[str] = None    # ZREPORTURL
 
 
 @dataclass(frozen=True)
@@ -769,6 +803,9 @@ class SeriesInfo:
     number: Optional[int]
     modality: str
     description: str
+    horos_sr: str = ""                  # a kind of HOROS_SR_SERIES, or "" (not Horos's own)
+    comments: Tuple[Optional[str], ...] = (None, None, None, None)
+    status: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -778,6 +815,7 @@ class ImageRow:
     path_number: object
     path_string: object
     instance_number: object
+    key_image: bool = False             # ZIMAGE.ZSTOREDISKEYIMAGE (1, or NULL: never 0)
 
 
 @dataclass(frozen=True)
@@ -804,6 +842,7 @@ class SourceFile:
     path: str
     series_uid: str
     size: int = -1           # -1 until stat_files has seen it
+    key_image: bool = False  # one of its rows (frames) is a key image
 
 
 @dataclass(frozen=True)
@@ -814,7 +853,8 @@ class StudyPlan:
     files: Tuple[SourceFile, ...]
     zip_relpath: str
     fingerprint: str
-    reason: str = "new"      # why it is in the queue (Candidate.reason)
+    reason: str = Reason.NEW     # why it is in the queue (Candidate.reason)
+    base_fingerprint: str = ""   # HorosStudy.base_fingerprint
 
 
 @dataclass(frozen=True)
@@ -830,7 +870,32 @@ class Failure:
 @dataclass(frozen=True)
 class Candidate:
     study: HorosStudy
-    reason: str              # "changed" (exported, Horos added to it), "new" or "retry"
+    reason: str              # a Reason
+
+
+@dataclass(frozen=True)
+class ChangeMark:
+    """An exported study a cycle saw change since its export (a `changed_studies` row):
+    it is exported again. edited_at: when the reader last edited it, as far as the
+    cycles can tell (Unix seconds; the settle clock of an edit); None when the change
+    is not an edit (image rows Horos added, which settle by the study's dateAdded).
+    fingerprint: the study's when that edit was seen: an edit seen only in Database.sql
+    moves it again, and restarts the clock."""
+    edited_at: Optional[float] = None
+    fingerprint: Optional[str] = None
+
+
+@dataclass
+class WatchedFile:
+    """A file of one of Horos's own SR series in an exported study, as it was when its
+    bytes went into the ZIP (a `horos_sr_files` row). Horos rewrites these in place, so
+    a size or mtime that differs now means the ZIP holds old bytes. Slots: a cycle
+    reads one per watched file (tens of thousands)."""
+    __slots__ = ("study_uid", "path", "size", "mtime_ns")
+    study_uid: str
+    path: str
+    size: int
+    mtime_ns: int
 
 
 @dataclass
@@ -838,7 +903,8 @@ class Selection:
     """What the planner made of the library: the head of the queue, and counts."""
     queue: List[Candidate]   # in export order; only the first `limit` when one was given
     pending: int = 0         # the whole queue: ready to export now
-    changed: int = 0         # of which exported studies Horos changed since
+    changed: int = 0         # of which exported studies Horos changed since (REEXPORTS)
+    edited: int = 0          # of those, the ones the reader edited (Reason.EDITED)
     eligible: int = 0
     up_to_date: int = 0      # exported, and Horos has not changed them since
     waiting: int = 0         # failed, waiting for their next attempt
@@ -881,9 +947,25 @@ class CycleSummary:
 # cycle see a difference and export it again. New image rows are found by Z_PK above
 # the high-water mark, read before the scan: rows added later are above it and caught
 # next cycle. A study deleted in between is skipped when its plan finds no row.
+#
+# A plan is read the same way: its study's fields and series in one transaction, then
+# its image rows series by series in Z_PK order, a chunk per transaction (a 20,000-image
+# study held Database.sql for 160 ms in one). Horos may commit between two chunks. A
+# series added after the first transaction, or rows added to a series after its chunk,
+# are not in this ZIP; they came after the scan that read the fingerprint recorded
+# with it, so the next cycle finds that fingerprint different and exports the study
+# again, with them. Rows Horos deletes between chunks are simply not read, and their
+# files are gone with them (the study is deferred as missing files, or partial). Rows
+# of Horos's own SR series added meanwhile are above the high-water mark read before
+# the scan, and flag the study next cycle.
 
 # New image rows per transaction: one index lookup each, cheaper than a study's row.
 IMAGE_CHUNK_FACTOR = 10
+# A plan's image rows per transaction: a seek on the ZSERIES index and its rows, in the
+# order of the index (no sort). Measured on a 20,000-image study: 1.3 us of SQLite per
+# row, so 3,750 rows (with 750 studies per scan chunk) hold the lock about as long as a
+# chunk of the scan (5-6 ms); the rows become ImageRows after the transaction.
+PLAN_IMAGE_CHUNK_FACTOR = 5
 
 REQUIRED_COLUMNS = {
     "ZSTUDY": ("Z_PK", "ZSTUDYINSTANCEUID", "ZNAME", "ZPATIENTID", "ZDATEOFBIRTH", "ZDATE",
@@ -903,13 +985,69 @@ TAKE_SHARED_LOCK_SQL = "SELECT 1 FROM sqlite_master LIMIT 1"
 # of a REAL changed in SQLite 3.43, and a macOS update must not make every study look
 # changed. Series' dateAdded is not read: Horos sets the study's
 # in the same place, for every file it imports (DicomDatabase.mm).
+#
+# The reader's work, for the fingerprint: annotations_text is NULL unless the study has
+# a comment, a status (0 is "none", the model's default), a report URL or one of
+# Horos's own SR series (counted by kind: 1, 2^20, 2^40 per ROI, report, annotations
+# series); series_annotations is NULL unless a series has a comment or a status. A
+# study with neither keeps version 1.0's fingerprint, so an upgrade re-exports only
+# the studies that hold annotations. A comparison with NULL is NULL, false in a WHEN:
+# no COALESCE needed. The SR series are counted by a CASE inside one SUM, whose WHEN
+# stops at the first false test (three SUMs of boolean ANDs cost three times as much:
+# an AND computed as a value evaluates both sides). Texts are prefixed by their
+# length, so no comment can pass for two; the series' parts are joined in no
+# particular order (GROUP_CONCAT has none) and sorted in group_candidates. Measured at
+# 50,000 studies (BENCHMARKS.md): 7 ms of CPU per 1,000 studies, against 5.3 without. Key images
+# (ZIMAGE.ZSTOREDISKEYIMAGE) are not here: reading them would scan the image rows of
+# the whole library, and ZSERIES.ZNUMBEROFKEYIMAGES is never written by Horos. Every
+# key-image change makes Horos write a new annotations SR (a new image row, found
+# above the high-water mark; DicomStudy.m archiveAnnotationsAsDICOMSR), so the study is
+# exported again all the same. {placeholders} are column names or NULL
+# (OPTIONAL_COLUMN_SQL), never values.
 CANDIDATES_SQL = """
 SELECT st.Z_PK AS pk, st.ZSTUDYINSTANCEUID AS uid, st.ZDATE AS study_date,
        st.ZDATEADDED AS date_added, st.ZMODALITY AS modality_summary,
        GROUP_CONCAT(se.ZMODALITY, '\\') AS series_modalities,
        printf('%d|%s|%d|%s|%s|%d|%d|%d', st.ZDATE * 1000, st.ZMODALITY,
               st.ZNUMBEROFIMAGES, st.ZNAME, st.ZPATIENTID, st.ZDATEOFBIRTH * 1000,
-              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES)) AS fingerprint_text
+              COUNT(se.Z_PK), SUM(se.ZNUMBEROFIMAGES)) AS fingerprint_text,
+       CASE WHEN {study_comment} != '' OR {study_comment2} != ''
+                 OR {study_comment3} != '' OR {study_comment4} != ''
+                 OR {study_status} != 0 OR {report_url} != ''
+                 OR SUM(CASE WHEN se.ZID = :roi_number AND {series_name} = :roi_name
+                                  AND {series_sop_class} LIKE :sr_sop_class THEN 1
+                             WHEN se.ZID = :report_number AND {series_name} = :report_name
+                                  AND {series_sop_class} LIKE :sr_sop_class THEN 1048576
+                             WHEN se.ZID = :annotations_number
+                                  AND {series_name} = :annotations_name
+                                  AND {series_sop_class} LIKE :sr_sop_class
+                             THEN 1099511627776 END) > 0
+            THEN printf('%d:%s|%d:%s|%d:%s|%d:%s|%d|%d:%s|%d',
+                        length({study_comment}), {study_comment},
+                        length({study_comment2}), {study_comment2},
+                        length({study_comment3}), {study_comment3},
+                        length({study_comment4}), {study_comment4}, {study_status},
+                        length({report_url}), {report_url},
+                        SUM(CASE WHEN se.ZID = :roi_number AND {series_name} = :roi_name
+                                      AND {series_sop_class} LIKE :sr_sop_class THEN 1
+                                 WHEN se.ZID = :report_number
+                                      AND {series_name} = :report_name
+                                      AND {series_sop_class} LIKE :sr_sop_class THEN 1048576
+                                 WHEN se.ZID = :annotations_number
+                                      AND {series_name} = :annotations_name
+                                      AND {series_sop_class} LIKE :sr_sop_class
+                                 THEN 1099511627776 END))
+       END AS annotations_text,
+       GROUP_CONCAT(CASE WHEN {series_comment} != '' OR {series_comment2} != ''
+                              OR {series_comment3} != '' OR {series_comment4} != ''
+                              OR {series_status} != 0
+                         THEN printf('%d:%s|%d:%s|%d:%s|%d:%s|%d',
+                                     length({series_comment}), {series_comment},
+                                     length({series_comment2}), {series_comment2},
+                                     length({series_comment3}), {series_comment3},
+                                     length({series_comment4}), {series_comment4},
+                                     {series_status})
+                    END, char(30)) AS series_annotations
 FROM ZSTUDY AS st
 LEFT JOIN ZSERIES AS se ON se.ZSTUDY = st.Z_PK
 WHERE st.Z_PK > :after
@@ -918,44 +1056,78 @@ ORDER BY st.Z_PK
 LIMIT :limit
 """
 
+# What GROUP_CONCAT puts between the series' parts of series_annotations (char(30)).
+SERIES_ANNOTATIONS_SEPARATOR = "\x1e"
+
+# The parameters of CANDIDATES_SQL and NEW_IMAGE_ROWS_SQL that name Horos's own SR series.
+HOROS_SR_PARAMETERS = dict(
+    sr_sop_class=SR_SOP_CLASS_PREFIX + "%",
+    **{"%s_number" % kind: number for kind, (number, _name) in HOROS_SR_SERIES.items()},
+    **{"%s_name" % kind: name for kind, (_number, name) in HOROS_SR_SERIES.items()})
+
 STUDY_INFO_SQL = """
-SELECT ZNAME AS patient_name, ZPATIENTID AS patient_id, ZDATEOFBIRTH AS birth_date,
-       ZACCESSIONNUMBER AS accession_number, ZSTUDYNAME AS description
-FROM ZSTUDY
-WHERE Z_PK = ?
+SELECT st.ZNAME AS patient_name, st.ZPATIENTID AS patient_id,
+       st.ZDATEOFBIRTH AS birth_date, st.ZACCESSIONNUMBER AS accession_number,
+       st.ZSTUDYNAME AS description, {study_comment} AS comment,
+       {study_comment2} AS comment2, {study_comment3} AS comment3,
+       {study_comment4} AS comment4, {study_status} AS status, {report_url} AS report_url
+FROM ZSTUDY AS st
+WHERE st.Z_PK = ?
 """
 
-# {series_uid} and {instance_number} are filled from OPTIONAL_COLUMN_SQL only: column
-# names some Horos/OsiriX versions lack, never values.
 STUDY_SERIES_SQL = """
-SELECT Z_PK AS pk, {series_uid} AS uid, ZID AS number, ZMODALITY AS modality,
-       ZSERIESDESCRIPTION AS description
-FROM ZSERIES
-WHERE ZSTUDY = ?
+SELECT se.Z_PK AS pk, {series_uid} AS uid, se.ZID AS number, se.ZMODALITY AS modality,
+       se.ZSERIESDESCRIPTION AS description, {series_name} AS name,
+       {series_sop_class} AS sop_class, {series_comment} AS comment,
+       {series_comment2} AS comment2, {series_comment3} AS comment3,
+       {series_comment4} AS comment4, {series_status} AS status
+FROM ZSERIES AS se
+WHERE se.ZSTUDY = ?
 """
 
-STUDY_IMAGES_SQL = """
+# One series' image rows after Z_PK :after, in Z_PK order: a seek on the ZSERIES index,
+# whose entries are in Z_PK order within a series (no sort).
+SERIES_IMAGES_SQL = """
 SELECT im.Z_PK AS pk, im.ZSERIES AS series_pk, im.ZPATHNUMBER AS path_number,
-       im.ZPATHSTRING AS path_string, {instance_number} AS instance_number
+       im.ZPATHSTRING AS path_string, {instance_number} AS instance_number,
+       {key_image} AS key_image
 FROM ZIMAGE AS im
-JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
-WHERE se.ZSTUDY = ?
+WHERE im.ZSERIES = :series AND im.Z_PK > :after
+ORDER BY im.Z_PK
+LIMIT :limit
 """
 
 OPTIONAL_COLUMN_SQL = {
     # placeholder: (table, column, expression when present, expression when absent)
     "series_uid": ("ZSERIES", "ZSERIESDICOMUID",
-                   "COALESCE(ZSERIESDICOMUID, ZSERIESINSTANCEUID)", "ZSERIESINSTANCEUID"),
+                   "COALESCE(se.ZSERIESDICOMUID, se.ZSERIESINSTANCEUID)",
+                   "se.ZSERIESINSTANCEUID"),
     "instance_number": ("ZIMAGE", "ZINSTANCENUMBER", "im.ZINSTANCENUMBER", "NULL"),
+    "key_image": ("ZIMAGE", "ZSTOREDISKEYIMAGE", "im.ZSTOREDISKEYIMAGE", "NULL"),
+    "study_comment": ("ZSTUDY", "ZCOMMENT", "st.ZCOMMENT", "NULL"),
+    "study_comment2": ("ZSTUDY", "ZCOMMENT2", "st.ZCOMMENT2", "NULL"),
+    "study_comment3": ("ZSTUDY", "ZCOMMENT3", "st.ZCOMMENT3", "NULL"),
+    "study_comment4": ("ZSTUDY", "ZCOMMENT4", "st.ZCOMMENT4", "NULL"),
+    "study_status": ("ZSTUDY", "ZSTATETEXT", "st.ZSTATETEXT", "NULL"),
+    "report_url": ("ZSTUDY", "ZREPORTURL", "st.ZREPORTURL", "NULL"),
+    "series_name": ("ZSERIES", "ZNAME", "se.ZNAME", "NULL"),
+    "series_sop_class": ("ZSERIES", "ZSERIESSOPCLASSUID", "se.ZSERIESSOPCLASSUID", "NULL"),
+    "series_comment": ("ZSERIES", "ZCOMMENT", "se.ZCOMMENT", "NULL"),
+    "series_comment2": ("ZSERIES", "ZCOMMENT2", "se.ZCOMMENT2", "NULL"),
+    "series_comment3": ("ZSERIES", "ZCOMMENT3", "se.ZCOMMENT3", "NULL"),
+    "series_comment4": ("ZSERIES", "ZCOMMENT4", "se.ZCOMMENT4", "NULL"),
+    "series_status": ("ZSERIES", "ZSTATETEXT", "se.ZSTATETEXT", "NULL"),
 }
 
 # Core Data never reuses a Z_PK, so image rows above the highest one seen last cycle
 # are new. Horos's own SRs (ROIs, annotations, key images) add rows that change no
-# count it keeps: this catches them for the price of the new rows only.
+# count it keeps: this catches them for the price of the new rows only, and tells the
+# rows of its own SR series (the reader's work) from the others (images that came late).
 IMAGE_HIGH_WATER_SQL = "SELECT MAX(Z_PK) AS top FROM ZIMAGE"
 
-STUDIES_WITH_NEW_IMAGES_SQL = """
-SELECT im.Z_PK AS pk, se.ZSTUDY AS study_pk
+NEW_IMAGE_ROWS_SQL = """
+SELECT im.Z_PK AS pk, se.ZSTUDY AS study_pk, se.ZID AS number, {series_name} AS name,
+       {series_sop_class} AS sop_class
 FROM ZIMAGE AS im
 LEFT JOIN ZSERIES AS se ON se.Z_PK = im.ZSERIES
 WHERE im.Z_PK > :after AND im.Z_PK <= :top
@@ -974,7 +1146,7 @@ LAST_IMAGE_PK_SQL = "SELECT MAX(Z_PK) AS pk FROM ZIMAGE"
 # One primary-key lookup per sampled row: the cost does not grow with the library.
 IMAGE_AT_OR_AFTER_SQL = """
 SELECT Z_PK AS pk, ZSERIES AS series_pk, ZPATHNUMBER AS path_number,
-       ZPATHSTRING AS path_string, NULL AS instance_number
+       ZPATHSTRING AS path_string, NULL AS instance_number, NULL AS key_image
 FROM ZIMAGE
 WHERE Z_PK >= ?
 ORDER BY Z_PK
@@ -1050,7 +1222,59 @@ def optional_sql(sql: str, columns: Dict[str, set]) -> str:
 def image_row(row: sqlite3.Row) -> ImageRow:
     return ImageRow(pk=row["pk"], series_pk=row["series_pk"],
                     path_number=row["path_number"], path_string=row["path_string"],
-                    instance_number=row["instance_number"])
+                    instance_number=row["instance_number"],
+                    key_image=bool(as_int(row["key_image"])))
+
+
+def horos_sr_kind(number, name, sop_class) -> str:
+    """Which of Horos's own SR series a series is ("roi", "report", "annotations"), by
+    its ZID, its exact ZNAME and an SR SOP class, as DicomStudy.m finds them; ""
+    for any other series (a scanner's dose SR included)."""
+    if not as_text(sop_class).startswith(SR_SOP_CLASS_PREFIX):
+        return ""
+    for kind, (horos_number, horos_name) in HOROS_SR_SERIES.items():
+        if as_int(number) == horos_number and as_text(name) == horos_name:
+            return kind
+    return ""
+
+
+def optional_text(value) -> Optional[str]:
+    """A text column that may be NULL, as Horos holds it (NULL stays None)."""
+    return None if value is None else as_text(value)
+
+
+def first_set(values: Iterable, unset=("", 0)):
+    """The first value that is set (not NULL, "" or 0), else the first one, else None:
+    for the study fields of a study on several ZSTUDY rows."""
+    values = list(values)
+    return next((value for value in values if value is not None and value not in unset),
+                values[0] if values else None)
+
+
+def series_info(row: sqlite3.Row) -> SeriesInfo:
+    return SeriesInfo(pk=row["pk"], uid=as_text(row["uid"]), number=as_int(row["number"]),
+                      modality=as_text(row["modality"]).strip(),
+                      description=as_text(row["description"]),
+                      horos_sr=horos_sr_kind(row["number"], row["name"], row["sop_class"]),
+                      comments=tuple(optional_text(row[column]) for column in (
+                          "comment", "comment2", "comment3", "comment4")),
+                      status=as_int(row["status"]))
+
+
+
+@dataclass
+class SeriesScan:
+    """Where a plan's reading of image rows stands: the series still to read (the first
+    one from Z_PK `after` on)."""
+    series: List[int]
+    after: int = 0
+
+
+@dataclass(frozen=True)
+class NewImageRows:
+    """ZSTUDY Z_PKs of the image rows Horos added since the high-water mark."""
+    studies: set             # every new row's study
+    horos_sr_studies: set    # of those, the studies with a new row in Horos's own SR series
 
 
 class HorosReader:
@@ -1067,8 +1291,12 @@ class HorosReader:
         self.times = times
         with self.transaction():
             self.columns = read_table_columns(conn)
+        self.candidates_sql = optional_sql(CANDIDATES_SQL, self.columns)
+        self.new_images_sql = optional_sql(NEW_IMAGE_ROWS_SQL, self.columns)
+        self.info_sql = optional_sql(STUDY_INFO_SQL, self.columns)
         self.series_sql = optional_sql(STUDY_SERIES_SQL, self.columns)
-        self.images_sql = optional_sql(STUDY_IMAGES_SQL, self.columns)
+        self.images_sql = optional_sql(SERIES_IMAGES_SQL, self.columns)
+        self.plan_chunk_rows = chunk_rows * PLAN_IMAGE_CHUNK_FACTOR
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1105,18 +1333,18 @@ class HorosReader:
         """
         after = 0
         while True:
-            bounds = {"after": after, "limit": self.chunk_rows}
+            bounds = dict(HOROS_SR_PARAMETERS, after=after, limit=self.chunk_rows)
             self.conn.text_factory = str
             try:
                 with self.transaction() as conn:
-                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+                    rows = conn.execute(self.candidates_sql, bounds).fetchall()
             except sqlite3.OperationalError as error:
                 if "decode" not in str(error):
                     raise
                 log.debug("Database.sql holds text that is not UTF-8: %s", error)
                 self.conn.text_factory = replacing_decoder
                 with self.transaction() as conn:
-                    rows = conn.execute(CANDIDATES_SQL, bounds).fetchall()
+                    rows = conn.execute(self.candidates_sql, bounds).fetchall()
             finally:
                 self.conn.text_factory = replacing_decoder
             if rows:
@@ -1129,37 +1357,60 @@ class HorosReader:
         with self.transaction() as conn:
             return conn.execute(IMAGE_HIGH_WATER_SQL).fetchone()["top"] or 0
 
-    def studies_with_new_images(self, after: int, top: int) -> set:
-        """ZSTUDY Z_PKs of the image rows after `after` up to `top`, in chunks."""
-        touched = set()
+    def new_image_rows(self, after: int, top: int) -> NewImageRows:
+        """The studies of the image rows after `after` up to `top`, in chunks."""
+        found = NewImageRows(studies=set(), horos_sr_studies=set())
         limit = self.chunk_rows * IMAGE_CHUNK_FACTOR
         while after < top:
             with self.transaction() as conn:
-                rows = conn.execute(STUDIES_WITH_NEW_IMAGES_SQL,
+                rows = conn.execute(self.new_images_sql,
                                     {"after": after, "top": top, "limit": limit}).fetchall()
-            touched.update(row["study_pk"] for row in rows if row["study_pk"] is not None)
+            for row in rows:
+                if row["study_pk"] is None:
+                    continue
+                found.studies.add(row["study_pk"])
+                if horos_sr_kind(row["number"], row["name"], row["sop_class"]):
+                    found.horos_sr_studies.add(row["study_pk"])
             if len(rows) < limit:
                 break
             after = rows[-1]["pk"]
-        return touched
+        return found
+
+    def read_images(self, conn: sqlite3.Connection, scan: SeriesScan,
+                    budget: int) -> List[sqlite3.Row]:
+        """Up to `budget` image rows of scan's series from where it stopped, within the
+        caller's transaction; a series is dropped from scan once read to its end."""
+        rows: List[sqlite3.Row] = []
+        while scan.series and len(rows) < budget:
+            wanted = budget - len(rows)
+            got = conn.execute(self.images_sql, {"series": scan.series[0],
+                                                 "after": scan.after,
+                                                 "limit": wanted}).fetchall()
+            rows.extend(got)
+            if len(got) < wanted:
+                scan.series.pop(0)
+                scan.after = 0
+            else:
+                scan.after = got[-1]["pk"]
+        return rows
 
     def read_study(self, study: HorosStudy) -> Optional[StudyRows]:
-        """The fields, series and image rows of one study (all its ZSTUDY rows), in one
-        read transaction so that they agree; None when Horos deleted it since the scan."""
+        """The fields, series and image rows of one study (all its ZSTUDY rows); None when
+        Horos deleted it since the scan. The fields, the series and the first image rows
+        are one read transaction; the rest of the image rows follow, plan_chunk_rows per
+        transaction (see the top of this section for what Horos may do in between)."""
         with self.transaction() as conn:
-            found = [row for row in (conn.execute(STUDY_INFO_SQL, (pk,)).fetchone()
+            found = [row for row in (conn.execute(self.info_sql, (pk,)).fetchone()
                                      for pk in study.pks) if row is not None]
             if not found:
                 return None
-            series: List[SeriesInfo] = []
-            images: List[ImageRow] = []
-            for pk in study.pks:
-                series.extend(SeriesInfo(pk=row["pk"], uid=as_text(row["uid"]),
-                                         number=as_int(row["number"]),
-                                         modality=as_text(row["modality"]).strip(),
-                                         description=as_text(row["description"]))
-                              for row in conn.execute(self.series_sql, (pk,)))
-                images.extend(image_row(row) for row in conn.execute(self.images_sql, (pk,)))
+            series_rows = [row for pk in study.pks
+                           for row in conn.execute(self.series_sql, (pk,))]
+            scan = SeriesScan([row["pk"] for row in series_rows])
+            image_rows = self.read_images(conn, scan, self.plan_chunk_rows)
+        while scan.series:
+            with self.transaction() as conn:
+                image_rows.extend(self.read_images(conn, scan, self.plan_chunk_rows))
         first = found[0]
         info = StudyInfo(
             uid=study.uid, pks=study.pks, patient_name=as_text(first["patient_name"]),
@@ -1167,8 +1418,13 @@ class HorosReader:
             birth_date=coredata_to_local_date(first["birth_date"]),
             study_datetime=coredata_to_local(study.study_date),
             accession_number=as_text(first["accession_number"]),
-            description=as_text(first["description"]), modalities=study.modalities)
-        return StudyRows(info=info, series=tuple(series), images=tuple(images))
+            description=as_text(first["description"]), modalities=study.modalities,
+            comments=tuple(optional_text(first_set(row[column] for row in found))
+                           for column in ("comment", "comment2", "comment3", "comment4")),
+            status=as_int(first_set(row["status"] for row in found)),
+            report_url=optional_text(first_set(row["report_url"] for row in found)))
+        return StudyRows(info=info, series=tuple(series_info(row) for row in series_rows),
+                         images=tuple(image_row(row) for row in image_rows))
 
     def table_ranges(self) -> TableRanges:
         """The lowest and highest Z_PK of ZSTUDY and of ZIMAGE (None: an empty table)."""
@@ -1626,6 +1882,10 @@ def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
     for image in images:
         if image.series_pk in by_series:
             by_series[image.series_pk].append(image)
+    # One file, several rows (the frames of a multi-frame object): the file is a key
+    # image when any of its frames is.
+    key_paths = {resolve_image_path(files_dir, image.path_number, image.path_string,
+                                    folder_size) for image in images if image.key_image}
     folders: set = set()
     members: set = set()
     seen_paths: set = set()
@@ -1642,7 +1902,8 @@ def plan_study_files(series: Sequence[SeriesInfo], images: Sequence[ImageRow],
                 continue
             seen_paths.add(path)
             member = _unique_name(folder + "/" + _member_file_name(path), members)
-            files.append(SourceFile(member=member, path=path, series_uid=s.uid))
+            files.append(SourceFile(member=member, path=path, series_uid=s.uid,
+                                    key_image=path in key_paths))
     return ordered_series, tuple(files)
 
 
@@ -1651,14 +1912,27 @@ def study_fingerprint(parts: Sequence[str]) -> str:
 
     For one ZSTUDY row, parts is its text from CANDIDATES_SQL: date, modality summary,
     numberOfImages, patient name, ID and birth date, series count and images summed
-    over its series. For a study of several rows, parts are the rows' digests. It moves
-    when Horos adds or removes series or images (Horos recomputes the counts before it
-    saves) or the patient is renamed; reading it costs no scan of ZIMAGE. Row keys and
-    dateAdded stay out: a Horos "Rebuild Database" renumbers every row, and a study
-    sent again touches dateAdded, without changing what a backup holds.
+    over its series, then (annotated_text) the reader's work when there is any. For a
+    study of several rows, parts are the rows' digests. It moves when Horos adds or
+    removes series or images (Horos recomputes the counts before it saves), the patient
+    is renamed, or the reader changes a comment, the status or the report; reading it
+    costs no scan of ZIMAGE. Row keys and dateAdded stay out: a Horos "Rebuild
+    Database" renumbers every row, and a study sent again touches dateAdded, without
+    changing what a backup holds.
     """
     text = parts[0] if len(parts) == 1 else "#".join(sorted(parts))
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def annotated_text(text: str, annotations, series_annotations) -> str:
+    """A row's fingerprint text with the reader's work (CANDIDATES_SQL's
+    annotations_text and series_annotations) after it; the series' parts sorted, so
+    that the order SQLite joined them in does not count (it follows Z_PK, which a
+    Rebuild Database renumbers)."""
+    series = sorted(as_text(series_annotations).split(SERIES_ANNOTATIONS_SEPARATOR)) \
+        if series_annotations is not None else []
+    return "%s|annotations|%s|series|%s" % (text, as_text(annotations),
+                                            SERIES_ANNOTATIONS_SEPARATOR.join(series))
 
 
 def _seconds(value) -> Optional[float]:
@@ -1682,7 +1956,7 @@ def group_candidates(rows: Iterable[Mapping]) -> List[HorosStudy]:
     """
     parsed: Dict[Tuple[object, object], Tuple[str, ...]] = {}
     studies: Dict[str, HorosStudy] = {}
-    row_prints: Dict[str, List[str]] = {}          # only UIDs with several rows
+    row_prints: Dict[str, Tuple[List[str], List[str]]] = {}   # only UIDs with several rows
     for row in rows:
         pk, uid, text = row["pk"], row["uid"], row["fingerprint_text"]
         summary, series_modalities = row["modality_summary"], row["series_modalities"]
@@ -1692,13 +1966,22 @@ def group_candidates(rows: Iterable[Mapping]) -> List[HorosStudy]:
             tokens = parsed[(summary, series_modalities)] = tuple(dict.fromkeys(
                 modality_tokens(summary) + modality_tokens(series_modalities)))
         date, added = _seconds(row["study_date"]), _seconds(row["date_added"])
-        row_print = study_fingerprint((as_text(text),))
+        base_print = study_fingerprint((as_text(text),))
+        annotations, series_annotations = row["annotations_text"], row["series_annotations"]
+        if annotations is None and series_annotations is None:
+            row_print = base_print
+        else:
+            row_print = study_fingerprint((annotated_text(as_text(text), annotations,
+                                                          series_annotations),))
         first = studies.get(uid)
         if first is None:
-            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print)
+            studies[uid] = HorosStudy(uid, (pk,), date, added, added, tokens, row_print,
+                                      base_print)
             continue
-        prints = row_prints.setdefault(uid, [first.fingerprint])
+        prints, bases = row_prints.setdefault(uid, ([first.fingerprint],
+                                                    [first.base_fingerprint]))
         prints.append(row_print)
+        bases.append(base_print)
         studies[uid] = HorosStudy(
             uid=uid, pks=first.pks + (pk,),
             study_date=first.study_date if first.study_date is not None else date,
@@ -1706,18 +1989,18 @@ def group_candidates(rows: Iterable[Mapping]) -> List[HorosStudy]:
             last_added=max((m for m in (first.last_added, added) if m is not None),
                            default=None),
             modalities=tuple(dict.fromkeys(first.modalities + tokens)),
-            fingerprint=study_fingerprint(prints))
+            fingerprint=study_fingerprint(prints), base_fingerprint=study_fingerprint(bases))
     return list(studies.values())
 
 
 def plan_study(rows: StudyRows, study: HorosStudy, files_dir: str, folder_size: int,
-               reason: str = "new") -> StudyPlan:
+               reason: str = Reason.NEW) -> StudyPlan:
     """What the cycle writes for one study: its files in ZIP order, and its ZIP's name."""
     ordered_series, files = plan_study_files(rows.series, rows.images, files_dir,
                                              folder_size)
     return StudyPlan(info=rows.info, series=ordered_series, files=files,
                      zip_relpath=zip_relpath(rows.info), fingerprint=study.fingerprint,
-                     reason=reason)
+                     reason=reason, base_fingerprint=study.base_fingerprint)
 
 
 def retry_delay(attempts: int) -> float:
@@ -1744,59 +2027,104 @@ def files_decision(present: int, missing: int, previous: Optional[Failure],
     return Outcome.PARTIAL
 
 
+def difference(study: HorosStudy, recorded: str, recorded_base: Optional[str]
+               ) -> Optional[str]:
+    """How an exported study differs from its export, by its fingerprints: None when it
+    does not; Reason.CHANGED when what Horos keeps about its images and patient moved
+    (its base fingerprint); else only the reader's work moved: Reason.EDITED, or
+    Reason.UPGRADE when the export was made by a version that recorded none of it
+    (recorded_base None; version 1.0's fingerprint was the base one)."""
+    if study.fingerprint == recorded:
+        return None
+    if study.base_fingerprint != (recorded if recorded_base is None else recorded_base):
+        return Reason.CHANGED
+    return Reason.UPGRADE if recorded_base is None else Reason.EDITED
+
+
 def plan_selection(studies: Sequence[HorosStudy], exported: Mapping[str, str],
-                   changed: Iterable[str], failures: Mapping[str, Failure],
+                   changed: Mapping[str, Optional[float]], failures: Mapping[str, Failure],
                    wanted: Sequence[str], order_by: str, now: float,
-                   settle_seconds: float, limit: Optional[int] = None) -> Selection:
-    """The export queue: studies Horos changed since their export first, then the rest.
+                   settle_seconds: float, limit: Optional[int] = None,
+                   bases: Optional[Mapping[str, Optional[str]]] = None) -> Selection:
+    """The export queue: studies Horos changed or the reader edited since their export
+    first, then new studies and retries, then the re-exports of an upgrade.
 
     Each part is oldest first by study date (or date added), ties by UID, unknown dates
     last. Left out: studies that are exported and unchanged, studies Horos added to
-    within settle_seconds, and failed studies waiting for their next attempt (unless
-    Horos changed them since they failed). Failed studies take no slot while they wait.
-    With a limit, only the head of the queue is ordered (a partial sort of 50,000
-    studies is what keeps the read transaction short); the counts cover all of it.
+    within settle_seconds, studies the reader edited within settle_seconds, and failed
+    studies waiting for their next attempt (unless Horos changed them since they
+    failed). Failed studies take no slot while they wait. With a limit, only the head
+    of the queue is ordered (a partial sort of 50,000 studies is what keeps the read
+    transaction short); the counts cover all of it.
+
+    exported: {uid: fingerprint recorded}. changed: exported studies a cycle saw change
+    ({uid: Unix time of the reader's last edit seen, or None}; ChangeMark). bases: the
+    recorded base fingerprints that are not the fingerprint itself, None for an export
+    of a version that recorded no reader's work (see difference). An edit seen only
+    now (in the fingerprints, with no mark yet) counts as made now.
     """
     def order_key(candidate: Candidate):
         study = candidate.study
         when = study.study_date if order_by == "study_date" else study.date_added
         return (when is None, when or 0.0, study.uid)
 
-    changed = set(changed)
+    bases = bases or {}
     wanted_set = wanted_modalities(wanted)
     settled_before = now - settle_seconds - COREDATA_EPOCH_OFFSET   # in Core Data seconds
     # A dateAdded far in the future is a damaged value or a clock that was wrong: such a
-    # study must not wait for ever.
+    # study must not wait for ever. The same for an edit dated by a file's mtime.
     bogus_after = now + 3600 - COREDATA_EPOCH_OFFSET
+    edits_settled_before, edits_bogus_after = now - settle_seconds, now + 3600
     selection = Selection(queue=[])
     first: List[Candidate] = []
     rest: List[Candidate] = []
+    upgrades: List[Candidate] = []
     for study in studies:
         if not is_eligible(study.modalities, wanted_set):
             continue
         selection.eligible += 1
-        known = exported.get(study.uid)
-        if known == study.fingerprint and study.uid not in changed:
+        uid = study.uid
+        known = exported.get(uid)
+        flagged = uid in changed
+        if known == study.fingerprint and not flagged:
             selection.up_to_date += 1
             continue
-        failure = failures.get(study.uid)
+        failure = failures.get(uid)
         if failure and failure.next_attempt > now and failure.fingerprint == study.fingerprint:
             selection.waiting += 1
             continue
         if study.last_added is not None and settled_before < study.last_added < bogus_after:
             selection.unsettled += 1
             continue
-        if known is not None:
-            first.append(Candidate(study, "changed"))
+        if known is None:
+            rest.append(Candidate(study, Reason.RETRY if failure else Reason.NEW))
+            continue
+        reason = difference(study, known, bases.get(uid, known))
+        edited_at = changed.get(uid)
+        if edited_at is not None:
+            reason = Reason.EDITED
+        elif reason == Reason.EDITED:
+            edited_at = now
+        elif flagged or reason is None:
+            reason = Reason.CHANGED          # image rows Horos added since
+        if edited_at is not None and edits_settled_before < edited_at < edits_bogus_after:
+            selection.unsettled += 1
+            continue
+        if reason == Reason.UPGRADE:
+            upgrades.append(Candidate(study, reason))
         else:
-            rest.append(Candidate(study, "retry" if failure else "new"))
-    selection.pending = len(first) + len(rest)
-    selection.changed = len(first)
+            first.append(Candidate(study, reason))
+            selection.edited += reason == Reason.EDITED
+    selection.pending = len(first) + len(rest) + len(upgrades)
+    selection.changed = len(first) + len(upgrades)
     if limit is None:
-        selection.queue = sorted(first, key=order_key) + sorted(rest, key=order_key)
+        selection.queue = (sorted(first, key=order_key) + sorted(rest, key=order_key)
+                           + sorted(upgrades, key=order_key))
     else:
-        head = heapq.nsmallest(limit, first, key=order_key)
-        selection.queue = head + heapq.nsmallest(limit - len(head), rest, key=order_key)
+        queue = heapq.nsmallest(limit, first, key=order_key)
+        for part in (rest, upgrades):
+            queue += heapq.nsmallest(limit - len(queue), part, key=order_key)
+        selection.queue = queue
     return selection
 
 
@@ -2020,13 +2348,23 @@ class ThrottledReader:
         self.handle.close()
 
 
+@dataclass(frozen=True)
+class WrittenMember:
+    """One file as it went into a ZIP."""
+    source: SourceFile
+    info: zipfile.ZipInfo
+    mtime_ns: int            # the file's when it was opened: what the edit check compares
+
+
 def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
-                level: int, buffer: memoryview, on_bytes) -> zipfile.ZipInfo:
+                level: int, buffer: memoryview, on_bytes) -> WrittenMember:
     """Stream one file into the archive; FileChanged if it moved meanwhile.
 
     Errors reading the source become FileChanged/SourceUnreadable (a problem of this
     study); errors writing the archive propagate as OSError (a problem of the backup
-    volume, such as ENOSPC).
+    volume, such as ENOSPC). A file rewritten in place while it was read (Horos saving
+    ROIs, or writing a comment into every file of a study) may keep its size: its mtime
+    tells, and the bytes read are a mix of two versions.
     """
     try:
         src = open_source(source.path)
@@ -2061,16 +2399,23 @@ def copy_member(archive: zipfile.ZipFile, source: SourceFile, compression: int,
         if copied != st.st_size:
             raise FileChanged("%s changed size while being read (%d bytes expected, %d read)"
                               % (source.path, st.st_size, copied))
-    return archive.getinfo(source.member)
+        after = os.fstat(src.fileno())
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise FileChanged("%s was rewritten while being read" % source.path)
+    return WrittenMember(source, archive.getinfo(source.member), st.st_mtime_ns)
 
 
-def manifest_for(plan: StudyPlan, members: Sequence[Tuple[SourceFile, zipfile.ZipInfo]],
+def manifest_for(plan: StudyPlan, members: Sequence[WrittenMember],
                  missing: Sequence[str], exported_at: str) -> dict:
-    """The manifest stored as MANIFEST_NAME at the root of every ZIP (README: Manifest)."""
+    """The manifest stored as MANIFEST_NAME at the root of every ZIP (README: Manifest).
+
+    The reader's work is recorded as Horos held it in Database.sql when the plan was
+    read: comments, status and report URL of the study, comments and status of each
+    series, and which members are key images."""
     info = plan.info
     counts: Dict[str, int] = {}
-    for source, _ in members:
-        counts[source.series_uid] = counts.get(source.series_uid, 0) + 1
+    for member in members:
+        counts[member.source.series_uid] = counts.get(member.source.series_uid, 0) + 1
     folders = {}
     for source in plan.files:
         folders.setdefault(source.series_uid, source.member.split("/")[0])
@@ -2081,6 +2426,7 @@ def manifest_for(plan: StudyPlan, members: Sequence[Tuple[SourceFile, zipfile.Zi
         "tool_version": TOOL_VERSION,
         "exported_at": exported_at,
         "fingerprint": plan.fingerprint,
+        "base_fingerprint": plan.base_fingerprint,
         "study": {
             "study_uid": info.uid,
             "patient_name": info.patient_name,
@@ -2094,12 +2440,21 @@ def manifest_for(plan: StudyPlan, members: Sequence[Tuple[SourceFile, zipfile.Zi
             "description": info.description,
             "modalities": list(info.modalities),
             "horos_study_pks": list(info.pks),
+            "comment": info.comments[0], "comment2": info.comments[1],
+            "comment3": info.comments[2], "comment4": info.comments[3],
+            "status": info.status,
+            "report_url": info.report_url,
+            "key_images": [m.info.filename for m in members if m.source.key_image],
         },
         "series": [{"series_uid": s.uid, "number": s.number, "modality": s.modality,
                     "description": s.description, "folder": folders.get(s.uid),
-                    "file_count": counts.get(s.uid, 0)} for s in plan.series],
-        "files": [{"name": zi.filename, "size": zi.file_size, "crc32": "%08x" % zi.CRC,
-                   "source": source.path} for source, zi in members],
+                    "file_count": counts.get(s.uid, 0), "horos_sr": s.horos_sr or None,
+                    "comment": s.comments[0], "comment2": s.comments[1],
+                    "comment3": s.comments[2], "comment4": s.comments[3],
+                    "status": s.status} for s in plan.series],
+        "files": [{"name": m.info.filename, "size": m.info.file_size,
+                   "crc32": "%08x" % m.info.CRC, "source": m.source.path,
+                   "mtime_ns": m.mtime_ns} for m in members],
         "missing": list(missing),
     }
 
@@ -2112,7 +2467,7 @@ def write_zip(part_path: str, plan: StudyPlan, files: Sequence[SourceFile],
     buffer = memoryview(bytearray(COPY_CHUNK_BYTES))
     with open(part_path, "wb", buffering=COPY_CHUNK_BYTES) as raw:
         with zipfile.ZipFile(raw, "w", compression=method, allowZip64=True) as archive:
-            members = [(source, copy_member(archive, source, method, level, buffer, on_bytes))
+            members = [copy_member(archive, source, method, level, buffer, on_bytes)
                        for source in files]
             manifest = manifest_for(plan, members, missing, exported_at)
             manifest_info = zipfile.ZipInfo(MANIFEST_NAME, zip_date_time(time.time()))
@@ -2220,7 +2575,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 5
+STATE_SCHEMA_VERSION = 6
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
@@ -2334,8 +2689,32 @@ STATE_MIGRATIONS = {
         "ALTER TABLE runs ADD COLUMN horos_longest_seconds REAL",
         "ALTER TABLE runs ADD COLUMN horos_transactions INTEGER",
     ),
+    6: (
+        # The reader's work (README: Edits in Horos). The fingerprint without it, which
+        # tells an edit from new images; NULL in rows of a version that recorded none of
+        # it, whose fingerprint was this base one.
+        "ALTER TABLE exported_studies ADD COLUMN base_fingerprint TEXT",
+        # When the reader last edited a changed study (the settle clock of an edit), and
+        # the study's fingerprint then (an edit seen in Database.sql alone restarts the
+        # clock when it moves again); NULL for a change that is not an edit.
+        "ALTER TABLE changed_studies ADD COLUMN edited_at TEXT",
+        "ALTER TABLE changed_studies ADD COLUMN fingerprint TEXT",
+        # The files of Horos's own SR series in each exported study, as they were when
+        # they went into its ZIP: Horos rewrites them in place, and every cycle compares.
+        """
+        CREATE TABLE horos_sr_files (
+            study_uid  TEXT NOT NULL,
+            path       TEXT NOT NULL,
+            size       INTEGER NOT NULL,
+            mtime_ns   INTEGER NOT NULL,
+            PRIMARY KEY (study_uid, path)
+        )
+        """,
+    ),
 }
-EXPORTED_FINGERPRINTS_SQL = "SELECT study_uid, fingerprint FROM exported_studies"
+EXPORTED_FINGERPRINTS_SQL = """
+SELECT study_uid, fingerprint, base_fingerprint FROM exported_studies
+"""
 
 EXPORTED_ROW_SQL = """
 SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
@@ -2347,18 +2726,35 @@ WHERE study_uid = ?
 UPSERT_EXPORTED_SQL = """
 INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
                               source_bytes, fingerprint, study_date, month, patient_name,
-                              modalities, exported_at, verified_at)
+                              modalities, exported_at, verified_at, base_fingerprint)
 VALUES (:study_uid, :zip_path, :zip_bytes, :file_count, :missing_count, :source_bytes,
         :fingerprint, :study_date, :month, :patient_name, :modalities, :exported_at,
-        :verified_at)
+        :verified_at, :base_fingerprint)
 ON CONFLICT (study_uid) DO UPDATE SET
     zip_path = excluded.zip_path, zip_bytes = excluded.zip_bytes,
     file_count = excluded.file_count, missing_count = excluded.missing_count,
     source_bytes = excluded.source_bytes, fingerprint = excluded.fingerprint,
     study_date = excluded.study_date, month = excluded.month,
     patient_name = excluded.patient_name, modalities = excluded.modalities,
-    exported_at = excluded.exported_at, verified_at = excluded.verified_at
+    exported_at = excluded.exported_at, verified_at = excluded.verified_at,
+    base_fingerprint = excluded.base_fingerprint
 """
+
+# A row of an older version whose study holds none of the reader's work: its
+# fingerprint is its base one (see ExportState.record_bases).
+RECORD_BASE_SQL = """
+UPDATE exported_studies SET base_fingerprint = fingerprint
+WHERE study_uid = ? AND base_fingerprint IS NULL
+"""
+
+FORGET_SR_FILES_SQL = "DELETE FROM horos_sr_files WHERE study_uid = ?"
+
+WATCH_SR_FILE_SQL = """
+INSERT OR REPLACE INTO horos_sr_files (study_uid, path, size, mtime_ns)
+VALUES (?, ?, ?, ?)
+"""
+
+SR_FILES_SQL = "SELECT study_uid, path, size, mtime_ns FROM horos_sr_files"
 
 DELETE_EXPORTED_SQL = "DELETE FROM exported_studies WHERE study_uid = ?"
 
@@ -2409,10 +2805,15 @@ FROM failures
 GROUP BY kind
 """
 
-CHANGED_STUDIES_SQL = "SELECT study_uid FROM changed_studies"
+CHANGED_STUDIES_SQL = "SELECT study_uid, edited_at, fingerprint FROM changed_studies"
 
+# A mark is only ever written with news (a first change, a later edit): detected_at
+# stays the first time the study was seen changed.
 NOTE_CHANGED_SQL = """
-INSERT OR IGNORE INTO changed_studies (study_uid, detected_at) VALUES (?, ?)
+INSERT INTO changed_studies (study_uid, detected_at, edited_at, fingerprint)
+VALUES (:study_uid, :now, :edited_at, :fingerprint)
+ON CONFLICT (study_uid) DO UPDATE SET
+    edited_at = excluded.edited_at, fingerprint = excluded.fingerprint
 """
 
 CLEAR_CHANGED_SQL = "DELETE FROM changed_studies WHERE study_uid = ?"
@@ -2568,9 +2969,13 @@ class RestoreTarget:
 class StateView:
     """What the planner needs from the state, read once per cycle."""
     exported: Dict[str, str]          # study_uid -> fingerprint
-    changed: set
+    changed: Dict[str, ChangeMark]
     failures: Dict[str, Failure]
     image_high_water: Optional[int]
+    # Recorded base fingerprints that are not the fingerprint itself (None: exported by
+    # a version that recorded no reader's work); plan_selection's `bases`.
+    bases: Dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    sr_files: List[WatchedFile] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -2702,12 +3107,25 @@ class ExportState:
     # -- exported studies ---------------------------------------------------------------
 
     def exported_fingerprints(self) -> Dict[str, str]:
-        return {row["study_uid"]: row["fingerprint"]
-                for row in self.conn.execute(EXPORTED_FINGERPRINTS_SQL)}
+        return self.fingerprints()[0]
+
+    def fingerprints(self) -> Tuple[Dict[str, str], Dict[str, Optional[str]]]:
+        """({uid: fingerprint}, {uid: base fingerprint} of the rows whose base is not the
+        fingerprint itself: None for the rows of an older version)."""
+        exported: Dict[str, str] = {}
+        bases: Dict[str, Optional[str]] = {}
+        for row in self.conn.execute(EXPORTED_FINGERPRINTS_SQL):
+            uid, fingerprint, base = row["study_uid"], row["fingerprint"], row["base_fingerprint"]
+            exported[uid] = fingerprint
+            if base != fingerprint:
+                bases[uid] = base
+        return exported, bases
 
     def view(self) -> StateView:
-        return StateView(exported=self.exported_fingerprints(), changed=self.changed_uids(),
-                         failures=self.failures(), image_high_water=self.image_high_water())
+        exported, bases = self.fingerprints()
+        return StateView(exported=exported, changed=self.changes(), failures=self.failures(),
+                         image_high_water=self.image_high_water(), bases=bases,
+                         sr_files=self.sr_files())
 
     def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
@@ -2717,24 +3135,39 @@ class ExportState:
         with self.transaction() as conn:
             conn.execute(DELETE_EXPORTED_SQL, (study_uid,))
 
-    def record_export(self, record: Mapping[str, object], keep_write: bool = False) -> None:
-        """The study's row, the end of its write and of its failures, in one transaction.
+    def record_export(self, record: Mapping[str, object], sr_files: Sequence[WatchedFile],
+                      keep_write: bool = False) -> None:
+        """The study's row and its watched SR files, the end of its write, of its failures
+        and of its change mark, in one transaction.
 
         keep_write: the write still has a replaced ZIP to remove (see end_write).
         """
+        uid = record["study_uid"]
         with self.transaction() as conn:
             conn.execute(UPSERT_EXPORTED_SQL, dict(record))
             conn.execute(SET_SEARCH_FIELDS_SQL, dict(record))
-            conn.execute(CLEAR_FAILURE_SQL, (record["study_uid"],))
-            conn.execute(CLEAR_CHANGED_SQL, (record["study_uid"],))
+            conn.execute(FORGET_SR_FILES_SQL, (uid,))
+            conn.executemany(WATCH_SR_FILE_SQL, [(uid, f.path, f.size, f.mtime_ns)
+                                                 for f in sr_files])
+            conn.execute(CLEAR_FAILURE_SQL, (uid,))
+            conn.execute(CLEAR_CHANGED_SQL, (uid,))
             if not keep_write:
                 conn.execute(END_WRITE_SQL, (record["zip_path"],))
 
-    def replace_exported(self, records: Sequence[Mapping[str, object]]) -> None:
-        """reindex: the rows of these records, in one transaction."""
+    def replace_exported(self, records: Sequence[Mapping[str, object]],
+                         sr_files: Sequence[WatchedFile]) -> None:
+        """reindex: the rows of these records and these watched files, in one
+        transaction."""
         with self.transaction() as conn:
             conn.executemany(UPSERT_EXPORTED_SQL, [dict(r) for r in records])
             conn.executemany(SET_SEARCH_FIELDS_SQL, [dict(r) for r in records])
+            conn.executemany(WATCH_SR_FILE_SQL, [(f.study_uid, f.path, f.size, f.mtime_ns)
+                                                 for f in sr_files])
+
+    def sr_files(self) -> List[WatchedFile]:
+        """Every watched SR file of every exported study (horos_sr_files)."""
+        return [WatchedFile(row["study_uid"], row["path"], row["size"], row["mtime_ns"])
+                for row in self.conn.execute(SR_FILES_SQL)]
 
     def totals(self) -> StateTotals:
         return StateTotals(**dict(self.conn.execute(STATE_TOTALS_SQL).fetchone()))
@@ -2847,18 +3280,27 @@ class ExportState:
     def last_runs(self, count: int) -> List[Dict[str, object]]:
         return [dict(row) for row in self.conn.execute(LAST_RUNS_SQL, (count,))]
 
-    def changed_uids(self) -> set:
-        return {row["study_uid"] for row in self.conn.execute(CHANGED_STUDIES_SQL)}
+    def changes(self) -> Dict[str, ChangeMark]:
+        """The change marks (changed_studies), by study."""
+        return {row["study_uid"]: ChangeMark(
+            edited_at=parse_utc_iso(row["edited_at"]) if row["edited_at"] else None,
+            fingerprint=row["fingerprint"]) for row in self.conn.execute(CHANGED_STUDIES_SQL)}
 
     def image_high_water(self) -> Optional[int]:
         row = self.conn.execute(GET_META_SQL, (META_IMAGE_HIGH_WATER,)).fetchone()
         return as_int(row["value"]) if row else None
 
-    def note_horos_changes(self, study_uids: Iterable[str], high_water: int,
-                           now: float) -> None:
-        """Remember exported studies Horos added image rows to, and how far we looked."""
+    def note_horos_changes(self, marks: Mapping[str, ChangeMark], high_water: int,
+                           now: float, plain: Iterable[str] = ()) -> None:
+        """Remember what changed in exported studies (edits, image rows Horos added), how
+        far we looked for new image rows, and which rows of an older version are of
+        studies that hold none of the reader's work (`plain`, see record_bases)."""
         with self.transaction() as conn:
-            conn.executemany(NOTE_CHANGED_SQL, [(uid, utc_iso(now)) for uid in study_uids])
+            conn.executemany(RECORD_BASE_SQL, [(uid,) for uid in plain])
+            conn.executemany(NOTE_CHANGED_SQL, [{
+                "study_uid": uid, "now": utc_iso(now), "fingerprint": mark.fingerprint,
+                "edited_at": utc_iso(mark.edited_at) if mark.edited_at is not None else None}
+                for uid, mark in sorted(marks.items())])
             conn.execute(SET_META_SQL, (META_IMAGE_HIGH_WATER, str(high_water)))
 
     # -- restores into a Horos library --------------------------------------------------
@@ -2924,7 +3366,141 @@ def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at:
         "patient_id": as_text(study.get("patient_id")),
         "accession_number": as_text(study.get("accession_number")),
         "birth_date": study.get("birth_date"),
+        "base_fingerprint": manifest.get("base_fingerprint"),
     }
+
+
+def watched_sr_files(manifest: Mapping) -> List[WatchedFile]:
+    """The files of Horos's own SR series a ZIP holds, with their size and mtime when
+    they were read, from its manifest (a cycle's export, an adopted ZIP, reindex). A
+    manifest of an older version records neither: nothing to watch."""
+    folders = {series.get("folder") for series in manifest.get("series", [])
+               if series.get("horos_sr")}
+    uid = manifest["study"]["study_uid"]
+    return [WatchedFile(uid, entry["source"], int(entry["size"]), int(entry["mtime_ns"]))
+            for entry in manifest["files"]
+            if entry["name"].split("/")[0] in folders and entry.get("mtime_ns") is not None]
+
+
+# =====================================================================================
+# Edit check: what the reader changed in Horos after the export
+# =====================================================================================
+#
+# The reader's work on a study often comes after its export: ROIs and measurements, key
+# images, comments, the status, the report. Horos keeps it in its own SR series and in
+# columns of Database.sql (README: Edits in Horos), and changes it in three ways, each
+# found here without reading a DICOM file:
+# - it rewrites an ROI or report SR file in place (same path, same image row, new bytes
+#   and mtime): the watched SR files of the exported studies (horos_sr_files) are
+#   stat'ed every cycle, and a size or mtime other than the ZIP's is an edit;
+# - it writes a new annotations SR for every change of a comment, the status or a key
+#   image: a new image row in one of its own SR series, above the high-water mark;
+# - it changes the columns (comments, status, report URL), which the fingerprint holds.
+# An edited study is exported again once it has had no edit for SETTLE_MINUTES. A
+# rewritten file dates the edit by its mtime; Database.sql records no time, so an edit
+# seen only there is dated by the cycle that first sees it (ChangeMark.edited_at).
+
+
+@dataclass
+class EditCheck:
+    """One look at the watched SR files of the exported studies Horos still has."""
+    files: int = 0                   # files stat'ed
+    seconds: float = 0.0
+    # study_uid -> the newest mtime (Unix s) of its SR files whose size or mtime is not
+    # the ZIP's: rewritten since the export.
+    rewritten: Dict[str, float] = dataclasses.field(default_factory=dict)
+    vanished: set = dataclasses.field(default_factory=set)   # a watched file is gone
+
+
+def check_sr_files(watched: Iterable[WatchedFile], in_horos: Container[str],
+                   clock=time.perf_counter) -> EditCheck:
+    """Stat the watched SR files of the studies in `in_horos` (a study Horos deleted keeps
+    its ZIP and its rows; its files went with it, and looking at them would tell
+    nothing)."""
+    check = EditCheck()
+    started = clock()
+    for watched_file in watched:
+        uid = watched_file.study_uid
+        if uid not in in_horos:
+            continue
+        check.files += 1
+        try:
+            st = os.stat(watched_file.path)
+        except (FileNotFoundError, NotADirectoryError):
+            check.vanished.add(uid)
+            continue
+        except OSError as error:
+            # Not readable now (a permission, an I/O error): no news either way; the next
+            # cycle looks again.
+            log.warning("cannot look at %s (an SR file of study %s): %s", watched_file.path,
+                        uid, error)
+            continue
+        if st.st_size == watched_file.size and st.st_mtime_ns == watched_file.mtime_ns:
+            continue
+        mtime = st.st_mtime_ns / 1e9
+        check.rewritten[uid] = max(mtime, check.rewritten.get(uid, mtime))
+    check.seconds = clock() - started
+    return check
+
+
+def edits_seen(studies: Iterable[HorosStudy], exported: Mapping[str, str],
+               bases: Mapping[str, Optional[str]], changed: Mapping[str, ChangeMark],
+               check: EditCheck, sr_row_uids: Container[str], row_uids: Container[str],
+               now: float) -> Dict[str, ChangeMark]:
+    """The change marks to record for the exported studies, from what this look found:
+    only news, so that a cycle that finds none writes nothing.
+
+    An edit: an SR file rewritten later than the last edit recorded (dated by its
+    mtime, in whole seconds as the state keeps times); a new image row in one of Horos's
+    own SR series (sr_row_uids), a watched file gone, or the reader's work changed in
+    Database.sql with a fingerprint not seen before (dated now). A change that is not
+    an edit: new image rows elsewhere (row_uids), marked once.
+    """
+    marks: Dict[str, ChangeMark] = {}
+    for study in studies:
+        uid = study.uid
+        recorded = exported.get(uid)
+        if recorded is None:
+            continue
+        previous = changed.get(uid)
+        last = previous.edited_at if previous is not None else None
+        when: Optional[float] = None
+        if uid in check.rewritten:
+            mtime = float(int(check.rewritten[uid]))
+            if last is None or mtime > last:
+                when = mtime
+        seen_now = uid in sr_row_uids or (uid in check.vanished and last is None)
+        if difference(study, recorded, bases.get(uid, recorded)) == Reason.EDITED and (
+                previous is None or previous.fingerprint != study.fingerprint):
+            seen_now = True
+        if seen_now:
+            when = max(when, now) if when is not None else now
+        if when is not None:
+            marks[uid] = ChangeMark(edited_at=max(when, last) if last is not None else when,
+                                    fingerprint=study.fingerprint)
+        elif uid in row_uids and previous is None:
+            marks[uid] = ChangeMark()
+    return marks
+
+
+def plain_old_exports(studies: Iterable[HorosStudy], exported: Mapping[str, str],
+                      bases: Mapping[str, Optional[str]]) -> List[str]:
+    """The exports of a version that recorded no reader's work (base None) whose study is
+    unchanged and holds none of it (its fingerprint is the base one, and the one
+    recorded). Once their base is recorded, the reader's first comment on one of them is
+    an edit; left unrecorded, it would look like an upgrade (difference). The first
+    cycle after an upgrade records them all, once."""
+    return [study.uid for study in studies
+            if study.uid in bases and bases[study.uid] is None
+            and study.fingerprint == study.base_fingerprint == exported.get(study.uid)]
+
+
+def known_changes(changed: Mapping[str, ChangeMark], marks: Mapping[str, ChangeMark]
+                  ) -> Dict[str, Optional[float]]:
+    """plan_selection's `changed`: the recorded marks with this look's news over them."""
+    merged = {uid: mark.edited_at for uid, mark in changed.items()}
+    merged.update((uid, mark.edited_at) for uid, mark in marks.items())
+    return merged
 
 
 # =====================================================================================
@@ -3994,7 +4570,8 @@ def adopt_or_discard(cfg: Config, state: ExportState, issues: IssueLog,
     problem, manifest = verify_zip(final_path)
     if problem is None and manifest is not None and manifest["study"]["study_uid"] == uid:
         state.record_export(export_record(manifest, relpath, os.path.getsize(final_path),
-                                          utc_iso(time.time())), keep_write=True)
+                                          utc_iso(time.time())), watched_sr_files(manifest),
+                            keep_write=True)
         log.info("adopted %s: complete and verified, written by an interrupted run", relpath)
         return True
     remove_if_present(final_path)
@@ -4059,15 +4636,28 @@ def backfill_search_fields(cfg: Config, state: ExportState, issues: IssueLog,
 # -- reading Horos ----------------------------------------------------------------------
 
 @dataclass
+class LibraryRead:
+    """Every study Horos holds, and what changed in the exported ones since last looked."""
+    studies: List[HorosStudy]
+    marks: Dict[str, ChangeMark]   # news to record (edits_seen)
+    edit_check: EditCheck
+    image_high_water: int
+    # Exported by an older version, unchanged, and holding none of the reader's work:
+    # their base fingerprint is the one recorded (plain_old_exports).
+    plain: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass
 class HorosSnapshot:
     """What one read of Horos saw: the studies, the queue and the plans to export."""
     studies: List[HorosStudy]
     selection: Selection
     plans: List[StudyPlan]         # of the head of selection.queue
-    newly_changed: List[str]       # exported studies Horos added image rows to
+    marks: Dict[str, ChangeMark]   # what changed in exported studies: news to record
     image_high_water: int
     seconds_held: float            # all its read transactions together
     times: Optional[ReadTimes] = None
+    plain: List[str] = dataclasses.field(default_factory=list)   # LibraryRead.plain
 
 
 def database_for_cycle(cfg: Config) -> str:
@@ -4086,6 +4676,36 @@ def read_candidates(reader: HorosReader) -> List[HorosStudy]:
     transaction has ended.
     """
     return group_candidates(row for chunk in reader.candidate_chunks() for row in chunk)
+
+
+def read_library(reader: HorosReader, view: StateView, now: float) -> LibraryRead:
+    """The studies, in short read transactions, and what changed in the exported ones:
+    image rows above the high-water mark (read first: rows Horos adds during the scan
+    are above it and found next cycle), SR files rewritten (stat'ed after the scan,
+    with no transaction open), the reader's work in the fingerprints."""
+    top = reader.image_high_water()
+    new_rows = NewImageRows(studies=set(), horos_sr_studies=set())
+    # top < high_water: Horos rebuilt its database and numbered its rows anew.
+    if view.image_high_water is not None and view.image_high_water < top:
+        new_rows = reader.new_image_rows(view.image_high_water, top)
+    studies = read_candidates(reader)
+    watched = {f.study_uid for f in view.sr_files}
+    check = check_sr_files(view.sr_files, {s.uid for s in studies if s.uid in watched})
+    row_uids, sr_row_uids = set(), set()
+    if new_rows.studies:
+        for study in studies:
+            if study.uid in view.exported and not new_rows.studies.isdisjoint(study.pks):
+                row_uids.add(study.uid)
+                if not new_rows.horos_sr_studies.isdisjoint(study.pks):
+                    sr_row_uids.add(study.uid)
+    marks = edits_seen(studies, view.exported, view.bases, view.changed, check, sr_row_uids,
+                       row_uids, now)
+    plain = plain_old_exports(studies, view.exported, view.bases)
+    log.debug("edit check: %d SR files of exported studies stat'ed in %.1f ms, %d studies "
+              "with one rewritten or gone", check.files, check.seconds * 1000,
+              len(set(check.rewritten) | check.vanished))
+    return LibraryRead(studies=studies, marks=marks, edit_check=check,
+                       image_high_water=top, plain=plain)
 
 
 def read_plans(reader: HorosReader, candidates: Iterable[Candidate],
@@ -4113,31 +4733,26 @@ def read_horos(cfg: Config, view: StateView, now: float, db_path: str,
     Uncapped: the whole queue, of which the head's plans are read here and the rest's
     by later_plans, a group at a time, while the cycle exports.
     """
-    exported, high_water = view.exported, view.image_high_water
     times = times if times is not None else ReadTimes()
     started = time.monotonic()
     with open_horos_reader(db_path, cfg.busy_timeout, cfg.horos_chunk_rows,
                            times) as reader:
-        top = reader.image_high_water()
-        touched = set()
-        # top < high_water: Horos rebuilt its database and numbered its rows anew.
-        if high_water is not None and high_water < top:
-            touched = reader.studies_with_new_images(high_water, top)
-        studies = read_candidates(reader)
-        newly_changed = sorted(s.uid for s in studies if s.uid in exported
-                               and touched.intersection(s.pks)) if touched else []
-        selection = plan_selection(studies, exported, view.changed.union(newly_changed),
+        library = read_library(reader, view, now)
+        selection = plan_selection(library.studies, view.exported,
+                                   known_changes(view.changed, library.marks),
                                    view.failures, cfg.modalities, cfg.order_by, now,
                                    cfg.settle_minutes * 60,
-                                   limit=cfg.batch_size * 2 if capped else None)
+                                   limit=cfg.batch_size * 2 if capped else None,
+                                   bases=view.bases)
         plans = read_plans(reader, selection.queue[:cfg.batch_size * 2],
                            cfg.horos_files_dir, cfg.folder_size)
     log.debug("read %d studies from %s in %.3f s: %d read transactions, %.3f s in all, "
-              "the longest %.1f ms", len(studies), db_path, time.monotonic() - started,
-              times.transactions, times.seconds, times.longest * 1000)
-    return HorosSnapshot(studies=studies, selection=selection, plans=plans,
-                         newly_changed=newly_changed, image_high_water=top,
-                         seconds_held=times.seconds, times=times)
+              "the longest %.1f ms", len(library.studies), db_path,
+              time.monotonic() - started, times.transactions, times.seconds,
+              times.longest * 1000)
+    return HorosSnapshot(studies=library.studies, selection=selection, plans=plans,
+                         marks=library.marks, image_high_water=library.image_high_water,
+                         seconds_held=times.seconds, times=times, plain=library.plain)
 
 
 def later_plans(cfg: Config, db_path: str, candidates: Sequence[Candidate],
@@ -4249,7 +4864,8 @@ def export_study(cycle: Cycle, plan: StudyPlan, failures: Mapping[str, Failure],
         cycle.progress.clear()
     zip_bytes = os.path.getsize(final_path)
     state.record_export(export_record(manifest, plan.zip_relpath, zip_bytes,
-                                      utc_iso(cycle.now)), keep_write=replaces is not None)
+                                      utc_iso(cycle.now)), watched_sr_files(manifest),
+                        keep_write=replaces is not None)
     if replaces is not None:
         remove_replaced_zip(cfg, replaces, plan.zip_relpath)
         state.end_write(plan.zip_relpath)
@@ -4263,7 +4879,8 @@ def export_study(cycle: Cycle, plan: StudyPlan, failures: Mapping[str, Failure],
     summary.zip_bytes += zip_bytes
     seconds = time.monotonic() - started
     log.info("%s %s %s (%s, %s, %.1f s, %.1f MB/s)", label,
-             "re-exported" if plan.reason == "changed" else "exported", plan.zip_relpath,
+             "re-exported" if plan.reason in Reason.REEXPORTS else "exported",
+             plan.zip_relpath,
              plural(len(present), "file"), format_bytes(zip_bytes), seconds,
              source_bytes / 1e6 / max(seconds, 1e-6))
     return decision
@@ -4479,8 +5096,15 @@ def export_cycle(cycle: Cycle) -> None:
         cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
         raise
     summary.horos_seconds = snapshot.seconds_held
-    if snapshot.newly_changed or snapshot.image_high_water != view.image_high_water:
-        state.note_horos_changes(snapshot.newly_changed, snapshot.image_high_water, now)
+    if snapshot.marks or snapshot.plain or \
+            snapshot.image_high_water != view.image_high_water:
+        state.note_horos_changes(snapshot.marks, snapshot.image_high_water, now,
+                                 snapshot.plain)
+    for uid, mark in sorted(snapshot.marks.items()):
+        if mark.edited_at is not None:
+            log.info("study %s: the reader's work changed in Horos since its export (ROIs, "
+                     "key images, comments, status or report); exported again once it has "
+                     "had no edit for %g minutes", uid, cfg.settle_minutes)
     if not capped:
         log.info("outside clinic hours (--clinic-hours %s, --clinic-days %s): exporting "
                  "until --max-run-seconds %g", cfg.clinic_hours, cfg.clinic_days,
@@ -4626,7 +5250,7 @@ def dry_run(cfg: Config) -> int:
             used += 1
             label = "[%d/%d]" % (used, min(cfg.batch_size, len(snapshot.plans)) if capped
                                  else selection.pending)
-            if outcome == Outcome.EXPORTED and plan.reason == "changed":
+            if outcome == Outcome.EXPORTED and plan.reason in Reason.REEXPORTS:
                 action = "reexport"
         day = plan.info.study_datetime.date().isoformat() if plan.info.study_datetime \
             else UNKNOWN
@@ -4658,10 +5282,12 @@ def gather_status(cfg: Config, now: float) -> dict:
     times = ReadTimes()
     with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.horos_chunk_rows,
                            times) as reader:
-        studies = read_candidates(reader)
-    selection = plan_selection(studies, view.exported, view.changed, view.failures,
-                               cfg.modalities, cfg.order_by, now, cfg.settle_minutes * 60,
-                               limit=0)
+        library = read_library(reader, view, now)
+    studies = library.studies
+    selection = plan_selection(studies, view.exported, known_changes(view.changed,
+                                                                     library.marks),
+                               view.failures, cfg.modalities, cfg.order_by, now,
+                               cfg.settle_minutes * 60, limit=0, bases=view.bases)
     in_horos = {study.uid for study in studies}
     eligible_by_month = {month: counts[0] for month, counts in
                          month_completeness(studies, view.exported, cfg.modalities).items()}
@@ -4691,6 +5317,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "up_to_date": selection.up_to_date,
         "pending": selection.pending,
         "changed": selection.changed,
+        "edited": selection.edited,
         "unsettled": selection.unsettled,
         "failed": len(view.failures),
         "waiting": selection.waiting,
@@ -4792,9 +5419,10 @@ def print_status(status: Mapping) -> None:
     print("Studies")
     line("eligible", "%d CT/MR studies in Horos" % status["eligible"])
     line("exported", "%d (%s of ZIPs)" % (status["exported"], format_bytes(status["bytes"])))
-    line("pending", "%d ready to export (%d of them changed since their export)"
-         % (status["pending"], status["changed"]))
-    line("not settled", "%d (Horos added to them in the last minutes)" % status["unsettled"])
+    line("pending", "%d ready to export (%d of them changed since their export, %d of them "
+         "edited in Horos)" % (status["pending"], status["changed"], status["edited"]))
+    line("not settled", "%d (Horos added to them, or the reader edited them, in the last "
+         "minutes)" % status["unsettled"])
     line("failed", "%d (%d waiting for their next attempt)"
          % (status["failed"], status["waiting"]))
     line("partial", "%d (exported without some missing files)" % status["partial"])
@@ -4911,6 +5539,7 @@ def reindex_command(cfg: Config) -> int:
     issues = IssueLog(cfg.issues_path)
     with operator_lock(cfg):
         rows: Dict[str, dict] = {}
+        sr_files: Dict[str, List[WatchedFile]] = {}
         duplicates: List[str] = []
         unreadable = 0
         for month in sorted(os.listdir(cfg.backup_root)):
@@ -4928,8 +5557,9 @@ def reindex_command(cfg: Config) -> int:
                 relpath = month + "/" + name
                 try:
                     with zipfile.ZipFile(path) as archive:
-                        record = export_record(read_manifest(archive), relpath,
-                                               os.path.getsize(path), None)
+                        manifest = read_manifest(archive)
+                        record = export_record(manifest, relpath, os.path.getsize(path), None)
+                        watched = watched_sr_files(manifest)
                 except ZIP_READ_ERRORS as error:
                     unreadable += 1
                     log.error("reindex: %s has no readable manifest (%s); left out",
@@ -4943,14 +5573,17 @@ def reindex_command(cfg: Config) -> int:
                     duplicates.append(other["zip_path"])
                     log.warning("reindex: %s and %s hold the same study; keeping the newer",
                                 keep["zip_path"], other["zip_path"])
-                    record = keep
+                    if keep is previous:
+                        continue
                 rows[record["study_uid"]] = record
+                sr_files[record["study_uid"]] = watched
         rebuilt = cfg.state_path + ".reindex"
         for leftover in (rebuilt, rebuilt + "-journal"):
             remove_if_present(leftover)
         state = ExportState(rebuilt, cfg.busy_timeout)
         try:
-            state.replace_exported(list(rows.values()))
+            state.replace_exported(list(rows.values()),
+                                   [f for uid in rows for f in sr_files[uid]])
             carry_over_restores(cfg.state_path, state)
         finally:
             state.close()

@@ -1,13 +1,17 @@
-"""Does Horos wait for us? A Horos-like writer next to a cycle, `status` and a dry run,
-and the time to a first full backup with the default clinic hours.
+"""Does Horos wait for us? A Horos-like writer next to a cycle, `status`, a dry run and
+an idle cycle, and the time to a first full backup with the default clinic hours.
 
     python bench/run_bench.py --only horos-waits [--baseline-script OLD.py]
 
+The libraries have 20 % of their studies annotated as Horos keeps the reader's work (an
+annotations SR series and file, a comment, a status, a key image: bench/library.py).
 The writer commits every 10 ms (an UPDATE and an INSERT, as an import does) with a busy
 timeout of 100 ms or 1 s; a commit that times out is lost (Horos retries or reports it).
 For each action it counts lost commits and the worst wait of one commit. The longest
 read transaction comes from the script itself: the `runs` row of the cycle, the
-`status --json` keys, the dry run's debug line.
+`status --json` keys, the dry run's debug line. The idle cycle runs on a backup in which
+every study is exported and every SR file of Horos's own series watched: its edit check
+(files stat'ed, milliseconds) comes from its --verbose log line.
 """
 
 import datetime as dt
@@ -30,13 +34,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
 from horos_writer import start_writer, stop_writer  # noqa: E402
-from library import build_library  # noqa: E402
+from library import build_library, exported_state  # noqa: E402
 from measure import run_measured  # noqa: E402
 
 MB = 1e6
 TIMEOUTS = (0.1, 1.0)
 REPEATS = 3
-ACTIONS = ("cycle", "status", "dry run")
+ACTIONS = ("cycle", "status", "dry run", "idle cycle")
+ANNOTATED_FRACTION = 0.2
+EDIT_CHECK_LINE = re.compile(r"edit check: (\d+) SR files of exported studies stat'ed in "
+                             r"([\d.]+) ms")
 
 
 def load():
@@ -71,11 +78,28 @@ def last_run(pacs_root):
     return row
 
 
+def has_clinic_hours(script):
+    """Whether a script takes --clinic-hours (the versions since issue 13 do)."""
+    return "--clinic-hours" in run_script(script, ["--help"])[2]
+
+
 def measure_action(script, new, pacs_root, action):
-    """(wall s, CPU s, longest read transaction s, total read s) of one action."""
+    """(wall s, CPU s, longest read transaction s, total read s, edit check) of one
+    action; the edit check (files stat'ed, seconds) of an idle cycle, else None. new:
+    the script takes --clinic-hours (without it, a cycle after 19:00 plans the whole
+    queue)."""
     common = ["--pacs-root", pacs_root, "--min-free-gb", "0"]
     if new:
         common += ["--clinic-hours", "00-24"]     # the cycle daytime Horos sees
+    if action == "idle cycle":
+        # The backup exported_state made (no ZIP on disk: none is re-read).
+        wall, cpu, out, err = run_script(script, common + ["--verbose", "--verify-per-run",
+                                                           "0"])
+        assert "cycle done: 0 studies" in out, out + err
+        found = EDIT_CHECK_LINE.search(out)
+        run = last_run(pacs_root)
+        return wall, cpu, run["horos_longest_seconds"], run["horos_seconds"], \
+            (int(found.group(1)), float(found.group(2)) / 1000)
     if action == "cycle":
         # The whole backlog ahead: it reads the batch and its spares (the files are
         # absent, so nothing is written, but Database.sql is read as for a real batch).
@@ -83,27 +107,35 @@ def measure_action(script, new, pacs_root, action):
         wall, cpu, _out, _err = run_script(script, common)
         run = last_run(pacs_root)
         return wall, cpu, run.get("horos_longest_seconds") or run["horos_seconds"], \
-            run["horos_seconds"]
+            run["horos_seconds"], None
     if action == "status":
         wall, cpu, out, _err = run_script(script, ["status", "--json"] + common)
         status = json.loads(out)
         return wall, cpu, status.get("horos_longest_seconds", status["horos_read_seconds"]), \
-            status["horos_read_seconds"]
+            status["horos_read_seconds"], None
     wall, cpu, out, err = run_script(script, ["--dry-run", "--verbose"] + common)
     found = re.search(r"(\d+) read transactions, ([\d.]+) s in all, the longest ([\d.]+) ms",
                       out + err)
     if found:
-        return wall, cpu, float(found.group(3)) / 1000, float(found.group(2))
+        return wall, cpu, float(found.group(3)) / 1000, float(found.group(2)), None
     found = re.search(r"read \d+ studies from .* in ([\d.]+) s", out + err)
     held = float(found.group(1)) if found else None
-    return wall, cpu, held, held
+    return wall, cpu, held, held, None
+
+
+def sql_literal(value):
+    return str(value) if isinstance(value, int) else "'%s'" % value.replace("'", "''")
 
 
 def bare_candidate_query(db):
     """The bare sqlite3 query behind the candidate scan, all of it in one statement."""
-    query = ".timer on\n" + hbe.CANDIDATES_SQL.replace(":after", "0").replace(
-        ":limit", "-1").strip().replace("SELECT st.Z_PK", "SELECT COUNT(*) FROM (SELECT "
-                                        "st.Z_PK", 1) + ");\n"
+    with hbe.open_horos_reader(db, 30) as reader:
+        sql = reader.candidates_sql
+    for name, value in sorted(dict(hbe.HOROS_SR_PARAMETERS, after=0, limit=-1).items(),
+                              key=lambda item: -len(item[0])):   # :roi_name before :roi
+        sql = sql.replace(":" + name, sql_literal(value))
+    query = ".timer on\n" + sql.strip().replace(
+        "SELECT st.Z_PK", "SELECT COUNT(*) FROM (SELECT st.Z_PK", 1) + ");\n"
     best = None
     for _ in range(REPEATS):
         out = subprocess.run(["sqlite3", "-readonly", db], input=query, capture_output=True,
@@ -118,41 +150,84 @@ def writer_table(work, sizes, baseline):
     rows = []
     scripts = [("this version", SCRIPT, True)]
     if baseline:
-        scripts.append(("before (one transaction)", baseline, False))
+        scripts.append(("before", baseline, has_clinic_hours(baseline)))
     for studies in sizes:
-        pacs_root = os.path.join(work, "library-%d" % studies)
-        db = build_library(pacs_root, studies)
+        pacs_root = annotated_library(work, studies)
+        db = build_library(pacs_root, studies, annotated_fraction=ANNOTATED_FRACTION)
         bare = bare_candidate_query(db)
         for label, script, new in scripts:
             for action in ACTIONS:
+                if action == "idle cycle":
+                    if script != SCRIPT:
+                        continue     # its state is this version's: the old one refuses it
+                    exported_state(pacs_root)
                 measure_action(script, new, pacs_root, action)       # warm the cache
                 for timeout in TIMEOUTS:
                     lost = commits = 0
                     worst = longest = total = wall = cpu = 0.0
+                    checks = []
                     for _ in range(REPEATS):
-                        (w, c, held, read), n, lo, wo = with_writer(
+                        (w, c, held, read, check), n, lo, wo = with_writer(
                             db, timeout, measure_action, script, new, pacs_root, action)
                         lost, commits = lost + lo, commits + n
                         worst, longest = max(worst, wo), max(longest, held)
                         total, wall, cpu = total + read, wall + w, cpu + c
+                        checks += [check] if check else []
                     rows.append({"studies": studies, "script": label, "action": action,
                                  "timeout": timeout, "commits": commits, "lost": lost,
                                  "worst": worst, "longest": longest,
                                  "read": total / REPEATS, "wall": wall / REPEATS,
-                                 "cpu": cpu / REPEATS, "bare": bare, "load": load()})
+                                 "cpu": cpu / REPEATS, "bare": bare, "load": load(),
+                                 "edit_check": checks})
                     print("  %s" % rows[-1], flush=True)
     return rows
 
 
+def annotated_library(work, studies):
+    """The folder of the library part 4 uses: 20 % annotated (its own folder: the plain
+    libraries of parts 2 and 3 are kept apart)."""
+    return os.path.join(work, "library-%d-annotated" % studies)
+
+
+def edit_check_cost(work, studies):
+    """The idle cycle's edit check alone, without the writer: (studies exported, SR files
+    watched, [(files stat'ed, seconds)] of 5 idle cycles, [CPU s of those cycles],
+    [CPU s of 5 idle cycles with no SR file watched])."""
+    pacs_root = annotated_library(work, studies)
+    build_library(pacs_root, studies, annotated_fraction=ANNOTATED_FRACTION)
+    args = ["--pacs-root", pacs_root, "--min-free-gb", "0", "--clinic-hours", "00-24",
+            "--verbose", "--verify-per-run", "0"]
+
+    def idle_cycles():
+        checks, cpus = [], []
+        for _ in range(5):
+            _wall, cpu, out, _err = run_script(SCRIPT, args)
+            found = EDIT_CHECK_LINE.search(out)
+            checks.append((int(found.group(1)), float(found.group(2)) / 1000))
+            cpus.append(cpu)
+        return checks, cpus
+
+    exported, watched = exported_state(pacs_root)
+    run_script(SCRIPT, args)                                        # warm the cache
+    checks, cpus = idle_cycles()
+    conn = sqlite3.connect(os.path.join(pacs_root, "Backup", "export_state.sqlite"))
+    conn.execute("DELETE FROM horos_sr_files")
+    conn.commit()
+    conn.close()
+    _none, cpus_unwatched = idle_cycles()
+    return {"studies": studies, "exported": exported, "watched": watched,
+            "checks": checks, "cpu": cpus, "cpu_unwatched": cpus_unwatched, "load": load()}
+
+
 def cpu_per_cycle(work, studies, baseline):
     """Median CPU seconds of a busy cycle (no writer), this version and the baseline."""
-    pacs_root = os.path.join(work, "library-%d" % studies)
-    build_library(pacs_root, studies)
+    pacs_root = annotated_library(work, studies)
+    build_library(pacs_root, studies, annotated_fraction=ANNOTATED_FRACTION)
     result = {}
-    for label, script, new in (("this version", SCRIPT, True),
-                               ("before (one transaction)", baseline, False)):
+    for label, script in (("this version", SCRIPT), ("before", baseline)):
         if not script:
             continue
+        new = has_clinic_hours(script)
         cpus = sorted(measure_action(script, new, pacs_root, "cycle")[1]
                       for _ in range(5))
         result[label] = cpus[2]
@@ -250,22 +325,35 @@ def first_backup(work):
             scenarios.append({"disk": label, "disk_mb_s": disk, "schedule": name,
                               "days": days, "seconds_per_study": per_study,
                               "inside": inside, "outside": fits})
+    # The upgrade over a backup of version 1.0: the annotated studies (20 %) are
+    # exported again once, after the new ones, at the same pace.
+    upgraded = int(studies * ANNOTATED_FRACTION)
+    upgrade = []
+    for label, disk in (("a USB 3 hard disk (100 MB/s)", 100.0),
+                        ("a USB 2 disk (30 MB/s)", 30.0)):
+        days, _per_study, _inside, _fits = days_to_first_backup(
+            upgraded, total * ANNOTATED_FRACTION, cpu_rate, disk, ratio, default)
+        upgrade.append({"disk": label, "days": days})
     return {"cpu_rate": cpu_rate, "ratio": ratio, "disk_write": write, "disk_read": read,
-            "studies": studies, "bytes": total, "scenarios": scenarios, "load": load()}
+            "studies": studies, "bytes": total, "scenarios": scenarios, "load": load(),
+            "upgraded": upgraded, "upgrade": upgrade}
 
 
 def report(results):
     lines = []
     rows = results["writer"]
     lines += ["### 4. Horos never waits: a Horos-like writer next to the script", "",
-              "The writer commits every 10 ms; a commit that waits longer than its busy "
-              "timeout is lost. %d runs of each action per cell: lost commits summed, the "
-              "slowest commit (its wait for the lock and its own fsync, which on a disk "
-              "shared with other jobs can take long by itself), the longest read "
-              "transaction (from the script: from the moment it holds the lock to its "
-              "ROLLBACK; before: the one transaction), all reads together. The cycle plans "
-              "a batch with the whole backlog ahead. The bare scan: the candidate query "
-              "in one statement in the sqlite3 shell." % REPEATS, "",
+              "Libraries with %.0f%% of their studies annotated (an annotations SR series "
+              "and file, a comment, a status, a key image). The writer commits every 10 ms; "
+              "a commit that waits longer than its busy timeout is lost. %d runs of each "
+              "action per cell: lost commits summed, the slowest commit (its wait for the "
+              "lock and its own fsync, which on a disk shared with other jobs can take long "
+              "by itself), the longest read transaction (from the script: from the moment "
+              "it holds the lock to its ROLLBACK), all reads together. The cycle plans a "
+              "batch with the whole backlog ahead; the idle cycle runs on a backup of every "
+              "study, every SR file of Horos's own series watched. The bare scan: the "
+              "candidate query in one statement in the sqlite3 shell."
+              % (100 * ANNOTATED_FRACTION, REPEATS), "",
               "| studies | script | action | busy timeout | commits | lost | slowest commit "
               "ms | longest read transaction ms | all reads s | wall s | bare sqlite3 "
               "scan s | load |",
@@ -282,6 +370,20 @@ def report(results):
         lines += ["", "CPU of a busy cycle at %s studies (median of 5, no writer): %s." % (
             "{:,}".format(results["cpu_studies"]), "; ".join(
                 "%s %.2f s" % (label, seconds) for label, seconds in cpu.items()))]
+    edit = results.get("edit_check")
+    if edit:
+        seconds = sorted(check[1] for check in edit["checks"])
+        lines += ["", "The edit check of an idle cycle at {:,} studies ({:,} exported, {:,} "
+                  "SR files watched; 5 cycles, no writer): {} files stat'ed per cycle in "
+                  "{:.0f} ms (median; {:.0f}-{:.0f} ms), {:.1f} us per file. The idle "
+                  "cycle's CPU: {:.2f}-{:.2f} s with them watched, {:.2f}-{:.2f} s with "
+                  "none (min-max of 5 each). Load {}.".format(
+                      edit["studies"], edit["exported"], edit["watched"],
+                      "/".join(sorted({"{:,}".format(c[0]) for c in edit["checks"]})),
+                      seconds[2] * 1000, seconds[0] * 1000, seconds[-1] * 1000,
+                      seconds[2] * 1e6 / max(edit["checks"][0][0], 1),
+                      min(edit["cpu"]), max(edit["cpu"]), min(edit["cpu_unwatched"]),
+                      max(edit["cpu_unwatched"]), edit["load"])]
     fb = results["first_backup"]
     lines += ["", "### 5. Time to a first full backup: %s studies, %.0f TB" % (
         "{:,}".format(fb["studies"]), fb["bytes"] / 1e12), "",
@@ -300,6 +402,14 @@ def report(results):
         lines.append("| %s | %s | %.1f | %.0f / %.0f | %.1f |" % (
             row["disk"], row["schedule"], row["seconds_per_study"], row["inside"],
             row["outside"], row["days"]))
+    if fb.get("upgrade"):
+        lines += ["", "The upgrade over a backup of version 1.0, the same model: the %s "
+                  "annotated studies (%.0f%%, %.0f GB) exported again once, with the "
+                  "default clinic hours, starting a Monday at 07:00: %s." % (
+                      "{:,}".format(fb["upgraded"]), 100 * ANNOTATED_FRACTION,
+                      fb["bytes"] * ANNOTATED_FRACTION / 1e9, "; ".join(
+                          "%.1f days on %s" % (row["days"], row["disk"])
+                          for row in fb["upgrade"]))]
     return "\n".join(lines)
 
 
@@ -308,5 +418,6 @@ def run(work, quick, baseline):
     results = {"writer": writer_table(work, sizes, baseline)}
     results["cpu_studies"] = sizes[-1]
     results["cpu"] = cpu_per_cycle(work, sizes[-1], baseline)
+    results["edit_check"] = edit_check_cost(work, sizes[-1])
     results["first_backup"] = first_backup(work)
     return results

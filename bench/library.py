@@ -11,16 +11,20 @@ a comment and a status (ZSTUDY.ZCOMMENT, ZSTATETEXT); one key image
 
 import os
 import random
+import shutil
 import sqlite3
 import sys
+import time
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
 
 from fake_horos import (  # noqa: E402
     BASIC_TEXT_SR, DCMTK_SERIES_UID_ROOT, ENTITIES, FOLDER_SIZE, HOROS_SR_SERIES, SCHEMA,
-    database_path_for_number, fake_sr_bytes, local_to_coredata)
+    SR_SOP_CLASS_PREFIX, database_path_for_number, fake_sr_bytes, local_to_coredata)
 
 SERIES_PER_STUDY = 5
 IMAGES_PER_SERIES = 20
@@ -168,3 +172,69 @@ def flush(conn, study_rows, series_rows, image_rows, sr_series_rows=(), sr_image
     for rows in (study_rows, series_rows, image_rows, sr_series_rows, sr_image_rows):
         if isinstance(rows, list):
             rows.clear()
+
+
+def exported_state(pacs_root):
+    """A state in which every study of the library is exported and freshly verified:
+    what an idle cycle and `status` see once the backlog is done. The SR files of Horos's
+    own series in those studies are watched, with their size and mtime now, as a cycle
+    records them at export: an idle cycle's edit check stats every one of them."""
+    import horos_backup_export as hbe
+    backup = os.path.join(pacs_root, "Backup")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.makedirs(os.path.join(backup, ".tmp"))
+    horos = os.path.join(pacs_root, "Database", "Horos Data")
+    db = os.path.join(horos, "Database.sql")
+    with hbe.open_horos_reader(db, 30) as reader:
+        studies = hbe.read_candidates(reader)
+        top = reader.image_high_water()
+    state = hbe.ExportState(os.path.join(backup, "export_state.sqlite"))
+    now = hbe.utc_iso(time.time())
+    wanted = hbe.wanted_modalities(hbe.MODS)
+    exported = [s for s in studies if hbe.is_eligible(s.modalities, wanted)]
+    watched = sr_files_of(db, os.path.join(horos, "DATABASE.noindex"),
+                          {s.uid for s in exported})
+    with state.transaction() as db_conn:
+        db_conn.executemany(hbe.UPSERT_EXPORTED_SQL, [{
+            "study_uid": s.uid, "zip_path": "2020_01/%s.zip" % s.uid, "zip_bytes": 1,
+            "file_count": 100, "missing_count": 0, "source_bytes": 1,
+            "fingerprint": s.fingerprint, "base_fingerprint": s.base_fingerprint,
+            "study_date": None, "month": "2020_01", "patient_name": "P", "modalities": "CT",
+            "exported_at": now, "verified_at": now} for s in exported])
+        # The find fields, as this version records them with each export: without them
+        # the idle cycle would measure the one-time backfill of an upgraded backup.
+        db_conn.executemany(hbe.SET_SEARCH_FIELDS_SQL, [{
+            "study_uid": s.uid, "patient_id": "ID", "accession_number": "A",
+            "birth_date": None} for s in exported])
+        db_conn.executemany(hbe.WATCH_SR_FILE_SQL, watched)
+        db_conn.execute(hbe.SET_META_SQL, (hbe.META_IMAGE_HIGH_WATER, str(top)))
+    state.close()
+    return len(exported), len(watched)
+
+
+def sr_files_of(db, database_dir, uids):
+    """(study_uid, path, size, mtime_ns) of the files of Horos's own SR series in those
+    studies (found by ZID, name and SOP class, as the script does), as they are now."""
+    conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db)),
+                           uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT st.ZSTUDYINSTANCEUID, im.ZPATHNUMBER FROM ZSERIES AS se"
+            " JOIN ZSTUDY AS st ON st.Z_PK = se.ZSTUDY"
+            " JOIN ZIMAGE AS im ON im.ZSERIES = se.Z_PK"
+            " WHERE se.ZID IN (?, ?, ?) AND se.ZNAME IN (?, ?, ?)"
+            " AND se.ZSERIESSOPCLASSUID LIKE ?",
+            [number for number, _name in HOROS_SR_SERIES.values()]
+            + [name for _number, name in HOROS_SR_SERIES.values()]
+            + [SR_SOP_CLASS_PREFIX + "%"]).fetchall()
+    finally:
+        conn.close()
+    watched = []
+    for uid, number in rows:
+        if uid not in uids:
+            continue
+        path = database_path_for_number(database_dir, number, FOLDER_SIZE)
+        if os.path.exists(path):
+            st = os.stat(path)
+            watched.append((uid, path, st.st_size, st.st_mtime_ns))
+    return watched

@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 
 import horos_backup_export as hbe  # noqa: E402
 from ctlike import write_series  # noqa: E402
-from library import build_library  # noqa: E402
+from library import build_library, exported_state  # noqa: E402
 from measure import run_measured  # noqa: E402
 
 import horos_waits  # noqa: E402
@@ -207,36 +207,6 @@ def peak_of(args):
     """(wall s, peak RSS MB, stdout) of the script run as its own process."""
     wall, _cpu, peak_mb, stdout, _stderr = run_measured(SCRIPT, args)
     return wall, peak_mb, stdout
-
-
-def exported_state(pacs_root):
-    """A state in which every study of the library is exported and freshly verified:
-    what an idle cycle and `status` see once the backlog is done."""
-    backup = os.path.join(pacs_root, "Backup")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.makedirs(os.path.join(backup, ".tmp"))
-    db = os.path.join(pacs_root, "Database", "Horos Data", "Database.sql")
-    with hbe.open_horos_reader(db, 30) as reader:
-        studies = hbe.read_candidates(reader)
-        top = reader.image_high_water()
-    state = hbe.ExportState(os.path.join(backup, "export_state.sqlite"))
-    now = hbe.utc_iso(time.time())
-    wanted = hbe.wanted_modalities(hbe.MODS)
-    exported = [s for s in studies if hbe.is_eligible(s.modalities, wanted)]
-    with state.transaction() as db_conn:
-        db_conn.executemany(hbe.UPSERT_EXPORTED_SQL, [{
-            "study_uid": s.uid, "zip_path": "2020_01/%s.zip" % s.uid, "zip_bytes": 1,
-            "file_count": 100, "missing_count": 0, "source_bytes": 1,
-            "fingerprint": s.fingerprint, "study_date": None, "month": "2020_01",
-            "patient_name": "P", "modalities": "CT", "exported_at": now, "verified_at": now}
-            for s in exported])
-        # The find fields, as this version records them with each export: without them
-        # the idle cycle would measure the one-time backfill of an upgraded backup.
-        db_conn.executemany(hbe.SET_SEARCH_FIELDS_SQL, [{
-            "study_uid": s.uid, "patient_id": "ID", "accession_number": "A",
-            "birth_date": None} for s in exported])
-        db_conn.execute(hbe.SET_META_SQL, (hbe.META_IMAGE_HIGH_WATER, str(top)))
-    state.close()
 
 
 def bare_query_seconds(db, uids_expected):

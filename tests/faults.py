@@ -7,6 +7,8 @@ is chosen here:
 
   enospc=N           the ZIP being written gets ENOSPC once N bytes are in it
   shrink=NAME        a study file named NAME is cut to half after its first chunk is read
+  rewrite=NAME       a study file named NAME is rewritten in place after its first chunk
+                     is read: the same size, other bytes, a new mtime (Horos saving ROIs)
   vanish=NAME        a study file named NAME is deleted right after it was found present
   corrupt-zip        every written .part ZIP gets one byte flipped before it is verified
   kill-after-rename  the process is SIGKILLed right after a ZIP is renamed into place
@@ -89,6 +91,27 @@ class ShrinkingFile(WrappedFile):
         return count
 
 
+class RewrittenFile(WrappedFile):
+    """A file another process rewrites in place (same size) while it is being read."""
+
+    def __init__(self, handle, path):
+        super().__init__(handle)
+        self._path = path
+        self._done = False
+
+    def readinto(self, buffer):
+        count = self._handle.readinto(buffer)
+        if not self._done:
+            self._done = True
+            st = os.stat(self._path)
+            with open(self._path, "r+b") as target:
+                data = target.read()
+                target.seek(0)
+                target.write(bytes(b ^ 0x5A for b in data))
+            os.utime(self._path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000000))
+        return count
+
+
 def inject(fault, arg):
     if fault == "enospc":
         def open_filling(path, mode="r", *args, **kwargs):
@@ -111,6 +134,13 @@ def inject(fault, arg):
             handle = real_open_source(path)
             return ShrinkingFile(handle, path) if os.path.basename(path) == arg else handle
         hbe.open_source = open_then_shrink
+    elif fault == "rewrite":
+        real_open_source = hbe.open_source
+
+        def open_then_rewrite(path):
+            handle = real_open_source(path)
+            return RewrittenFile(handle, path) if os.path.basename(path) == arg else handle
+        hbe.open_source = open_then_rewrite
     elif fault == "vanish":
         real_stat_files = hbe.stat_files
 

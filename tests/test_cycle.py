@@ -112,7 +112,10 @@ def test_manifest_fields(sample):
         "birth_date": "1988-07-14", "study_date": "2019-03-15",
         "study_time": "2019-03-15T23:10:00", "accession_number": "A1002",
         "description": "MR BRAIN", "modalities": ["MR", "KO", "PR"],
-        "horos_study_pks": manifest["study"]["horos_study_pks"]}
+        "horos_study_pks": manifest["study"]["horos_study_pks"],
+        # Nobody has read it yet: no comment, the model's default status, no report.
+        "comment": None, "comment2": None, "comment3": None, "comment4": None,
+        "status": 0, "report_url": None, "key_images": []}
     assert [s["modality"] for s in manifest["series"]] == ["mr", "MR", "KO", "PR"]
     assert [s["file_count"] for s in manifest["series"]] == [4, 1, 1, 1]
     # 12 frames, one file: the multi-frame object is in the ZIP once.

@@ -231,9 +231,10 @@ def test_eligibility_is_whole_token(tokens, eligible):
     assert hbe.is_eligible(tokens, hbe.wanted_modalities(("CT", " mr"))) is eligible
 
 
-def horos_study(uid, date, added=None, mods=("CT",), fingerprint="f"):
+def horos_study(uid, date, added=None, mods=("CT",), fingerprint="f", base=None):
     return hbe.HorosStudy(uid=uid, pks=(1,), study_date=date, date_added=added,
-                          last_added=added, modalities=mods, fingerprint=fingerprint)
+                          last_added=added, modalities=mods, fingerprint=fingerprint,
+                          base_fingerprint=fingerprint if base is None else base)
 
 
 NOW = 1_800_000_000.0          # Unix seconds
@@ -241,10 +242,13 @@ HOUR = 3600.0
 
 
 def select(studies, exported=(), changed=(), failures=(), order_by="study_date",
-           settle=0.0, now=NOW):
+           settle=0.0, now=NOW, bases=None):
+    """changed: {uid: time of the last edit or None}, or uids (changes that are not edits)."""
     exported = dict(exported) if not isinstance(exported, dict) else exported
+    if not isinstance(changed, dict):
+        changed = dict.fromkeys(changed)
     return hbe.plan_selection(studies, exported, changed, dict(failures), ("CT", "MR"),
-                              order_by, now, settle)
+                              order_by, now, settle, bases=bases)
 
 
 def uids(selection, limit=None):
@@ -310,13 +314,15 @@ def test_retry_back_off_grows_then_stays_daily():
         [HOUR, 6 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR, 24 * HOUR]
 
 
-# The columns of CANDIDATES_SQL, in its order.
+# The columns of CANDIDATES_SQL, in its order; the reader's work NULL unless given.
 CANDIDATE_COLUMNS = ("pk", "uid", "study_date", "date_added", "modality_summary",
-                     "series_modalities", "fingerprint_text")
+                     "series_modalities", "fingerprint_text", "annotations_text",
+                     "series_annotations")
 
 
 def candidate_rows(*rows):
-    return [dict(zip(CANDIDATE_COLUMNS, row)) for row in rows]
+    return [dict(zip(CANDIDATE_COLUMNS, row + (None,) * (len(CANDIDATE_COLUMNS) - len(row))))
+            for row in rows]
 
 
 def test_two_rows_with_one_uid_are_one_study():

@@ -204,7 +204,8 @@ def old_version_state(path):
         for statement in hbe.STATE_MIGRATIONS[step]:
             old.execute(statement)
     old.execute("PRAGMA user_version = 3")
-    kept = [n for n in names if n not in ("patient_id", "accession_number", "birth_date")]
+    known = {row[1] for row in old.execute("PRAGMA table_info(exported_studies)")}
+    kept = [n for n in names if n in known]       # what schema 3 had
     old.executemany("INSERT INTO exported_studies (%s) VALUES (%s)"
                     % (", ".join(kept), ", ".join("?" for _ in kept)),
                     [[row[names.index(n)] for n in kept] for row in rows])

@@ -124,7 +124,7 @@ def test_horos_commits_between_two_chunks_of_the_scan(tmp_path):
     # records it, and the next cycle finds a difference and exports it again.
     assert seen["1.2.88.1"].fingerprint != fresh["1.2.88.1"].fingerprint
     selection = hbe.plan_selection(list(fresh.values()),
-                                   {s.uid: s.fingerprint for s in studies}, (), {},
+                                   {s.uid: s.fingerprint for s in studies}, {}, {},
                                    ("CT", "MR"), "study_date", time.time(), 0)
     assert [(c.study.uid, c.reason) for c in selection.queue] == [("1.2.88.1", "changed")]
     lib.close()
@@ -183,9 +183,10 @@ def test_new_image_rows_are_found_in_chunks(tmp_path):
     times = hbe.ReadTimes()
     with hbe.open_horos_reader(lib.db_path, 5.0, chunk_rows=1, times=times) as reader:
         top = reader.image_high_water()
-        touched = reader.studies_with_new_images(high_water, top)
-        assert reader.studies_with_new_images(top, top) == set()
+        touched = reader.new_image_rows(high_water, top)
+        assert reader.new_image_rows(top, top).studies == set()
     assert top == high_water + 24
-    assert touched == {pks[0], pks[2]}
+    assert touched.studies == {pks[0], pks[2]}
+    assert touched.horos_sr_studies == set()        # the scanner's images, not the reader's
     assert times.transactions == 1 + 1 + 3        # columns, the high-water mark, 10+10+4
     lib.close()
