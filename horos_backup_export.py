@@ -3815,6 +3815,10 @@ def record_delivery(plan: AlertPlan, now: float, subject: str,
     return book
 
 
+# The spaces of `82.6 GB` and `2019_05 (1)`, which a line must not break at.
+UNBROKEN_SPACE = re.compile(r"(?<=\d) (?=[KMGT]?B\b|\(\d+\))")
+
+
 def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     """(subject, body). Only kinds, counts, times, the host and our own paths: never a
     patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
@@ -3828,11 +3832,14 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
             else "%s (%s)" % (name, PROBLEM_TITLES[name])
 
     def paragraph(text: str) -> List[str]:
-        # The first line is prose, wrapped; the lines after it name commands, kept whole.
+        # The first line is prose, wrapped, never between a number and its unit or
+        # count (`82.6 GB`, `2019_05 (1)`); the lines after it name commands, kept whole.
         prose, *commands = text.split("\n")
-        return [textwrap.fill(prose, ALERT_LINE_WIDTH, initial_indent="  ",
-                              subsequent_indent="  ", break_long_words=False,
-                              break_on_hyphens=False)] + ["  " + line for line in commands]
+        prose = UNBROKEN_SPACE.sub("\0", prose)
+        wrapped = textwrap.fill(prose, ALERT_LINE_WIDTH, initial_indent="  ",
+                                subsequent_indent="  ", break_long_words=False,
+                                break_on_hyphens=False)
+        return [wrapped.replace("\0", " ")] + ["  " + line for line in commands]
 
     notice = plan.notice
     notice_title = "%s left Horos" % plural(notice.studies, "study", "studies") \
@@ -4857,9 +4864,11 @@ def locked_cycle(cfg: Config, summary: CycleSummary, progress: Progress) -> int:
 
 def departures_text(departures: Optional[Departures]) -> str:
     """The part of the cycle's last line about studies that left Horos, or came back."""
-    if departures is None or not (departures.left or departures.returned):
+    if departures is None:
         return ""
-    return "; %d left Horos, %d back in Horos" % (departures.left, departures.returned)
+    return "".join(("; %d left Horos" % departures.left if departures.left else "",
+                    "; %d back in Horos" % departures.returned if departures.returned
+                    else ""))
 
 
 def record_run(state: ExportState, now: float, seconds: float, summary: CycleSummary) -> None:
@@ -5222,8 +5231,8 @@ def print_status(status: Mapping) -> None:
     line("partial", "%d (exported without some missing files)" % status["partial"])
     line("only in backup", "%d (no longer in Horos)" % status["only_in_backup"])
     left = status["left_horos"]
-    line("left Horos", "%d in the last %d days, %d in all, as the cycles saw them "
-         "(find --left-horos lists them)" % (left["recent"], LEFT_RECENT_DAYS, left["total"]))
+    line("left Horos", "%d in the last %d days, %d in all (find --left-horos lists them)"
+         % (left["recent"], LEFT_RECENT_DAYS, left["total"]))
     shrank = status["alerts"]["open_problems"].get(LIBRARY_SHRANK)
     line(LIBRARY_SHRANK, "open since %s (%s still gone; if the library really shrank: "
          "acknowledge-shrink)" % (local_time_text(shrank["since"]), shrank["count"])
@@ -5959,7 +5968,6 @@ def find_studies(studies: Sequence[BackupStudy], terms: Sequence[str]
 def find_result(cfg: Config, study: BackupStudy) -> dict:
     """One object of `find --json` (README: find)."""
     return {
-        "left_horos_at": study.left_at,
         "study_uid": study.uid,
         "zip_path": study.zip_path,
         "zip_file": os.path.join(cfg.backup_root, study.zip_path),
@@ -5971,6 +5979,7 @@ def find_result(cfg: Config, study: BackupStudy) -> dict:
         "modalities": list(study.modalities),
         "file_count": study.file_count,
         "zip_bytes": study.zip_bytes,
+        "left_horos_at": study.left_at,
     }
 
 
