@@ -26,6 +26,7 @@ import datetime as dt
 import difflib
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import itertools
@@ -521,6 +522,9 @@ def day_argument(text: str) -> dt.date:
                                          % text) from None
 
 
+# Studies that left together share their time: find --left-horos after an emptied
+# library asks this 50,000 times of a handful of values, and strptime is slow.
+@functools.lru_cache(maxsize=1024)
 def local_day(utc_text) -> Optional[dt.date]:
     """The Mac's local calendar day of a state timestamp (UTC); None when unreadable."""
     seconds = parse_utc_iso(utc_text)
