@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -329,6 +330,62 @@ def test_a_scan_cut_short_records_no_departure(tmp_path, home, mailbox):
     assert state_rows(root, "SELECT * FROM left_horos") == [] and mailbox.messages() == []
 
 
+def test_a_cycle_killed_after_recording_departures_leaves_them_to_the_next_ones_alert(
+        tmp_path, home, mailbox):
+    lib = library(str(tmp_path / "PACS"))
+    root = backup_root(lib)
+    cycle(lib, home, mailbox, "--batch-size", "50")
+    gone = lib.autoclean(count=3)
+    lib.add_simple_study("1.2.392.181.1", "CT", images=2, study_date=dt.datetime(2020, 1, 2))
+    lib.finish()
+    # Killed while it exports the new study: after its check, before its alerts.
+    result = subprocess.run([sys.executable, FAULTS, "kill-after-rename", "--pacs-root",
+                             lib.pacs_root, *PINNED_SCHEDULE, *mailbox.flags],
+                            capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, HOME=home))
+    assert result.returncode == -9
+    assert sorted(r["study_uid"] for r in state_rows(root, "SELECT * FROM left_horos")) == gone
+    assert mailbox.messages() == []
+    with sqlite3.connect(os.path.join(root, "export_state.sqlite")) as conn:   # 10 min ago
+        conn.execute("UPDATE left_horos SET left_at = ?", (hbe.utc_iso(time.time() - 600),))
+    result = cycle(lib, home, mailbox)
+    assert "no longer in Horos" not in result.stdout          # recorded already
+    ((subject, _body),) = mailbox.messages()
+    assert subject == "[Horos backup] NOTICE on %s: 3 studies left Horos" % HOST
+
+
+def test_the_batches_alerts_read_are_last_weeks_and_every_large_one(tmp_path):
+    state = hbe.ExportState(str(tmp_path / "export_state.sqlite"))
+    now = T0
+    try:
+        rows = []
+        for number in range(40):
+            rows.append(dict(
+                study_uid="1.2.%d" % number, zip_path="2019_0%d/%d.zip" % (1 + number % 2,
+                                                                            number),
+                zip_bytes=10, file_count=1, missing_count=0, source_bytes=1000,
+                fingerprint="f", study_date=None, month="2019_0%d" % (1 + number % 2),
+                patient_name="X", modalities="CT", exported_at="x", verified_at=None,
+                patient_id="P", accession_number="A", birth_date=None))
+        state.replace_exported(rows)
+        uids = ["1.2.%d" % number for number in range(40)]
+        assert state.record_departures(uids[:5], [], now - 30 * 86400)       # first check
+        state.record_departures(uids[5:8], [], now - 8 * 86400)              # 3, old
+        state.record_departures(uids[8:20], [], now - 8 * 86400 + 600)       # 12, old
+        state.record_departures(uids[20:22], [], now - 3600)                 # 2, recent
+        state.record_departures([], uids[20:21], now)                        # one is back
+        batches = state.left_batches(now - hbe.LEFT_RECENT_DAYS * 86400,
+                                     hbe.SHRINK_MIN_STUDIES)
+        assert [(b.left_at, b.batch_size, b.studies, b.source_bytes, dict(b.months))
+                for b in batches] == [
+            (hbe.utc_iso(now - 8 * 86400 + 600), 12, 12, 12000, {"2019_01": 6, "2019_02": 6}),
+            (hbe.utc_iso(now - 3600), 2, 1, 1000, {"2019_02": 1})]
+        assert state.left_counts(now - hbe.LEFT_RECENT_DAYS * 86400) == (1, 21)
+        assert state.left_horos_since() == hbe.utc_iso(now - 30 * 86400)
+    finally:
+        state.close()
+
+
 # -- --since is the local day a study was first seen gone -------------------------------
 
 def test_since_selects_by_the_local_day_first_seen_gone(tmp_path, home, mailbox):
@@ -367,6 +424,11 @@ def test_since_selects_by_the_local_day_first_seen_gone(tmp_path, home, mailbox)
                                  "a study left Horos: it goes with --left-horos\n")
     result = run_script("find", "--left-horos", "--since", "2026-13-01", "--backup-root", root)
     assert result.returncode == 2 and "is not a day: use YYYY-MM-DD" in result.stderr
+    # A state rebuilt from the ZIPs keeps when each study left.
+    _result, before = left_json(root)
+    assert run_script("reindex", "--backup-root", root).returncode == 0
+    _result, after = left_json(root)
+    assert after == before and len(after) == 2
 
 
 # -- restore --left-horos --into-horos: Horos's pace, once, and again if they leave again -
@@ -407,7 +469,10 @@ def test_restore_into_horos_feeds_them_at_its_pace_once_and_again_if_they_leave_
     assert result.returncode == 1
     assert result.stderr == ("horos_backup_export: error: no study of the 8 in %s is "
                              "selected by --left-horos\n" % root)
-    # Horos deletes one of them again: fed again, once.
+    # Weeks later Horos deletes one of them again: fed again, once.
+    with sqlite3.connect(os.path.join(root, "export_state.sqlite")) as conn:
+        conn.execute("UPDATE restores SET restored_at = ?",
+                     (hbe.utc_iso(time.time() - 14 * 86400),))
     lib.delete_study(study_pk(lib, gone[1]))
     cycle(lib, home, mailbox)
     result = feed()
