@@ -2621,6 +2621,8 @@ INSERT OR IGNORE INTO left_horos (study_uid, left_at, batch_size) VALUES (?, ?, 
 
 FORGET_LEFT_SQL = "DELETE FROM left_horos WHERE study_uid = ?"
 
+NEWEST_LEFT_SQL = "SELECT MAX(left_at) AS newest FROM left_horos"
+
 # When the cycles began to record departures: the first check records the studies
 # already gone as batch 0 (when they left is unknown, and nobody is told again).
 META_LEFT_HOROS_SINCE = "left_horos_since"
@@ -3061,7 +3063,14 @@ class ExportState:
         first = self.left_horos_since() is None
         batch = 0 if first else len(left)
         with self.transaction() as conn:
-            conn.executemany(RECORD_LEFT_SQL, [(uid, utc_iso(now), batch) for uid in left])
+            # Alerts take a batch later than the last they looked at as new: one recorded
+            # in the same second as the one before (a cycle run by hand), or after the
+            # clock was set back, must still come later.
+            stamp = utc_iso(now)
+            newest = conn.execute(NEWEST_LEFT_SQL).fetchone()["newest"]
+            if left and newest is not None and newest >= stamp:
+                stamp = utc_iso(parse_utc_iso(newest) + 1)
+            conn.executemany(RECORD_LEFT_SQL, [(uid, stamp, batch) for uid in left])
             conn.executemany(FORGET_LEFT_SQL, [(uid,) for uid in returned])
             if first:
                 conn.execute(SET_META_SQL, (META_LEFT_HOROS_SINCE, utc_iso(now)))

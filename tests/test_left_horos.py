@@ -382,6 +382,13 @@ def test_the_batches_alerts_read_are_last_weeks_and_every_large_one(tmp_path):
             (hbe.utc_iso(now - 3600), 2, 1, 1000, {"2019_02": 1})]
         assert state.left_counts(now - hbe.LEFT_RECENT_DAYS * 86400) == (1, 21)
         assert state.left_horos_since() == hbe.utc_iso(now - 30 * 86400)
+        # A batch in the same second as the last, or after the clock went back, is later.
+        state.record_departures(uids[22:23], [], now)
+        state.record_departures(uids[23:24], [], now)
+        state.record_departures(uids[24:25], [], now - 3600)
+        assert [b.left_at for b in state.left_batches(now, hbe.SHRINK_MIN_STUDIES)] == [
+            hbe.utc_iso(now - 8 * 86400 + 600), hbe.utc_iso(now), hbe.utc_iso(now + 1),
+            hbe.utc_iso(now + 2)]
     finally:
         state.close()
 
