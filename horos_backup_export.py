@@ -4765,6 +4765,12 @@ def verify_exported(cfg: Config, state: ExportState, issues: IssueLog, limit: Op
     return result
 
 
+def uids_text(uids: Sequence[str], shown: int = 10) -> str:
+    """The first `shown` UIDs for the log, then how many more (a library of 50,000)."""
+    more = len(uids) - shown
+    return " ".join(uids[:shown]) + (" and %d more" % more if more > 0 else "")
+
+
 def note_departures(cycle: Cycle, studies: Sequence[HorosStudy], view: StateView
                     ) -> Departures:
     """Record the exported studies a complete scan of Horos no longer found, forget
@@ -4773,15 +4779,16 @@ def note_departures(cycle: Cycle, studies: Sequence[HorosStudy], view: StateView
     check = compare_with_horos(view.exported, view.left_horos, (s.uid for s in studies))
     first = state.record_departures(check.left, check.returned, now)
     if check.left:
+        pronoun = "it" if len(check.left) == 1 else "them"
         log.warning("%s no longer in Horos (%s): the backup keeps %s; "
-                    "`find --left-horos` lists them",
+                    "`find --left-horos` lists %s",
                     plural(len(check.left), "exported study is", "exported studies are"),
                     "already gone when departures began to be recorded" if first
-                    else "first seen gone now", "it" if len(check.left) == 1 else "them")
-        log.debug("no longer in Horos: %s", " ".join(check.left))
+                    else "first seen gone now", pronoun, pronoun)
+        log.info("no longer in Horos: %s", uids_text(check.left))
     if check.returned:
-        log.info("%s back in Horos", plural(len(check.returned), "study", "studies"))
-        log.debug("back in Horos: %s", " ".join(check.returned))
+        log.info("%s back in Horos: %s", plural(len(check.returned), "study", "studies"),
+                 uids_text(check.returned))
     return Departures(exported=len(view.exported), left=len(check.left),
                       returned=len(check.returned),
                       batches=tuple(state.left_batches(now - LEFT_RECENT_DAYS * 86400,
