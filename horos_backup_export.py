@@ -84,6 +84,7 @@ OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c not in (TEST_ALERT,
                                                                ACKNOWLEDGE_SHRINK))
 READS_HOROS_DATA = (CYCLE, STATUS, DOCTOR, RESTORE)     # Horos Data and its preferences
 ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT, ACKNOWLEDGE_SHRINK)
+CYCLE_ALERTING = (CYCLE, STATUS, VERIFY, TEST_ALERT)   # the heartbeat and the clock too
 
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
 # Where the sentinel, Horos Data and the backup sit on the PACS volume; --pacs-root X
@@ -603,10 +604,10 @@ class AlertConfig:
         "on stdin, the subject in $%s" % ALERT_SUBJECT_ENV, ALERTING_COMMANDS, metavar="CMD"))
     heartbeat_url: str = setting(HEARTBEAT_URL, Flag(
         "--heartbeat-url", "HEARTBEAT_URL", "requested after every cycle that ends well, "
-        "URL/fail after a failed one", ALERTING_COMMANDS, metavar="URL"))
+        "URL/fail after a failed one", CYCLE_ALERTING, metavar="URL"))
     after_hours: float = setting(ALERT_AFTER_HOURS, Flag(
         "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded for "
-        "this long; 0: at the first failed cycle", ALERTING_COMMANDS,
+        "this long; 0: at the first failed cycle", CYCLE_ALERTING,
         type=non_negative_float))
     smtp_password: str = dataclasses.field(default="", repr=False)
 

@@ -13,6 +13,7 @@ the end of this file.
 import datetime as dt
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -667,3 +668,12 @@ def test_the_notice_names_counts_months_sizes_and_commands_only():
         del old[key]
     del old["last_alert"]["notices"]
     assert hbe.AlertBook.from_json(old).left_announced is None      # a book of before
+
+
+def test_acknowledge_shrink_takes_the_flags_that_send_its_resolved_message_only():
+    result = run_script("acknowledge-shrink", "--help")
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", result.stdout))
+    assert flags == {"--help", "--pacs-root", "--backup-root", "--verbose", "--alert-email",
+                     "--smtp-host", "--smtp-port", "--smtp-user", "--smtp-password-file",
+                     "--alert-command"}
