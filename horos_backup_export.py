@@ -12,9 +12,9 @@ run by macOS's /usr/bin/python3.
 
 Sections, in the order data flows; each uses only what is above it:
   constants - shared helpers - data types - Horos reader - Horos preferences -
-  planner (pure) - clinic hours (pure) - archive writer - state store - edit check -
-  issues, logs and progress - file modes - alerts - cycle - operator commands -
-  doctor - find - restore - CLI
+  planner (pure) - clinic hours (pure) - departures (pure) - archive writer - state
+  store - edit check - issues, logs and progress - file modes - alerts - cycle -
+  operator commands - doctor - find - restore - CLI
 """
 
 import argparse
@@ -26,6 +26,7 @@ import datetime as dt
 import difflib
 import errno
 import fcntl
+import functools
 import gc
 import hashlib
 import heapq
@@ -78,10 +79,14 @@ RETRY = "retry"
 DOCTOR = "doctor"
 FIND = "find"
 TEST_ALERT = "test-alert"
-EVERY_COMMAND = (CYCLE, STATUS, VERIFY, RESTORE, REINDEX, RETRY, DOCTOR, FIND, TEST_ALERT)
-OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c != TEST_ALERT)
+ACKNOWLEDGE_SHRINK = "acknowledge-shrink"
+EVERY_COMMAND = (CYCLE, STATUS, VERIFY, RESTORE, REINDEX, RETRY, DOCTOR, FIND, TEST_ALERT,
+                 ACKNOWLEDGE_SHRINK)
+OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c not in (TEST_ALERT,
+                                                               ACKNOWLEDGE_SHRINK))
 READS_HOROS_DATA = (CYCLE, STATUS, DOCTOR, RESTORE)     # Horos Data and its preferences
-ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT)
+ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT, ACKNOWLEDGE_SHRINK)
+CYCLE_ALERTING = (CYCLE, STATUS, VERIFY, TEST_ALERT)   # the heartbeat and the clock too
 
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
 # Where the sentinel, Horos Data and the backup sit on the PACS volume; --pacs-root X
@@ -538,6 +543,24 @@ def parse_addresses(text: str) -> Tuple[str, ...]:
     return addresses
 
 
+def day_argument(text: str) -> dt.date:
+    """--since: a local calendar day, `YYYY-MM-DD`."""
+    try:
+        return dt.datetime.strptime(text.strip(), "%Y-%m-%d").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a day: use YYYY-MM-DD, e.g. 2026-11-24"
+                                         % text) from None
+
+
+# Studies that left together share their time: find --left-horos after an emptied
+# library asks this 50,000 times of a handful of values, and strptime is slow.
+@functools.lru_cache(maxsize=1024)
+def local_day(utc_text) -> Optional[dt.date]:
+    """The Mac's local calendar day of a state timestamp (UTC); None when unreadable."""
+    seconds = parse_utc_iso(utc_text)
+    return dt.datetime.fromtimestamp(seconds).date() if seconds else None
+
+
 def month_argument(text: str) -> str:
     """--month: `2019_03` (a month folder; `2019-03` works too) or UNKNOWN_DATE."""
     month = text.strip().replace("-", "_")
@@ -610,10 +633,10 @@ class AlertConfig:
         "on stdin, the subject in $%s" % ALERT_SUBJECT_ENV, ALERTING_COMMANDS, metavar="CMD"))
     heartbeat_url: str = setting(HEARTBEAT_URL, Flag(
         "--heartbeat-url", "HEARTBEAT_URL", "requested after every cycle that ends well, "
-        "URL/fail after a failed one", ALERTING_COMMANDS, metavar="URL"))
+        "URL/fail after a failed one", CYCLE_ALERTING, metavar="URL"))
     after_hours: float = setting(ALERT_AFTER_HOURS, Flag(
         "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded for "
-        "this long; 0: at the first failed cycle", ALERTING_COMMANDS,
+        "this long; 0: at the first failed cycle", CYCLE_ALERTING,
         type=non_negative_float))
     smtp_password: str = dataclasses.field(default="", repr=False)
 
@@ -911,6 +934,32 @@ class Selection:
     unsettled: int = 0       # Horos added to them less than SETTLE_MINUTES ago
 
 
+@dataclass(frozen=True)
+class LeftBatch:
+    """The exported studies one cycle found gone from Horos, those of them still gone.
+
+    A cycle's new departures are one batch, named by the time that cycle started: an
+    auto-cleaning pass takes a few studies, a rebuilt or emptied Database.sql takes
+    thousands at once (README: Alerts). batch_size is how many that cycle found gone,
+    0 for those already gone when the cycles began to record departures."""
+    left_at: str                     # UTC, the start of the cycle that first saw them gone
+    batch_size: int
+    studies: int                     # of them, still gone from Horos
+    source_bytes: int                # their files, as they were in Horos
+    months: Mapping[str, int]        # month folder -> studies
+
+
+@dataclass(frozen=True)
+class Departures:
+    """What one cycle's complete scan of Horos found about the exported studies: the
+    batches are those of the last LEFT_RECENT_DAYS and every batch of
+    SHRINK_MIN_STUDIES or more, oldest first, as the state holds them after the scan."""
+    exported: int                    # studies in the backup when the scan began
+    left: int                        # gone since the last scan: this cycle's batch
+    returned: int                    # recorded as gone, and back in Horos
+    batches: Tuple[LeftBatch, ...]
+
+
 @dataclass
 class CycleSummary:
     """What one cycle did: its `runs` row, the log's last line, what alerts read."""
@@ -926,6 +975,7 @@ class CycleSummary:
     verified: int = 0
     horos_seconds: Optional[float] = None
     horos_times: ReadTimes = dataclasses.field(default_factory=ReadTimes)
+    departures: Optional[Departures] = None   # None: no complete scan of Horos
 
 
 # =====================================================================================
@@ -2248,6 +2298,49 @@ def cycles_to_drain(backlog: int, schedule: ClinicSchedule, start: dt.datetime,
 
 
 # =====================================================================================
+# Departures: exported studies Horos no longer has (pure)
+# =====================================================================================
+#
+# Horos deletes studies on its own (Database Auto-Cleaning is on by default), users
+# delete them, and whole libraries vanish at once (a rebuilt or damaged Database.sql,
+# Horos opening an empty library when its disk is missing). The backup keeps every ZIP
+# whatever Horos does; what this adds is knowing which studies are only in the backup
+# now, and since when. Each cycle compares its complete scan of Horos with the backup:
+# a study is gone when its StudyInstanceUID is in no ZSTUDY row, and back as soon as
+# one holds it again. What to tell the practice is decided in Alerts.
+
+
+@dataclass(frozen=True)
+class DepartureCheck:
+    """One scan of Horos against the backup (compare_with_horos)."""
+    left: Tuple[str, ...]            # exported, gone from Horos, not recorded as gone yet
+    returned: Tuple[str, ...]        # recorded as gone, in Horos again
+
+
+def compare_with_horos(exported: Iterable[str], recorded_gone: Iterable[str],
+                       in_horos: Iterable[str]) -> DepartureCheck:
+    """Which exported studies left Horos since the last check, and which came back.
+
+    in_horos: the UIDs of a complete scan (every ZSTUDY row, eligible or not: a study
+    whose modality changed is still in Horos). A partial or failed read must never get
+    here: every study it did not reach would count as gone."""
+    present = set(in_horos)
+    gone = {uid for uid in exported if uid not in present}
+    recorded = set(recorded_gone)
+    return DepartureCheck(left=tuple(sorted(gone - recorded)),
+                          returned=tuple(sorted(recorded & present)))
+
+
+def left_since(left_at: Optional[str], since: Optional[dt.date]) -> bool:
+    """Whether a study recorded as gone at `left_at` (UTC) is selected by --since: first
+    seen gone on that local day or later (any day when since is None)."""
+    if left_at is None:
+        return False
+    day = local_day(left_at)
+    return since is None or (day is not None and day >= since)
+
+
+# =====================================================================================
 # Archive writer: the ZIP, fsync, verify, rename
 # =====================================================================================
 #
@@ -2575,7 +2668,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 6
+STATE_SCHEMA_VERSION = 7
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
@@ -2711,7 +2804,21 @@ STATE_MIGRATIONS = {
         )
         """,
     ),
+    7: (
+        # Exported studies Horos no longer has, since when, and how many left with them
+        # (one cycle's batch): what find --left-horos lists and alerts count. A row goes
+        # when the study is back in Horos; the exported row and the ZIP never go.
+        """
+        CREATE TABLE left_horos (
+            study_uid   TEXT PRIMARY KEY,
+            left_at     TEXT NOT NULL,
+            batch_size  INTEGER NOT NULL
+        )
+        """,
+        "CREATE INDEX left_horos_left_at ON left_horos (left_at)",
+    ),
 }
+
 EXPORTED_FINGERPRINTS_SQL = """
 SELECT study_uid, fingerprint, base_fingerprint FROM exported_studies
 """
@@ -2880,16 +2987,22 @@ LIMIT ?
 UNREAD_COUNT_SQL = "SELECT COUNT(*) AS unread FROM exported_studies WHERE patient_id IS NULL"
 
 BACKUP_STUDIES_SQL = """
-SELECT study_uid, zip_path, zip_bytes, file_count, source_bytes, study_date,
-       patient_name, patient_id, accession_number, birth_date, modalities
-FROM exported_studies
+SELECT e.study_uid, e.zip_path, e.zip_bytes, e.file_count, e.source_bytes, e.study_date,
+       e.patient_name, e.patient_id, e.accession_number, e.birth_date, e.modalities,
+       l.left_at
+FROM exported_studies AS e
+LEFT JOIN left_horos AS l ON l.study_uid = e.study_uid
 """
 
 RESTORED_UIDS_SQL = "SELECT study_uid, restored_at FROM restores WHERE target = ?"
 
+# A study that left Horos again after it was restored there is fed again
+# (restore --left-horos): its row then says when it went the second time.
 RECORD_RESTORE_SQL = """
 INSERT INTO restores (target, study_uid, zip_path, restored_at)
 VALUES (:target, :study_uid, :zip_path, :restored_at)
+ON CONFLICT (target, study_uid) DO UPDATE SET
+    zip_path = excluded.zip_path, restored_at = excluded.restored_at
 """
 
 FORGET_RESTORE_SQL = "DELETE FROM restores WHERE target = ? AND study_uid = ?"
@@ -2913,6 +3026,40 @@ ALL_RESTORES_SQL = "SELECT target, study_uid, zip_path, restored_at FROM restore
 ALL_RESTORE_TARGETS_SQL = """
 SELECT target, selection, left_count, last_run_at FROM restore_targets
 """
+
+LEFT_HOROS_UIDS_SQL = "SELECT study_uid FROM left_horos"
+
+RECORD_LEFT_SQL = """
+INSERT OR IGNORE INTO left_horos (study_uid, left_at, batch_size) VALUES (?, ?, ?)
+"""
+
+FORGET_LEFT_SQL = "DELETE FROM left_horos WHERE study_uid = ?"
+
+NEWEST_LEFT_SQL = "SELECT MAX(left_at) AS newest FROM left_horos"
+
+# When the cycles began to record departures: the first check records the studies
+# already gone as batch 0 (when they left is unknown, and nobody is told again).
+META_LEFT_HOROS_SINCE = "left_horos_since"
+
+# The batches still (partly) gone, by month: those first seen gone after :recent_after,
+# and the large ones of any age (an open LIBRARY_SHRANK counts what is left of them).
+LEFT_BATCHES_SQL = """
+SELECT l.left_at, l.batch_size, e.month, COUNT(*) AS studies,
+       COALESCE(SUM(e.source_bytes), 0) AS source_bytes
+FROM left_horos AS l
+JOIN exported_studies AS e ON e.study_uid = l.study_uid
+WHERE l.left_at >= :recent_after OR l.batch_size >= :large
+GROUP BY l.left_at, l.batch_size, e.month
+ORDER BY l.left_at, e.month
+"""
+
+LEFT_COUNTS_SQL = """
+SELECT COUNT(*) AS total, COALESCE(SUM(l.left_at >= :recent_after), 0) AS recent
+FROM left_horos AS l
+JOIN exported_studies AS e ON e.study_uid = l.study_uid
+"""
+
+ALL_LEFT_HOROS_SQL = "SELECT study_uid, left_at, batch_size FROM left_horos"
 
 
 @dataclass(frozen=True)
@@ -2976,6 +3123,7 @@ class StateView:
     # a version that recorded no reader's work); plan_selection's `bases`.
     bases: Dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
     sr_files: List[WatchedFile] = dataclasses.field(default_factory=list)
+    left_horos: set = dataclasses.field(default_factory=set)   # recorded as gone from Horos
 
 
 @dataclass
@@ -2987,7 +3135,7 @@ class BackupStudy:
     """
     __slots__ = ("uid", "zip_path", "zip_bytes", "file_count", "source_bytes", "study_date",
                  "patient_name", "patient_id", "accession_number", "birth_date",
-                 "modalities")
+                 "modalities", "left_at")
     uid: str
     zip_path: str                      # relative to BACKUP_ROOT
     zip_bytes: int
@@ -2999,6 +3147,7 @@ class BackupStudy:
     accession_number: Optional[str]
     birth_date: Optional[str]
     modalities: Tuple[str, ...]
+    left_at: Optional[str]             # UTC: first seen gone from Horos; None: in Horos
 
 
 def connect_state_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
@@ -3125,7 +3274,7 @@ class ExportState:
         exported, bases = self.fingerprints()
         return StateView(exported=exported, changed=self.changes(), failures=self.failures(),
                          image_high_water=self.image_high_water(), bases=bases,
-                         sr_files=self.sr_files())
+                         sr_files=self.sr_files(), left_horos=self.left_horos_uids())
 
     def exported_row(self, study_uid: str) -> Optional[ExportedRow]:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
@@ -3187,7 +3336,7 @@ class ExportState:
                 as_text(row["study_uid"]), as_text(row["zip_path"]), row["zip_bytes"] or 0,
                 row["file_count"] or 0, row["source_bytes"] or 0, row["study_date"],
                 as_text(row["patient_name"]), row["patient_id"], row["accession_number"],
-                row["birth_date"], modalities))
+                row["birth_date"], modalities, row["left_at"]))
         return studies
 
     # -- the find fields of rows an older version wrote ---------------------------------
@@ -3337,12 +3486,69 @@ class ExportState:
                 for row in self.conn.execute(RESTORE_TARGETS_SQL)]
 
     def copy_restores_from(self, old: "ExportState") -> None:
-        """reindex: the restore progress of the state it replaces."""
+        """reindex: the restore progress and the departures of the state it replaces."""
         restores = [dict(row) for row in old.conn.execute(ALL_RESTORES_SQL)]
         targets = [dict(row) for row in old.conn.execute(ALL_RESTORE_TARGETS_SQL)]
+        departed = [tuple(row) for row in old.conn.execute(ALL_LEFT_HOROS_SQL)]
+        since = old.conn.execute(GET_META_SQL, (META_LEFT_HOROS_SINCE,)).fetchone()
         with self.transaction() as conn:
             conn.executemany(RECORD_RESTORE_SQL, restores)
             conn.executemany(RECORD_RESTORE_TARGET_SQL, targets)
+            conn.executemany(RECORD_LEFT_SQL, departed)
+            if since is not None:
+                conn.execute(SET_META_SQL, (META_LEFT_HOROS_SINCE, since["value"]))
+
+    # -- studies that left Horos --------------------------------------------------------
+
+    def left_horos_uids(self) -> set:
+        return {row["study_uid"] for row in self.conn.execute(LEFT_HOROS_UIDS_SQL)}
+
+    def left_horos_since(self) -> Optional[str]:
+        """When the cycles began to record departures (None: never yet)."""
+        row = self.conn.execute(GET_META_SQL, (META_LEFT_HOROS_SINCE,)).fetchone()
+        return as_text(row["value"]) if row else None
+
+    def record_departures(self, left: Sequence[str], returned: Sequence[str],
+                          now: float) -> bool:
+        """One cycle's check, in one transaction: `left` are gone since `now` (one batch;
+        batch 0 at the first check, when how long they have been gone is unknown), the
+        `returned` are forgotten. Nothing of the backup itself changes. Returns whether
+        this was the first check."""
+        first = self.left_horos_since() is None
+        batch = 0 if first else len(left)
+        with self.transaction() as conn:
+            # Alerts take a batch later than the last they looked at as new: one recorded
+            # in the same second as the one before (a cycle run by hand), or after the
+            # clock was set back, must still come later.
+            stamp = utc_iso(now)
+            newest = conn.execute(NEWEST_LEFT_SQL).fetchone()["newest"]
+            if left and newest is not None and newest >= stamp:
+                stamp = utc_iso(parse_utc_iso(newest) + 1)
+            conn.executemany(RECORD_LEFT_SQL, [(uid, stamp, batch) for uid in left])
+            conn.executemany(FORGET_LEFT_SQL, [(uid,) for uid in returned])
+            if first:
+                conn.execute(SET_META_SQL, (META_LEFT_HOROS_SINCE, utc_iso(now)))
+        return first
+
+    def left_batches(self, recent_after: float, large: int) -> List[LeftBatch]:
+        """The batches first seen gone after recent_after, and those of `large` studies
+        or more whatever their age, counting only their studies still gone; oldest
+        first."""
+        by_batch: Dict[Tuple[str, int], List[sqlite3.Row]] = {}
+        for row in self.conn.execute(LEFT_BATCHES_SQL, {"recent_after": utc_iso(recent_after),
+                                                        "large": large}):
+            by_batch.setdefault((row["left_at"], row["batch_size"]), []).append(row)
+        return [LeftBatch(left_at=left_at, batch_size=size,
+                          studies=sum(row["studies"] for row in rows),
+                          source_bytes=sum(row["source_bytes"] for row in rows),
+                          months={row["month"]: row["studies"] for row in rows})
+                for (left_at, size), rows in by_batch.items()]
+
+    def left_counts(self, recent_after: float) -> Tuple[int, int]:
+        """(studies first seen gone after recent_after, in all), of those still gone."""
+        row = self.conn.execute(LEFT_COUNTS_SQL, {"recent_after": utc_iso(recent_after)}
+                                ).fetchone()
+        return row["recent"], row["total"]
 
 
 def export_record(manifest: Mapping, zip_path: str, zip_bytes: int, verified_at: str) -> dict:
@@ -3729,8 +3935,9 @@ def make_backup_root_private(backup_root: str) -> None:
 # After every cycle (and after `verify`), what happened is reduced to a RunReport; a
 # pure function decides, from the bookkeeping kept in the user's Library (outside the
 # backup volume, so it works while that volume is missing), which problems to alert
-# about and which are resolved; thin edges send by SMTP, run a command, and request
-# the heartbeat URL, all within ALERT_BUDGET_SECONDS. Alerts carry no patient data.
+# about and which are resolved, and whether studies that left Horos make a notice;
+# thin edges send by SMTP, run a command, and request the heartbeat URL, all within
+# ALERT_BUDGET_SECONDS. Alerts carry no patient data.
 
 ALERT_BUDGET_SECONDS = 10.0      # everything alerting does after one cycle, worst case
 SMTP_TIMEOUT_SECONDS = 6.0
@@ -3748,15 +3955,32 @@ ALERT_LINE_WIDTH = 76
 
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
 NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
+LIBRARY_SHRANK = "LIBRARY_SHRANK"   # many exported studies gone from Horos in one cycle
 STUDIES_FAILING = "STUDIES_FAILING"
 AT_ONCE_KINDS = (DISK_LOW, DISK_FULL, VERIFY_FAILED, ZIP_BAD)   # issues.csv kinds
-PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE,) + AT_ONCE_KINDS + (STUDIES_FAILING,)
+PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE, LIBRARY_SHRANK) + AT_ONCE_KINDS + (STUDIES_FAILING,)
+
+# A notice, not a problem: studies left Horos (auto-cleaning, a user's delete). At most
+# once a day, only when some left since the last one; there is nothing to resolve.
+STUDIES_LEFT_HOROS = "STUDIES_LEFT_HOROS"
+
+# LIBRARY_SHRANK: a share of the backup gone from Horos in one cycle, more than a
+# library loses day to day: 10 % of the exported studies, rounded up, yet never fewer
+# than 10 (a small library losing 3 studies gets a notice) nor more than 500 (losing
+# 500 at once is a problem however large the library). One auto-cleaning pass takes
+# up to 51 studies (one pass every 15 minutes): below about 500 studies it can be one.
+SHRINK_SHARE_PERCENT = 10
+SHRINK_MIN_STUDIES = 10
+SHRINK_MAX_STUDIES = 500
+LEFT_RECENT_DAYS = 7          # departures a notice may count; status's "last 7 days"
+NOTICE_MONTHS_LISTED = 12     # study months a notice names (the rest are counted)
 
 # What a run was, as alerting sees it.
 RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
 
 PROBLEM_TITLES = {
     NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
+    LIBRARY_SHRANK: "studies vanished from Horos's library",
     DISK_LOW: "backup volume low on space",
     DISK_FULL: "backup volume full",
     VERIFY_FAILED: "damaged or missing ZIPs",
@@ -3778,6 +4002,9 @@ class RunReport:
     zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
     failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
     free_bytes: Optional[int] = None              # on the backup volume
+    departures: Optional[Departures] = None       # None: Horos was not read in full
+    horos_cleaning: str = ""                      # Horos's auto-cleaning, its volume's space
+    acknowledged: Tuple[str, ...] = ()            # problems the operator closed
 
 
 # -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
@@ -3805,6 +4032,7 @@ class SentAlert:
     problems: List[str]
     resolved: List[str]
     channels: List[str]
+    notices: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -3816,6 +4044,11 @@ class AlertBook:
     problems: Dict[str, Incident] = dataclasses.field(default_factory=dict)
     unsent_resolved: Dict[str, ResolvedIncident] = dataclasses.field(default_factory=dict)
     last_alert: Optional[SentAlert] = None
+    # Studies that left Horos, by their batch (LeftBatch.left_at, UTC; later is newer):
+    left_seen: Optional[str] = None          # the newest batch a decision has looked at
+    left_announced: Optional[str] = None     # the newest a STUDIES_LEFT_HOROS counted
+    left_announced_at: Optional[str] = None  # when that notice went out
+    shrink_batches: List[str] = dataclasses.field(default_factory=list)  # LIBRARY_SHRANK's
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -3852,20 +4085,38 @@ class AlertBook:
             failed_cycles = data.get("failed_cycles", 0)
             if not isinstance(failed_cycles, int):
                 raise ValueError("failed_cycles %r is not a number" % (failed_cycles,))
+            shrink_batches = data.get("shrink_batches", [])
+            if not isinstance(shrink_batches, list) or not all(
+                    isinstance(batch, str) for batch in shrink_batches):
+                raise ValueError("shrink_batches %r is not a list of times" % (shrink_batches,))
         except (KeyError, TypeError) as error:
             raise ValueError("missing or unexpected field %s" % error) from None
         return cls(last_success=text_or_none(data.get("last_success")),
                    first_failure=text_or_none(data.get("first_failure")),
                    failed_cycles=failed_cycles, problems=problems, unsent_resolved=unsent,
-                   last_alert=sent)
+                   last_alert=sent, left_seen=text_or_none(data.get("left_seen")),
+                   left_announced=text_or_none(data.get("left_announced")),
+                   left_announced_at=text_or_none(data.get("left_announced_at")),
+                   shrink_batches=shrink_batches)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A STUDIES_LEFT_HOROS to send: how many studies, its words, and the newest batch
+    it counts (LeftBatch.left_at)."""
+    studies: int
+    text: str
+    through: str
 
 
 @dataclass
 class AlertPlan:
-    """What decide_alerts found: problems to alert about now, resolved ones to announce."""
+    """What decide_alerts found: problems to alert about now, resolved ones to announce,
+    and a notice of studies that left Horos."""
     due: List[str]
     resolved: List[str]
     book: AlertBook          # the bookkeeping after this run, deliveries not yet counted
+    notice: Optional[Notice] = None
 
 
 def read_password_file(path: str) -> str:
@@ -4005,18 +4256,130 @@ def observe_run(book: AlertBook, report: RunReport, now: float,
     return seen
 
 
+def shrink_threshold(exported: int) -> int:
+    """How many exported studies gone from Horos in one cycle make a LIBRARY_SHRANK."""
+    share = -(-exported * SHRINK_SHARE_PERCENT // 100)           # rounded up
+    return min(SHRINK_MAX_STUDIES, max(SHRINK_MIN_STUDIES, share))
+
+
+def script_command(arguments: str) -> str:
+    """A command line of this script, as the footer's Status line names it (no flags)."""
+    return "python3 %s %s" % (os.path.abspath(__file__), arguments)
+
+
+def months_text(batches: Sequence[LeftBatch]) -> str:
+    """`2019_03 (2), 2021_01 (1)`: the study months of these batches, oldest first."""
+    months: Dict[str, int] = {}
+    for batch in batches:
+        for month, count in batch.months.items():
+            months[month] = months.get(month, 0) + count
+    names = sorted(months)
+    text = ", ".join("%s (%d)" % (month, months[month])
+                     for month in names[:NOTICE_MONTHS_LISTED])
+    more = len(names) - NOTICE_MONTHS_LISTED
+    if more > 0:
+        text += " and %d more %s" % (more, "month" if more == 1 else "months")
+    return text
+
+
+def seen_gone_text(batches: Sequence[LeftBatch]) -> str:
+    first, last = local_time_text(batches[0].left_at), local_time_text(batches[-1].left_at)
+    if first == last:
+        return "first seen gone at %s" % first
+    return "first seen gone between %s and %s" % (first, last)
+
+
+def departure_commands(since: str, acknowledge: bool = False) -> List[str]:
+    """The lines of a departure message that name the commands (README: Alerts)."""
+    lines = ["List them:      " + script_command("find --left-horos --since %s" % since),
+             "Put them back:  " + script_command("restore --left-horos --since %s "
+                                                 "--into-horos" % since)]
+    if acknowledge:
+        lines.append("Acknowledge:    " + script_command(ACKNOWLEDGE_SHRINK))
+    return lines
+
+
+def observe_departures(book: AlertBook, report: RunReport, now: float
+                       ) -> Tuple[Tuple[int, str], Optional[Notice]]:
+    """LIBRARY_SHRANK ((count, text), or (0, "") when off) and the STUDIES_LEFT_HOROS
+    notice due, from the batches a complete scan of Horos left in the state. Updates
+    the departure marks of `book`.
+
+    A batch is new to alerts once: book.left_seen is the newest a decision looked at,
+    so the batch of a cycle killed before its alerts is taken up by the next one. A new
+    batch of shrink_threshold studies or more starts LIBRARY_SHRANK, or joins the one
+    open; the incident lasts while at least that many of its studies are still gone.
+    Every smaller batch of the last LEFT_RECENT_DAYS newer than the last notice goes
+    into the next one, at most one a day: the studies of a LIBRARY_SHRANK are not in a
+    notice. The studies found gone by the first check (batch 0) left before anyone
+    looked: they are in neither.
+    """
+    facts = report.departures
+    threshold = shrink_threshold(facts.exported)
+    recent_after = utc_iso(now - LEFT_RECENT_DAYS * 86400)
+    batches = [batch for batch in facts.batches if batch.batch_size > 0]
+    new = [batch for batch in batches if batch.left_at >= recent_after
+           and (book.left_seen is None or batch.left_at > book.left_seen)]
+    if batches:
+        book.left_seen = max(book.left_seen or "", batches[-1].left_at)
+    incident = book.shrink_batches + [batch.left_at for batch in new
+                                      if batch.batch_size >= threshold]
+    members = [batch for batch in batches if batch.left_at in incident]
+    gone = sum(batch.studies for batch in members)
+    shrink = (0, "")
+    if incident and gone >= threshold:
+        book.shrink_batches = incident
+        shrink = (gone, "\n".join([
+            "%d of the %d studies in the backup are gone from Horos's library, lost at "
+            "once (%s; %s of files). The likely causes: Horos's Database.sql was "
+            "rebuilt (\"Rebuild Database\"), emptied or damaged; Horos is running on "
+            "another library (when the library's disk is missing as Horos starts, it "
+            "opens a new, empty one in the home folder); or a disk problem. The backup "
+            "still holds every study: nothing is removed from it. Check which library "
+            "Horos has open before putting anything back; if the library really shrank, "
+            "acknowledge it." % (gone, facts.exported,
+                                 seen_gone_text(members),
+                                 format_bytes(sum(b.source_bytes for b in members)))]
+            + departure_commands(local_day(members[0].left_at).isoformat(), True)))
+    else:
+        book.shrink_batches = []
+    pending = [batch for batch in batches if batch.left_at >= recent_after
+               and batch.batch_size < threshold and batch.left_at not in incident
+               and (book.left_announced is None or batch.left_at > book.left_announced)]
+    last = book.left_announced_at
+    if not pending or (last is not None and now - parse_utc_iso(last) < ALERT_REPEAT_SECONDS):
+        return shrink, None
+    studies = sum(batch.studies for batch in pending)
+    prose = "%s left Horos's library (%s): study months %s; %s of files. The backup keeps " \
+        "%s. %s" % (plural(studies, "study", "studies"), seen_gone_text(pending),
+                    months_text(pending), format_bytes(sum(b.source_bytes for b in pending)),
+                    "it" if studies == 1 else "every one of them", report.horos_cleaning)
+    text = "\n".join([prose.strip()] + departure_commands(
+        local_day(pending[0].left_at).isoformat()))
+    return shrink, Notice(studies=studies, text=text, through=pending[-1].left_at)
+
+
 def decide_alerts(book: AlertBook, report: RunReport, now: float,
                   after_seconds: float) -> AlertPlan:
-    """Which problems to alert about now, and which to announce as resolved.
+    """Which problems to alert about now, which to announce as resolved, and the notice
+    of studies that left Horos (observe_departures).
 
     A problem alerts when its incident starts, then at most once every
     ALERT_REPEAT_SECONDS while it lasts (and again each run until a delivery works);
     when it clears, one resolved message (if it was ever alerted). A problem that
-    clears and comes back is a new incident.
+    clears and comes back is a new incident. The operator closes a LIBRARY_SHRANK by
+    acknowledging it (the library really shrank).
     """
     book = copy.deepcopy(book)           # values in, values out
     problems, unsent = book.problems, book.unsent_resolved
-    for name, seen in observe_run(book, report, now, after_seconds).items():
+    observed = observe_run(book, report, now, after_seconds)
+    notice = None
+    if report.departures is not None:
+        observed[LIBRARY_SHRANK], notice = observe_departures(book, report, now)
+    if LIBRARY_SHRANK in report.acknowledged:
+        observed[LIBRARY_SHRANK] = (0, "")
+        book.shrink_batches = []
+    for name, seen in observed.items():
         if seen is None:
             continue
         count, text = seen
@@ -4034,7 +4397,7 @@ def decide_alerts(book: AlertBook, report: RunReport, now: float,
         not problems[name].last_alert
         or now - parse_utc_iso(problems[name].last_alert) >= ALERT_REPEAT_SECONDS)]
     resolved = [name for name in PROBLEM_ORDER if name in unsent]
-    return AlertPlan(due=due, resolved=resolved, book=book)
+    return AlertPlan(due=due, resolved=resolved, book=book, notice=notice)
 
 
 def record_delivery(plan: AlertPlan, now: float, subject: str,
@@ -4045,9 +4408,16 @@ def record_delivery(plan: AlertPlan, now: float, subject: str,
         book.problems[name].last_alert = utc_iso(now)
     for name in plan.resolved:
         book.unsent_resolved.pop(name, None)
+    if plan.notice is not None:
+        book.left_announced, book.left_announced_at = plan.notice.through, utc_iso(now)
     book.last_alert = SentAlert(at=utc_iso(now), subject=subject, problems=list(plan.due),
-                                resolved=list(plan.resolved), channels=list(channels))
+                                resolved=list(plan.resolved), channels=list(channels),
+                                notices=[STUDIES_LEFT_HOROS] if plan.notice else [])
     return book
+
+
+# The spaces of `82.6 GB` and `2019_05 (1)`, which a line must not break at.
+UNBROKEN_SPACE = re.compile(r"(?<=\d) (?=[KMGT]?B\b|\(\d+\))")
 
 
 def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
@@ -4062,21 +4432,38 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
         return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
             else "%s (%s)" % (name, PROBLEM_TITLES[name])
 
+    def paragraph(text: str) -> List[str]:
+        # The first line is prose, wrapped, never between a number and its unit or
+        # count (`82.6 GB`, `2019_05 (1)`); the lines after it name commands, kept whole.
+        prose, *commands = text.split("\n")
+        prose = UNBROKEN_SPACE.sub("\0", prose)
+        wrapped = textwrap.fill(prose, ALERT_LINE_WIDTH, initial_indent="  ",
+                                subsequent_indent="  ", break_long_words=False,
+                                break_on_hyphens=False)
+        return [wrapped.replace("\0", " ")] + ["  " + line for line in commands]
+
+    notice = plan.notice
+    notice_title = "%s left Horos" % plural(notice.studies, "study", "studies") \
+        if notice else ""
     if plan.due:
         subject = "[Horos backup] %s on %s: %s" % (
             "PROBLEM" if len(plan.due) == 1 else "%d PROBLEMS" % len(plan.due), host,
             "; ".join(title(name) for name in plan.due))
-        if plan.resolved:
-            subject += " (resolved: %s)" % ", ".join(plan.resolved)
+        if notice:
+            subject += " (notice: %s)" % notice_title
+    elif notice:
+        subject = "[Horos backup] NOTICE on %s: %s" % (host, notice_title)
     else:
         subject = "[Horos backup] RESOLVED on %s: %s" % (host, ", ".join(plan.resolved))
+    if plan.resolved and (plan.due or notice):
+        subject += " (resolved: %s)" % ", ".join(plan.resolved)
     lines = []
     for name in plan.due:
         problem = problems[name]
-        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem.since)),
-                  textwrap.fill(problem.text, ALERT_LINE_WIDTH, initial_indent="  ",
-                                subsequent_indent="  ", break_long_words=False,
-                                break_on_hyphens=False), ""]
+        lines += ["PROBLEM %s, since %s" % (name, local_time_text(problem.since))]
+        lines += paragraph(problem.text) + [""]
+    if notice:
+        lines += ["NOTICE %s" % STUDIES_LEFT_HOROS] + paragraph(notice.text) + [""]
     for name in plan.resolved:
         lines += ["RESOLVED %s (from %s to %s)" % (name, local_time_text(unsent[name].since),
                                                    local_time_text(unsent[name].cleared)),
@@ -4084,6 +4471,10 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
     if plan.due:
         lines += [textwrap.fill("A problem is repeated at most once a day while it lasts; "
                                 "one message says when it is resolved.", ALERT_LINE_WIDTH),
+                  ""]
+    if notice:
+        lines += [textwrap.fill("A notice comes at most once a day, only when more studies "
+                                "left Horos; it has nothing to resolve.", ALERT_LINE_WIDTH),
                   ""]
     lines += alert_footer(cfg, host)
     return subject, "\n".join(lines) + "\n"
@@ -4171,8 +4562,32 @@ def cycle_report(cfg: Config, summary: CycleSummary,
         status, reason = RUN_OK, ""
     free = free_bytes_of(cfg.backup_root) if kinds.get(DISK_LOW) or kinds.get(DISK_FULL) \
         else None
+    departures = summary.departures
+    cleaning = horos_cleaning_text(cfg) if departures and cfg.alerts.channels else ""
     return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
-                     failing_week=failing, free_bytes=free)
+                     failing_week=failing, free_bytes=free, departures=departures,
+                     horos_cleaning=cleaning)
+
+
+def horos_cleaning_text(cfg: Config) -> str:
+    """Horos's auto-cleaning and the free space on the library's volume, in words: the
+    usual reason studies leave Horos (DicomDatabase+Clean.mm)."""
+    prefs = cfg.horos_prefs
+    try:
+        usage = os.statvfs(nearest_existing(cfg.horos_data))
+    except OSError as error:
+        log.debug("cannot read the free space of %s: %s", cfg.horos_data, error)
+        return "Horos's %s." % describe_auto_cleaning(prefs)
+    free = format_bytes(usage.f_bavail * usage.f_frsize)
+    if not prefs.auto_cleaning:
+        return "Horos's auto-cleaning is off; the library's volume has %s free now." % free
+    size = prefs.auto_cleaning_size
+    threshold = auto_cleaning_threshold(size, usage.f_blocks * usage.f_frsize)
+    return ("Horos's auto-cleaning is on, the usual cause: it deletes studies while the "
+            "library's volume has less than %s free (%s); that volume has %s free now. "
+            "Make room there before putting them back, or Horos deletes studies again."
+            % (format_bytes(threshold), "%d %% of the volume" % -size if size < 0
+               else "%d MB" % size, free))
 
 
 # -- the edges: SMTP, a command, an HTTP request ---------------------------------------
@@ -4330,7 +4745,7 @@ def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
         path = alert_book_path()
         plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600)
         book = plan.book
-        if plan.due or plan.resolved:
+        if plan.due or plan.resolved or plan.notice:
             subject, body = compose_alert(cfg, plan, socket.gethostname())
             sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
             if sent:
@@ -4694,7 +5109,10 @@ def read_library(reader: HorosReader, view: StateView, now: float) -> LibraryRea
     row_uids, sr_row_uids = set(), set()
     if new_rows.studies:
         for study in studies:
-            if study.uid in view.exported and not new_rows.studies.isdisjoint(study.pks):
+            # A study back in Horos has only new rows (a re-import, a rebuilt library):
+            # they say nothing of an edit, and its fingerprint tells whether it changed.
+            if study.uid in view.exported and study.uid not in view.left_horos \
+                    and not new_rows.studies.isdisjoint(study.pks):
                 row_uids.add(study.uid)
                 if not new_rows.horos_sr_studies.isdisjoint(study.pks):
                     sr_row_uids.add(study.uid)
@@ -4976,6 +5394,36 @@ def verify_exported(cfg: Config, state: ExportState, issues: IssueLog, limit: Op
     return result
 
 
+def uids_text(uids: Sequence[str], shown: int = 10) -> str:
+    """The first `shown` UIDs for the log, then how many more (a library of 50,000)."""
+    more = len(uids) - shown
+    return " ".join(uids[:shown]) + (" and %d more" % more if more > 0 else "")
+
+
+def note_departures(cycle: Cycle, studies: Sequence[HorosStudy], view: StateView
+                    ) -> Departures:
+    """Record the exported studies a complete scan of Horos no longer found, forget
+    those that are back. Their ZIPs and state rows stay whatever Horos does."""
+    state, now = cycle.state, cycle.now
+    check = compare_with_horos(view.exported, view.left_horos, (s.uid for s in studies))
+    first = state.record_departures(check.left, check.returned, now)
+    if check.left:
+        pronoun = "it" if len(check.left) == 1 else "them"
+        log.warning("%s no longer in Horos (%s): the backup keeps %s; "
+                    "`find --left-horos` lists %s",
+                    plural(len(check.left), "exported study is", "exported studies are"),
+                    "already gone when departures began to be recorded" if first
+                    else "first seen gone now", pronoun, pronoun)
+        log.info("no longer in Horos: %s", uids_text(check.left))
+    if check.returned:
+        log.info("%s back in Horos: %s", plural(len(check.returned), "study", "studies"),
+                 uids_text(check.returned))
+    return Departures(exported=len(view.exported), left=len(check.left),
+                      returned=len(check.returned),
+                      batches=tuple(state.left_batches(now - LEFT_RECENT_DAYS * 86400,
+                                                       SHRINK_MIN_STUDIES)))
+
+
 def update_month_markers(cfg: Config, studies: Sequence[HorosStudy],
                          exported: Mapping[str, str], today: dt.date) -> None:
     """`.month_done` exists in a month folder exactly when every eligible study of that
@@ -5050,7 +5498,7 @@ def locked_cycle(cfg: Config, summary: CycleSummary, progress: Progress) -> int:
         state.close()
         if summary.outcome == CYCLE_OK:
             log.info("cycle done: %s, %s, %s in %.1f s (%.1f MB/s; %s %.3f s, at most "
-                     "%.1f ms at a time)%s%s",
+                     "%.1f ms at a time)%s%s%s",
                      plural(summary.studies, "study", "studies"),
                      plural(summary.files, "file"), format_bytes(summary.zip_bytes), seconds,
                      summary.source_bytes / 1e6 / max(seconds, 1e-6),
@@ -5058,8 +5506,18 @@ def locked_cycle(cfg: Config, summary: CycleSummary, progress: Progress) -> int:
                      summary.horos_seconds or 0.0, summary.horos_times.longest * 1000,
                      "; %d failed, %d deferred" % (summary.failed, summary.deferred)
                      if summary.failed or summary.deferred else "",
-                     "; %d ZIPs re-verified" % summary.verified if summary.verified else "")
+                     "; %d ZIPs re-verified" % summary.verified if summary.verified else "",
+                     departures_text(summary.departures))
     return EXIT_OK
+
+
+def departures_text(departures: Optional[Departures]) -> str:
+    """The part of the cycle's last line about studies that left Horos, or came back."""
+    if departures is None:
+        return ""
+    return "".join(("; %d left Horos" % departures.left if departures.left else "",
+                    "; %d back in Horos" % departures.returned if departures.returned
+                    else ""))
 
 
 def record_run(state: ExportState, now: float, seconds: float, summary: CycleSummary) -> None:
@@ -5096,6 +5554,7 @@ def export_cycle(cycle: Cycle) -> None:
         cycle.issues.add(HOROS_DB_UNREADABLE, "", str(error))
         raise
     summary.horos_seconds = snapshot.seconds_held
+    summary.departures = note_departures(cycle, snapshot.studies, view)
     if snapshot.marks or snapshot.plain or \
             snapshot.image_high_water != view.image_high_water:
         state.note_horos_changes(snapshot.marks, snapshot.image_high_water, now,
@@ -5157,7 +5616,7 @@ def cycle_with_alerts(cfg: Config) -> int:
 
 
 # =====================================================================================
-# Operator commands: dry run, status, verify, reindex, retry, test-alert
+# Operator commands: dry run, status, verify, reindex, retry, test-alert, acknowledge
 # =====================================================================================
 #
 # What a person runs by hand. Commands that write wait for a running cycle
@@ -5277,6 +5736,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         exported_by_month = state.exported_by_month()
         runs = state.last_runs(50)
         restores = restore_targets_status(state)
+        left_recent, left_total = state.left_counts(now - LEFT_RECENT_DAYS * 86400)
     finally:
         state.close()
     times = ReadTimes()
@@ -5309,6 +5769,7 @@ def gather_status(cfg: Config, now: float) -> dict:
     usage = os.statvfs(nearest_existing(cfg.backup_root))
     waiting = sorted((f for f in view.failures.values() if f.next_attempt > now),
                      key=lambda f: (f.next_attempt, f.study_uid))
+    alerts = alert_status(cfg)
     return {
         "generated_at": utc_iso(now),
         "backup_root": cfg.backup_root,
@@ -5323,6 +5784,8 @@ def gather_status(cfg: Config, now: float) -> dict:
         "waiting": selection.waiting,
         "partial": totals.partial,
         "only_in_backup": sum(1 for uid in view.exported if uid not in in_horos),
+        "left_horos": {"recent": left_recent, "total": left_total,
+                       "library_shrank": LIBRARY_SHRANK in alerts["open_problems"]},
         "bytes": totals.zip_bytes,
         "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
                       "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
@@ -5347,7 +5810,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "horos_transactions": times.transactions,
         **preferences_status(cfg),
         "restores": restores,
-        "alerts": alert_status(cfg),
+        "alerts": alerts,
     }
 
 
@@ -5427,6 +5890,13 @@ def print_status(status: Mapping) -> None:
          % (status["failed"], status["waiting"]))
     line("partial", "%d (exported without some missing files)" % status["partial"])
     line("only in backup", "%d (no longer in Horos)" % status["only_in_backup"])
+    left = status["left_horos"]
+    line("left Horos", "%d in the last %d days, %d in all (find --left-horos lists them)"
+         % (left["recent"], LEFT_RECENT_DAYS, left["total"]))
+    shrank = status["alerts"]["open_problems"].get(LIBRARY_SHRANK)
+    line(LIBRARY_SHRANK, "open since %s (%s still gone; if the library really shrank: "
+         "acknowledge-shrink)" % (local_time_text(shrank["since"]), shrank["count"])
+         if shrank else "not open")
     rate = status["throughput"]["bytes_per_second"]
     clinic = status["clinic"]
     if status["eta_seconds"]:
@@ -5658,6 +6128,30 @@ def test_alert_command(cfg: Config) -> int:
         print("horos_backup_export: test alert by %s failed: %s" % (channel, why),
               file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def acknowledge_shrink_command(cfg: Config) -> int:
+    """The library really shrank: close LIBRARY_SHRANK (its RESOLVED goes out now by the
+    channels given, or with the next cycle's alerts). Its studies stay in the backup and
+    in find --left-horos; exit 1 when no LIBRARY_SHRANK is open."""
+    path = alert_book_path()
+    book = load_alert_book(path)
+    incident = book.problems.get(LIBRARY_SHRANK)
+    if incident is None:
+        raise CannotRun("no %s is open in %s: nothing to acknowledge"
+                        % (LIBRARY_SHRANK, path))
+    report = RunReport(status=RUN_COMMAND, acknowledged=(LIBRARY_SHRANK,))
+    if cfg.alerts.channels:
+        alert_after_run(cfg, report, heartbeat=False)
+    else:
+        now = time.time()
+        save_alert_book(path, decide_alerts(book, report, now,
+                                            cfg.alerts.after_hours * 3600).book)
+    print("%s (open since %s, %s still gone) acknowledged: the library really shrank. "
+          "The backup keeps every study; find --left-horos lists them."
+          % (LIBRARY_SHRANK, local_time_text(incident.since),
+             plural(incident.count, "study", "studies")))
+    return EXIT_OK
 
 
 # =====================================================================================
@@ -6150,6 +6644,7 @@ def find_result(cfg: Config, study: BackupStudy) -> dict:
         "modalities": list(study.modalities),
         "file_count": study.file_count,
         "zip_bytes": study.zip_bytes,
+        "left_horos_at": study.left_at,
     }
 
 
@@ -6157,10 +6652,20 @@ def find_line(cfg: Config, study: BackupStudy) -> str:
     patient = printable(study.patient_name) or UNKNOWN
     if study.patient_id:
         patient += " (%s)" % printable(study.patient_id)
-    return "%-10s  %s  born %s  %s  %s  %s  %s" % (
+    left = "  left Horos %s" % local_day(study.left_at) if study.left_at else ""
+    return "%-10s  %s  born %s  %s  %s  %s%s  %s" % (
         study.study_date or UNKNOWN, patient, study.birth_date or UNKNOWN,
         "\\".join(study.modalities) or UNKNOWN, plural(study.file_count, "file"),
-        format_bytes(study.zip_bytes), os.path.join(cfg.backup_root, study.zip_path))
+        format_bytes(study.zip_bytes), left, os.path.join(cfg.backup_root, study.zip_path))
+
+
+def find_wanted(texts: Sequence[str], left_horos: bool, since: Optional[dt.date]) -> str:
+    """What find looked for, for its "no study ..." line."""
+    words = "matches %s" % " ".join(texts) if texts else ""
+    if not left_horos:
+        return words
+    left = "left Horos%s" % (" on %s or later" % since.isoformat() if since else "")
+    return "%s and %s" % (words, left) if words else left
 
 
 def say_what_find_lacks(studies: Sequence[BackupStudy]) -> None:
@@ -6172,13 +6677,17 @@ def say_what_find_lacks(studies: Sequence[BackupStudy]) -> None:
               % (unread, len(studies)), file=sys.stderr)
 
 
-def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
-    """Studies of the backup that match every term; exit 1 when none does."""
+def find_command(cfg: Config, texts: Sequence[str], as_json: bool, left_horos: bool = False,
+                 since: Optional[dt.date] = None) -> int:
+    """Studies of the backup that match every term (and, with left_horos, that left
+    Horos, on the local day `since` or later); exit 1 when none does."""
     terms = search_terms(texts)
-    if not terms:
-        raise CannotRun("find needs a word to search for (a name, ID, date or modality)")
+    if not terms and not left_horos:
+        raise CannotRun("find needs a word to search for (a name, ID, date or modality), "
+                        "or --left-horos")
     studies = read_backup_studies(cfg)
-    found = find_studies(studies, terms)
+    found = find_studies([study for study in studies if not left_horos
+                          or left_since(study.left_at, since)], terms)
     say_what_find_lacks(studies)
     if as_json:
         lines = [json.dumps([find_result(cfg, study) for study in found], indent=1,
@@ -6188,8 +6697,9 @@ def find_command(cfg: Config, texts: Sequence[str], as_json: bool) -> int:
     for line in lines:
         print(line)
     if not found:
-        print("horos_backup_export: no study of the %d in %s matches %s"
-              % (len(studies), cfg.backup_root, " ".join(texts)), file=sys.stderr)
+        print("horos_backup_export: no study of the %d in %s %s"
+              % (len(studies), cfg.backup_root, find_wanted(texts, left_horos, since)),
+              file=sys.stderr)
         return EXIT_FAILED
     if not as_json:
         print(plural(len(found), "study", "studies"))
@@ -6288,16 +6798,21 @@ class RestoreItem:
     zip_path: str          # as the state names it (or as given)
     files: int
     source_bytes: int
+    left_at: Optional[str] = None   # selected by --left-horos: when it was seen gone
 
 
 def select_studies(studies: Sequence[BackupStudy], select_all: bool,
-                   months: Sequence[str], terms: Sequence[str]) -> List[BackupStudy]:
-    """The studies of --all, --month and --find, newest study date first (unknown
-    dates last): the patients a practice sees again come back to Horos first."""
+                   months: Sequence[str], terms: Sequence[str], left_horos: bool = False,
+                   since: Optional[dt.date] = None) -> List[BackupStudy]:
+    """The studies of --all, --month, --find and --left-horos [--since], newest study
+    date first (unknown dates last): the patients a practice sees again come back to
+    Horos first."""
     wanted_months = set(months)
     chosen = sorted((s for s in studies if select_all
                      or s.zip_path.split("/")[0] in wanted_months
-                     or (terms and study_matches(terms, s))), key=lambda s: s.zip_path)
+                     or (terms and study_matches(terms, s))
+                     or (left_horos and left_since(s.left_at, since))),
+                    key=lambda s: s.zip_path)
     dated = sorted((s for s in chosen if s.study_date), key=lambda s: s.study_date,
                    reverse=True)
     return dated + [s for s in chosen if not s.study_date]
@@ -6314,8 +6829,8 @@ def item_for_zip(cfg: Config, text: str) -> RestoreItem:
 
 
 def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
-                  months: Sequence[str], find_texts: Sequence[str]
-                  ) -> Tuple[List[RestoreItem], int]:
+                  months: Sequence[str], find_texts: Sequence[str], left_horos: bool = False,
+                  since: Optional[dt.date] = None) -> Tuple[List[RestoreItem], int]:
     """(the studies to restore, in order, each ZIP once; how many named ZIPs are
     unreadable). Named ZIPs come first, in the order given; then the selection from the
     state."""
@@ -6328,20 +6843,22 @@ def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
             failed += 1
             print("horos_backup_export: restore of %s failed: %s" % (text, error),
                   file=sys.stderr)
-    if select_all or months or find_texts:
+    if select_all or months or find_texts or left_horos:
         terms = search_terms(find_texts)
         if find_texts and not terms:
             raise CannotRun("--find needs a word to search for")
         studies = read_backup_studies(cfg)
-        chosen = select_studies(studies, select_all, months, terms)
+        chosen = select_studies(studies, select_all, months, terms, left_horos, since)
         if not chosen:
             raise CannotRun("no study of the %d in %s is selected by %s"
                             % (len(studies), cfg.backup_root,
-                               describe_selection(select_all, months, find_texts)))
+                               describe_selection(select_all, months, find_texts,
+                                                  left_horos=left_horos, since=since)))
         items.extend(RestoreItem(study_uid=s.uid,
                                  zip_file=os.path.join(cfg.backup_root, s.zip_path),
                                  zip_path=s.zip_path, files=s.file_count,
-                                 source_bytes=s.source_bytes) for s in chosen)
+                                 source_bytes=s.source_bytes,
+                                 left_at=s.left_at if left_horos else None) for s in chosen)
     seen: set = set()
     unique = []
     for item in items:
@@ -6352,11 +6869,14 @@ def restore_items(cfg: Config, zips: Sequence[str], select_all: bool,
 
 
 def describe_selection(select_all: bool, months: Sequence[str],
-                       find_texts: Sequence[str], zips: Sequence[str] = ()) -> str:
+                       find_texts: Sequence[str], zips: Sequence[str] = (),
+                       left_horos: bool = False, since: Optional[dt.date] = None) -> str:
     parts = ["--all"] if select_all else []
     parts += ["--month %s" % month for month in months]
     if find_texts:
         parts.append("--find %s" % " ".join(find_texts))
+    if left_horos:
+        parts.append("--left-horos" + (" --since %s" % since.isoformat() if since else ""))
     if zips:
         parts.append(plural(len(zips), "named ZIP"))
     return " ".join(parts)
@@ -6475,10 +6995,12 @@ def restore_into_target(state: ExportState, item: RestoreItem, target: str,
 
 
 def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
-               months: Sequence[str], find_texts: Sequence[str]) -> int:
+               months: Sequence[str], find_texts: Sequence[str], left_horos: bool = False,
+               since: Optional[dt.date] = None) -> int:
     """restore … --into-horos: add studies to INCOMING.noindex while it holds fewer
-    than --incoming-max-files files, each study once per library; exit 0 when every
-    ZIP it tried was restored, saying how many studies are left."""
+    than --incoming-max-files files, each study once per library (or, with
+    --left-horos, once more if it left Horos again after it was restored there); exit
+    0 when every ZIP it tried was restored, saying how many studies are left."""
     if not os.path.isdir(cfg.horos_data):
         raise CannotRun("no Horos Data folder at %s (check --horos-data)" % cfg.horos_data)
     if not os.path.isdir(cfg.incoming_dir):
@@ -6486,7 +7008,7 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
                         "check --horos-data" % (HOROS_INCOMING_DIR, cfg.horos_data,
                                                 cfg.incoming_dir))
     user_umask = prepare_backup_alone(cfg, "restore --into-horos")
-    selection = describe_selection(select_all, months, find_texts, zips)
+    selection = describe_selection(select_all, months, find_texts, zips, left_horos, since)
     target = os.path.realpath(cfg.incoming_dir)
     staging_parent = os.path.join(cfg.horos_data, RESTORE_STAGING_DIR)
     with operator_lock(cfg):
@@ -6496,19 +7018,26 @@ def feed_horos(cfg: Config, zips: Sequence[str], select_all: bool,
             # state keeps its own: a journal takes its database file's mode).
             with umask_of(user_umask):
                 finish_interrupted_restores(state, target, cfg.incoming_dir, staging_parent)
-            items, failed = restore_items(cfg, zips, select_all, months, find_texts)
+            items, failed = restore_items(cfg, zips, select_all, months, find_texts,
+                                          left_horos, since)
             done = state.restored_uids(target)
+            taken: set = set()                      # two ZIPs of one study: the first
             todo = []
             earlier = 0
             for item in items:
-                if item.study_uid in done:
-                    earlier += bool(done[item.study_uid])
+                if item.study_uid in taken:
+                    continue
+                restored_at = done.get(item.study_uid)
+                # Fed, imported, then gone again (auto-cleaning runs on): fed once more.
+                if restored_at is not None and not (item.left_at
+                                                    and item.left_at > restored_at):
+                    earlier += 1
                     if item.zip_path in zips:
                         print("skipped %s: its study went to %s on %s (a study is restored "
                               "once per library; --to DIR restores it again)"
-                              % (item.zip_path, target, local_time_text(done[item.study_uid])))
+                              % (item.zip_path, target, local_time_text(restored_at)))
                     continue
-                done[item.study_uid] = ""          # two ZIPs of one study: the first
+                taken.add(item.study_uid)
                 todo.append(item)
             waiting = count_files_up_to(cfg.incoming_dir, cfg.incoming_max_files)
             batch = plan_feeding(todo, waiting, cfg.incoming_max_files)
@@ -6557,10 +7086,12 @@ def feeding_summary(cfg: Config, restored: int, files: int, size: int, earlier: 
 
 
 def restore_to_folder(cfg: Config, zips: Sequence[str], to_dir: str, select_all: bool,
-                      months: Sequence[str], find_texts: Sequence[str]) -> int:
+                      months: Sequence[str], find_texts: Sequence[str],
+                      left_horos: bool = False, since: Optional[dt.date] = None) -> int:
     """restore … --to DIR: every selected study as a new folder in DIR (not tracked: a
     folder that exists is refused)."""
-    items, failed = restore_items(cfg, zips, select_all, months, find_texts)
+    items, failed = restore_items(cfg, zips, select_all, months, find_texts, left_horos,
+                                  since)
     # A copy outside Horos stays as private as the backup it came from.
     use_backup_umask()
     parent = os.path.abspath(to_dir)
@@ -6593,15 +7124,18 @@ def stop_if_disk_full(error: BaseException, folder: str) -> None:
 
 def restore_command(cfg: Config, zips: Sequence[str], to_dir: Optional[str],
                     into_horos: bool, select_all: bool = False, months: Sequence[str] = (),
-                    find_texts: Sequence[str] = ()) -> int:
-    """restore [ZIP...] [--all | --month M | --find TEXT] --to DIR | --into-horos; exit 1
-    if any ZIP was not restored. Needs no PACS sentinel (see Find and disaster recovery)."""
-    if not (zips or select_all or months or find_texts):
-        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM or "
-                        "--find TEXT")
+                    find_texts: Sequence[str] = (), left_horos: bool = False,
+                    since: Optional[dt.date] = None) -> int:
+    """restore [ZIP...] [--all | --month M | --find TEXT | --left-horos [--since DAY]]
+    --to DIR | --into-horos; exit 1 if any ZIP was not restored. Needs no PACS sentinel
+    (see Find and disaster recovery)."""
+    if not (zips or select_all or months or find_texts or left_horos):
+        raise CannotRun("restore needs ZIPs, or a selection: --all, --month YYYY_MM, "
+                        "--find TEXT or --left-horos")
     if into_horos:
-        return feed_horos(cfg, zips, select_all, months, find_texts)
-    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts)
+        return feed_horos(cfg, zips, select_all, months, find_texts, left_horos, since)
+    return restore_to_folder(cfg, zips, to_dir, select_all, months, find_texts, left_horos,
+                             since)
 
 
 # =====================================================================================
@@ -6642,8 +7176,9 @@ def run_verify(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_restore(cfg: Config, args: argparse.Namespace) -> int:
+    since_needs_left_horos(args)
     return restore_command(cfg, args.zips, args.to, args.into_horos, args.all, args.month,
-                           args.find)
+                           args.find, args.left_horos, args.since)
 
 
 def run_reindex(cfg: Config, args: argparse.Namespace) -> int:
@@ -6659,14 +7194,28 @@ def run_doctor_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_find(cfg: Config, args: argparse.Namespace) -> int:
-    return find_command(cfg, args.texts, args.json)
+    since_needs_left_horos(args)
+    return find_command(cfg, args.texts, args.json, args.left_horos, args.since)
 
 
 def run_test_alert(cfg: Config, args: argparse.Namespace) -> int:
     return test_alert_command(cfg)
 
 
+def run_acknowledge_shrink(cfg: Config, args: argparse.Namespace) -> int:
+    return acknowledge_shrink_command(cfg)
+
+
+def since_needs_left_horos(args: argparse.Namespace) -> None:
+    if args.since is not None and not args.left_horos:
+        usage_error("--since selects by the day a study left Horos: it goes with "
+                    "--left-horos")
+
+
 JSON = Argument(("--json",), dict(action="store_true", help="machine-readable"))
+SINCE = Argument(("--since",), dict(type=day_argument, metavar="YYYY-MM-DD",
+                                    help="with --left-horos: first seen gone on this local "
+                                    "day or later"))
 
 COMMANDS = {command.name: command for command in (
     Command(CYCLE, "Export every CT/MR study of a Horos library to one verified ZIP per "
@@ -6694,6 +7243,9 @@ COMMANDS = {command.name: command for command in (
                                     "(repeatable)"), "which"),
         Argument(("--find",), dict(nargs="+", default=[], metavar="TEXT",
                                    help="the studies `find TEXT...` lists"), "which"),
+        Argument(("--left-horos",), dict(action="store_true", help="the studies that left "
+                                         "Horos (what `find --left-horos` lists)"), "which"),
+        SINCE,
         Argument(("--to",), dict(metavar="DIR", help="a folder (created if needed); each "
                                  "study becomes a new folder in it"), "where"),
         Argument(("--into-horos",), dict(action="store_true", help="into INCOMING.noindex, "
@@ -6707,13 +7259,17 @@ COMMANDS = {command.name: command for command in (
             "scripts)", run_doctor_command, (JSON,)),
     Command(FIND, "search the backup alone for studies by patient, ID, date or modality",
             run_find, (
-                Argument(("texts",), dict(nargs="+", metavar="TEXT", help="words that must "
+                Argument(("texts",), dict(nargs="*", metavar="TEXT", help="words that must "
                                           "all match: part of the patient name, ID or "
                                           "accession number, the start of the study UID or "
                                           "date (2019, 2019-03), or a modality")),
-                JSON)),
+                Argument(("--left-horos",), dict(action="store_true", help="only studies "
+                                                 "that left Horos (only in the backup now)")),
+                SINCE, JSON)),
     Command(TEST_ALERT, "send one test message by every configured alert channel",
             run_test_alert),
+    Command(ACKNOWLEDGE_SHRINK, "the library really shrank: close the LIBRARY_SHRANK alert "
+            "(its studies stay in the backup)", run_acknowledge_shrink),
 )}
 
 

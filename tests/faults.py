@@ -18,12 +18,15 @@ is chosen here:
                      in full, before it is recorded in the state
   kill-after-restore-record   ... right after the record is committed, before the
                      rename that moves the study into INCOMING.noindex
+  locked-after-chunks=N  Database.sql stays locked past the busy timeout once the scan
+                     of the library has read N chunks of ZSTUDY rows (Horos importing)
 """
 
 import builtins
 import errno
 import os
 import signal
+import sqlite3
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -185,6 +188,15 @@ def inject(fault, arg):
             return real_restore_zip(zip_path, parent, staging_parent, on_bytes,
                                     record_and_die)
         hbe.restore_zip = restore_then_die
+    elif fault == "locked-after-chunks":
+        real_chunks = hbe.HorosReader.candidate_chunks
+
+        def chunks_then_locked(reader):
+            for number, chunk in enumerate(real_chunks(reader)):
+                if number == int(arg):
+                    raise sqlite3.OperationalError("database is locked")
+                yield chunk
+        hbe.HorosReader.candidate_chunks = chunks_then_locked
     else:
         raise SystemExit("unknown fault %r" % fault)
 

@@ -154,7 +154,7 @@ def test_find_status_and_restore_list_only_the_flags_they_use():
                 "--alert-after-hours"}
     find = flags_in_help("find")
     assert find == {"--help", "--pacs-root", "--backup-root", "--busy-timeout", "--verbose",
-                    "--json"}
+                    "--json", "--left-horos", "--since"}
     status = flags_in_help("status")
     assert status & (cycle_only - {"--batch-size"}) == set()
     assert alerting <= status                      # it shows the alert settings

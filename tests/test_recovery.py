@@ -704,8 +704,9 @@ def test_plan_feeding():
     assert hbe.plan_feeding([], 0, 10) == []
 
 
-def study(uid, date, name="X", pid="P", acc="A", mods=("CT",)):
-    return hbe.BackupStudy(uid, "M/%s.zip" % uid, 1, 1, 1, date, name, pid, acc, None, mods)
+def study(uid, date, name="X", pid="P", acc="A", mods=("CT",), left_at=None):
+    return hbe.BackupStudy(uid, "M/%s.zip" % uid, 1, 1, 1, date, name, pid, acc, None, mods,
+                           left_at)
 
 
 def test_matching_rules():
