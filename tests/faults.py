@@ -16,6 +16,12 @@ is chosen here:
                      in full, before it is recorded in the state
   kill-after-restore-record   ... right after the record is committed, before the
                      rename that moves the study into INCOMING.noindex
+  stop-mid-part=N    the process stops itself (SIGSTOP) once N bytes are in a `.zip.part`
+                     (a cycle's ZIP or a mirror's copy), until the test sends SIGCONT
+  stop-after-rename  ... stops itself right after a ZIP (or a mirror's copy) is renamed
+                     into place and its folder synced, before the state records it
+  stop-after-alert-book-load  ... stops itself right after it read its alert
+                     bookkeeping, before it saves it
 """
 
 import builtins
@@ -71,6 +77,25 @@ class FailingDisk(WrappedFile):
 
     def write(self, data):
         raise OSError(errno.EIO, os.strerror(errno.EIO), self._path)
+
+
+class StoppingFile(WrappedFile):
+    """A file being written whose writer is paused (SIGSTOP) once `after` bytes are in it,
+    as a snapshot tool would find it."""
+
+    def __init__(self, handle, after):
+        super().__init__(handle)
+        self._left = after
+
+    def write(self, data):
+        count = self._handle.write(data)
+        if self._left is not None:
+            self._left -= len(data)
+            if self._left <= 0:
+                self._left = None
+                self._handle.flush()
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return count
 
 
 class ShrinkingFile(WrappedFile):
@@ -155,6 +180,28 @@ def inject(fault, arg):
             return real_restore_zip(zip_path, parent, staging_parent, on_bytes,
                                     record_and_die)
         hbe.restore_zip = restore_then_die
+    elif fault == "stop-mid-part":
+        def open_stopping(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if str(path).endswith(".zip" + hbe.PART_SUFFIX) and "w" in mode:
+                return StoppingFile(handle, int(arg))
+            return handle
+        hbe.open = open_stopping
+    elif fault == "stop-after-rename":
+        real_sync_directory = hbe.sync_directory
+
+        def sync_then_stop(path):
+            real_sync_directory(path)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        hbe.sync_directory = sync_then_stop
+    elif fault == "stop-after-alert-book-load":
+        real_load = hbe.load_alert_book
+
+        def load_then_stop(path):
+            book = real_load(path)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return book
+        hbe.load_alert_book = load_then_stop
     else:
         raise SystemExit("unknown fault %r" % fault)
 
