@@ -79,6 +79,15 @@ class FailingDisk(WrappedFile):
         raise OSError(errno.EIO, os.strerror(errno.EIO), self._path)
 
 
+STOPPED = []      # the stop-* faults pause a run once: it then goes on to its end
+
+
+def stop_once():
+    if not STOPPED:
+        STOPPED.append(True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class StoppingFile(WrappedFile):
     """A file being written whose writer is paused (SIGSTOP) once `after` bytes are in it,
     as a snapshot tool would find it."""
@@ -89,12 +98,10 @@ class StoppingFile(WrappedFile):
 
     def write(self, data):
         count = self._handle.write(data)
-        if self._left is not None:
-            self._left -= len(data)
-            if self._left <= 0:
-                self._left = None
-                self._handle.flush()
-                os.kill(os.getpid(), signal.SIGSTOP)
+        self._left -= len(data)
+        if self._left <= 0:
+            self._handle.flush()
+            stop_once()
         return count
 
 
@@ -192,14 +199,14 @@ def inject(fault, arg):
 
         def sync_then_stop(path):
             real_sync_directory(path)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            stop_once()
         hbe.sync_directory = sync_then_stop
     elif fault == "stop-after-alert-book-load":
         real_load = hbe.load_alert_book
 
         def load_then_stop(path):
             book = real_load(path)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            stop_once()
             return book
         hbe.load_alert_book = load_then_stop
     else:
