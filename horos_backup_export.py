@@ -2367,11 +2367,7 @@ FROM exported_studies
 WHERE study_uid = ?
 """
 
-EXPORTED_ROWS_SQL = """
-SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
-       exported_at
-FROM exported_studies
-"""
+LISTED_ZIPS_SQL = "SELECT study_uid, zip_path, zip_bytes, exported_at FROM exported_studies"
 
 UPSERT_EXPORTED_SQL = """
 INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
@@ -2623,6 +2619,18 @@ class StateTotals:
     partial: int             # exported without some missing files
 
 
+@dataclass
+class ListedZip:
+    """A study's ZIP as a state lists it: what `mirror` compares (a re-export, in place or
+    under a new name, changes the export time). Made once per study of a backup each
+    mirror run: slots keep that cheap, as for HorosStudy. Nothing changes one once made."""
+    __slots__ = ("study_uid", "zip_path", "zip_bytes", "exported_at")
+    study_uid: str
+    zip_path: str
+    zip_bytes: int
+    exported_at: str
+
+
 @dataclass(frozen=True)
 class MirrorStatus:
     """One folder `mirror --to DIR` has fed (README: mirrors), as this state knows it."""
@@ -2792,10 +2800,16 @@ class ExportState:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
         return ExportedRow(**dict(row)) if row else None
 
-    def exported_rows(self) -> Dict[str, ExportedRow]:
-        """Every exported study's row, read in one statement (a consistent view)."""
-        return {row["study_uid"]: ExportedRow(**dict(row))
-                for row in self.conn.execute(EXPORTED_ROWS_SQL)}
+    def listed_zips(self) -> Dict[str, ListedZip]:
+        """Every exported study's ZIP, read in one statement (a consistent view)."""
+        return {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
+                                            row["zip_bytes"], row["exported_at"])
+                for row in self.conn.execute(LISTED_ZIPS_SQL)}
+
+    def listed_zip(self, study_uid: str) -> Optional[ListedZip]:
+        row = self.exported_row(study_uid)
+        return ListedZip(row.study_uid, row.zip_path, row.zip_bytes, row.exported_at) \
+            if row else None
 
     def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
@@ -2988,15 +3002,15 @@ class ExportState:
     # -- mirrors this backup feeds ------------------------------------------------------
 
     def record_mirror_run(self, target: str, now: float, complete: bool,
-                          held: Mapping[str, ExportedRow]) -> None:
+                          held: Mapping[str, ListedZip]) -> None:
         """After a mirror run: its times, and the ZIPs `target` holds now (only the rows
         that changed are written, so an idle run costs one small transaction)."""
-        known = {row["study_uid"]: (row["zip_path"], row["zip_bytes"], row["exported_at"])
+        known = {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
+                                             row["zip_bytes"], row["exported_at"])
                  for row in self.conn.execute(MIRRORED_STUDIES_SQL, (target,))}
         changed = [{"target": target, "study_uid": uid, "zip_path": row.zip_path,
                     "zip_bytes": row.zip_bytes, "exported_at": row.exported_at}
-                   for uid, row in held.items()
-                   if known.get(uid) != (row.zip_path, row.zip_bytes, row.exported_at)]
+                   for uid, row in held.items() if known.get(uid) != row]
         gone = [(target, uid) for uid in known if uid not in held]
         with self.transaction() as conn:
             conn.execute(RECORD_MIRROR_RUN_SQL, {"target": target, "now": utc_iso(now),
@@ -4805,11 +4819,10 @@ class MirrorSummary:
     failed: int = 0          # copies that failed verification on DIR
 
 
-def holds_alike(held: Optional[ExportedRow], listed: ExportedRow) -> bool:
-    """Whether the mirror's row is the source's ZIP: same path, size and export time
-    (a re-export, in place or under a new name, changes the time)."""
-    return held is not None and (held.zip_path, held.zip_bytes, held.exported_at) == (
-        listed.zip_path, listed.zip_bytes, listed.exported_at)
+def holds_alike(held: Optional[ListedZip], listed: ListedZip) -> bool:
+    """Whether the mirror's row is the source's ZIP: same study, path, size and export
+    time (a re-export, in place or under a new name, changes the time)."""
+    return held == listed
 
 
 def safe_zip_path(relpath: str) -> bool:
@@ -4916,15 +4929,14 @@ def copy_verified_zip(source: str, final: str, study_uid: str, throttle: Throttl
                         "BACKUP_ROOT verifies: %s" % (VERIFY_ATTEMPTS, problem))
 
 
-def source_row_moved(cfg: Config, listed: ExportedRow) -> bool:
+def source_row_moved(cfg: Config, listed: ListedZip) -> bool:
     """Whether BACKUP_ROOT's state lists the study otherwise now than when the run read
     it: a cycle replaced or dropped its ZIP meanwhile, which is no loss."""
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
-        now_listed = state.exported_row(listed.study_uid)
+        return not holds_alike(state.listed_zip(listed.study_uid), listed)
     finally:
         state.close()
-    return not holds_alike(now_listed, listed)
 
 
 def check_mirror_space(folder: str, zip_bytes: int) -> None:
@@ -4946,9 +4958,10 @@ class MirrorRun:
     issues: IssueLog         # DIR's: what went wrong on the mirror's side
     summary: MirrorSummary
     progress: Progress
+    held: Dict[str, ListedZip]   # what DIR's state lists, kept as the run records copies
 
 
-def mirror_one(run: MirrorRun, listed: ExportedRow, label: str) -> None:
+def mirror_one(run: MirrorRun, listed: ListedZip, label: str) -> None:
     """Copy one ZIP to DIR and record it there; a bad source, a copy that never
     verifies or a disk too full are counted and reported, DIR's own copy kept."""
     cfg, state, summary = run.cfg, run.state, run.summary
@@ -4992,8 +5005,9 @@ def mirror_one(run: MirrorRun, listed: ExportedRow, label: str) -> None:
     finally:
         run.progress.clear()
     zip_bytes = os.path.getsize(final)
-    state.record_export(export_record(manifest, relpath, zip_bytes, utc_iso(time.time())),
-                        keep_write=replaces is not None)
+    record = export_record(manifest, relpath, zip_bytes, utc_iso(time.time()))
+    state.record_export(record, keep_write=replaces is not None)
+    run.held[uid] = ListedZip(uid, relpath, zip_bytes, record["exported_at"])
     if replaces is not None:
         remove_replaced_zip(run.mirror, replaces, relpath)
         state.end_write(relpath)
@@ -5007,11 +5021,11 @@ def mirror_one(run: MirrorRun, listed: ExportedRow, label: str) -> None:
                  "the older copy" if replaces is None else replaces))
 
 
-def read_listed(cfg: Config) -> Dict[str, ExportedRow]:
+def read_listed(cfg: Config) -> Dict[str, ListedZip]:
     """BACKUP_ROOT's exported studies, read without writing (it may be read-only)."""
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
-        return state.exported_rows()
+        return state.listed_zips()
     except sqlite3.Error as error:
         raise CannotRun("state database %s cannot be read (%s)" % (cfg.state_path, error)) \
             from None
@@ -5020,7 +5034,7 @@ def read_listed(cfg: Config) -> Dict[str, ExportedRow]:
 
 
 def record_in_source(cfg: Config, target: str, now: float, complete: bool,
-                     held: Mapping[str, ExportedRow]) -> None:
+                     held: Mapping[str, ListedZip]) -> None:
     """BACKUP_ROOT's `mirrors` row and what DIR holds, for its status. A read-only or
     busy BACKUP_ROOT costs a log line: the copies are made all the same."""
     if not os.access(cfg.backup_root, os.W_OK):
@@ -5037,10 +5051,10 @@ def record_in_source(cfg: Config, target: str, now: float, complete: bool,
         log.error("cannot record this mirror run in %s: %s", cfg.state_path, error)
 
 
-def mirror_files(run: MirrorRun, listed: Mapping[str, ExportedRow], started: float) -> None:
+def mirror_files(run: MirrorRun, listed: Mapping[str, ListedZip], started: float) -> None:
     """Copy what DIR does not hold alike, oldest export first, until MAX_RUN_SECONDS (at
     least one ZIP per run, so a slow disk still makes progress)."""
-    held = run.state.exported_rows()
+    held = run.held
     todo = sorted((row for uid, row in listed.items() if not holds_alike(held.get(uid), row)),
                   key=lambda row: (row.exported_at, row.study_uid))
     if todo:
@@ -5068,16 +5082,17 @@ def locked_mirror(cfg: Config, mirror: Config, summary: MirrorSummary) -> int:
     state = ExportState(mirror.state_path, cfg.busy_timeout)
     run = MirrorRun(cfg=cfg, mirror=mirror, state=state,
                     source_issues=IssueLog(cfg.issues_path, summary.issue_kinds),
-                    issues=issues, summary=summary, progress=Progress(sys.stdout))
-    complete = False
+                    issues=issues, summary=summary, progress=Progress(sys.stdout), held={})
+    complete = held_read = False
     try:
         recover_interrupted_writes(mirror, state, issues)
         clean_tmp_dir(mirror)
+        run.held = state.listed_zips()
+        held_read = True
         listed = read_listed(cfg)
         mirror_files(run, listed, started)
-        held = state.exported_rows()
         summary.left = sum(1 for uid, row in listed.items()
-                           if not holds_alike(held.get(uid), row)) - summary.source_bad
+                           if not holds_alike(run.held.get(uid), row)) - summary.source_bad
         complete = summary.left <= 0
         summary.outcome = MIRROR_COMPLETE if complete else MIRROR_INCOMPLETE
         meta = {META_MIRROR_OF: cfg.backup_root}
@@ -5099,14 +5114,9 @@ def locked_mirror(cfg: Config, mirror: Config, summary: MirrorSummary) -> int:
         issues.add(problem.kind, "", str(problem))
         raise problem from None
     finally:
-        try:
-            held_now: Optional[Dict[str, ExportedRow]] = state.exported_rows()
-        except sqlite3.Error as error:
-            log.error("cannot read %s: %s", mirror.state_path, error)
-            held_now = None
         state.close()
-        if held_now is not None:
-            record_in_source(cfg, mirror.backup_root, now, complete, held_now)
+        if held_read:
+            record_in_source(cfg, mirror.backup_root, now, complete, run.held)
     seconds = time.monotonic() - started
     log.info("mirror done: %s%s%s; %s",
              "%s copied (%s) in %.1f s (%.1f MB/s)" % (
