@@ -22,6 +22,8 @@ is chosen here:
                      into place and its folder synced, before the state records it
   stop-after-alert-book-load  ... stops itself right after it read its alert
                      bookkeeping, before it saves it
+  report-throttle    every Throttle the run makes says on stderr its cap and how many
+                     bytes went through it (the caps work as usual)
 """
 
 import builtins
@@ -201,6 +203,13 @@ def inject(fault, arg):
             real_sync_directory(path)
             stop_once()
         hbe.sync_directory = sync_then_stop
+    elif fault == "report-throttle":
+        class ReportingThrottle(hbe.Throttle):
+            def __call__(self, count):
+                super().__call__(count)
+                sys.stderr.write("throttle %g MB/s: %d bytes\n"
+                                 % (self.bytes_per_second / 1e6, count))
+        hbe.Throttle = ReportingThrottle
     elif fault == "stop-after-alert-book-load":
         real_load = hbe.load_alert_book
 

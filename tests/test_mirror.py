@@ -337,6 +337,19 @@ def test_a_study_exported_again_under_a_new_name_ends_with_only_its_new_zip(tmp_
     assert old not in zips_on_disk(target)
     assert [r["zip_path"] for r in state_rows(target) if r["study_uid"] == uid] == [new]
     assert state_rows(target, "SELECT * FROM writes_in_progress") == []
+    # Exported again under the same name (late images): the new ZIP replaces the copy.
+    pk = lib.conn.execute("SELECT Z_PK FROM ZSTUDY WHERE ZSTUDYINSTANCEUID = ?",
+                          (uid,)).fetchone()[0]
+    lib.add_image(lib.add_series(pk, "MR", "late", 9), size=3000)
+    lib.finish()
+    assert run_cycle(lib, "--settle-minutes", "0").returncode == 0
+    assert zips_on_disk(root)[new] != zips_on_disk(target)[new]
+    result = mirror(root, target)
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] mirrored %s (" % new in result.stdout
+    assert "replacing the older copy" in result.stdout
+    assert digests(target) == digests(root)
+    assert len(zip_payload(os.path.join(str(target), new))) == 3
 
 
 def test_a_rename_killed_before_the_record_keeps_the_old_copy_until_the_new_one_counts(
@@ -429,6 +442,22 @@ def test_max_run_seconds_stops_between_zips_and_the_next_runs_go_on(tmp_path):
     assert behind[0]["last_complete_at"] is None and behind[2]["last_complete_at"]
     assert "(--max-run-seconds 0.001): 2 ZIPs wait for the next run" in mirror(
         root, tmp_path / "MIRRORDISK" / "Other", "--max-run-seconds", "0.001").stdout
+    assert digests(target) == digests(root)
+
+
+def test_max_mbps_reaches_every_copy_and_its_read_back(tmp_path):
+    lib = big_backup(tmp_path, studies=2, size=1024 * 1024)
+    root = backup_root(lib)
+    target = mirror_disk(tmp_path)
+    proc = run_fault("report-throttle", "--backup-root", root, "--pacs-root",
+                     tmp_path / "none", "mirror", "--to", target, "--max-mbps", "7")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("throttle ")]
+    assert lines and {line.split(":")[0] for line in lines} == {"throttle 7 MB/s"}
+    through = sum(int(line.split(": ")[1].split()[0]) for line in lines)
+    zips = sum(zips_on_disk(root).values())
+    assert 2 * zips <= through <= 2.2 * zips                 # each copied, then read back
     assert digests(target) == digests(root)
 
 
