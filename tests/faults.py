@@ -16,8 +16,9 @@ is chosen here:
                      in full, before it is recorded in the state
   kill-after-restore-record   ... right after the record is committed, before the
                      rename that moves the study into INCOMING.noindex
-  stop-mid-part=N    the process stops itself (SIGSTOP) once N bytes are in a `.zip.part`
-                     (a cycle's ZIP or a mirror's copy), until the test sends SIGCONT
+  stop-mid-part=N    the process stops itself (SIGSTOP) once N bytes are in a ZIP it writes
+                     (a cycle's `.zip.part` or a mirror's copy), until the test sends
+                     SIGCONT
   stop-after-rename  ... stops itself right after a ZIP (or a mirror's copy) is renamed
                      into place and its folder synced, before the state records it
   stop-after-alert-book-load  ... stops itself right after it read its alert
@@ -192,7 +193,7 @@ def inject(fault, arg):
     elif fault == "stop-mid-part":
         def open_stopping(path, mode="r", *args, **kwargs):
             handle = builtins.open(path, mode, *args, **kwargs)
-            if str(path).endswith(".zip" + hbe.PART_SUFFIX) and "w" in mode:
+            if str(path).endswith((".zip", ".zip" + hbe.PART_SUFFIX)) and "w" in mode:
                 return StoppingFile(handle, int(arg))
             return handle
         hbe.open = open_stopping

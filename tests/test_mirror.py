@@ -403,21 +403,23 @@ def test_kill_9_in_the_middle_of_a_large_copy_then_a_second_run_completes(tmp_pa
             "mirror", "--to", target, "--max-mbps", "40"]
     proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=dict(os.environ, TZ=TEST_TZ))
+    sizes = zips_on_disk(root)
     deadline = time.monotonic() + 60
-    part = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        parts = files_named(target, ".part")
-        if parts and os.path.getsize(os.path.join(str(target), parts[0])) > 4 * 1024 * 1024:
-            part = parts[0]
-            break
+    caught = None
+    while time.monotonic() < deadline and proc.poll() is None and caught is None:
+        for relpath in files_named(target, ".part") + files_named(target, ".zip"):
+            size = os.path.getsize(os.path.join(str(target), relpath))
+            if 4 * 1024 * 1024 < size < sizes.get(relpath.replace(".part", ""), 0):
+                caught = relpath                 # a copy half-way through
         time.sleep(0.005)
-    assert part is not None, "no copy was caught half-way"
+    assert caught is not None, "no copy was caught half-way"
     proc.kill()
     proc.wait()
     assert b"Traceback" not in proc.stderr.read()
     proc.stderr.close()
+    assert_mirror_is_sound(target)                   # the half copy is no visible ZIP
+    part = caught
     assert files_named(target, ".part") == [part]              # killed mid-copy
-    assert_mirror_is_sound(target)
     assert part[:-len(".part")] not in {r["zip_path"] for r in state_rows(target)}
     result = mirror(root, target)
     assert result.returncode == 0, result.stderr
