@@ -4888,10 +4888,13 @@ def copy_file_synced(source: str, part: str, throttle: Throttle, on_bytes) -> No
 
 def manifest_problem(problem: Optional[str], manifest: Optional[dict],
                      study_uid: str) -> Optional[str]:
-    if problem is None and manifest is not None \
-            and manifest["study"].get("study_uid") != study_uid:
+    """verify_zip's problem, or that the ZIP is another study's (or names none)."""
+    if problem is not None or manifest is None:
+        return problem
+    study = manifest.get("study")
+    if not isinstance(study, dict) or as_text(study.get("study_uid")) != study_uid:
         return "its manifest names another study"
-    return problem
+    return None
 
 
 def copy_verified_zip(source: str, final: str, study_uid: str, throttle: Throttle,
