@@ -13,7 +13,7 @@ run by macOS's /usr/bin/python3.
 Sections, in the order data flows; each uses only what is above it:
   constants - shared helpers - data types - Horos reader - Horos preferences -
   planner (pure) - clinic hours (pure) - departures (pure) - archive writer - state
-  store - edit check - issues, logs and progress - file modes - alerts - cycle -
+  store - edit check - issues, logs and progress - file modes - alerts - cycle - mirror -
   operator commands - doctor - find - restore - CLI
 """
 
@@ -80,13 +80,15 @@ DOCTOR = "doctor"
 FIND = "find"
 TEST_ALERT = "test-alert"
 ACKNOWLEDGE_SHRINK = "acknowledge-shrink"
+MIRROR = "mirror"
 EVERY_COMMAND = (CYCLE, STATUS, VERIFY, RESTORE, REINDEX, RETRY, DOCTOR, FIND, TEST_ALERT,
-                 ACKNOWLEDGE_SHRINK)
+                 ACKNOWLEDGE_SHRINK, MIRROR)
 OPENS_A_DATABASE = tuple(c for c in EVERY_COMMAND if c not in (TEST_ALERT,
                                                                ACKNOWLEDGE_SHRINK))
 READS_HOROS_DATA = (CYCLE, STATUS, DOCTOR, RESTORE)     # Horos Data and its preferences
-ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT, ACKNOWLEDGE_SHRINK)
-CYCLE_ALERTING = (CYCLE, STATUS, VERIFY, TEST_ALERT)   # the heartbeat and the clock too
+ALERTING_COMMANDS = (CYCLE, STATUS, VERIFY, TEST_ALERT, ACKNOWLEDGE_SHRINK, MIRROR)
+# The jobs with a clock (a cycle, a mirror run): the heartbeat and --alert-after-hours.
+CYCLE_ALERTING = (CYCLE, STATUS, VERIFY, TEST_ALERT, MIRROR)
 
 PACS_ROOT = "/Volumes/PACS"                                     # --pacs-root
 # Where the sentinel, Horos Data and the backup sit on the PACS volume; --pacs-root X
@@ -243,6 +245,9 @@ DISK_LOW = "DISK_LOW"
 DISK_FULL = "DISK_FULL"
 VERIFY_FAILED = "VERIFY_FAILED"              # a ZIP read back is missing or damaged
 UNREADABLE_ZIP = "UNREADABLE_ZIP"            # a ZIP whose manifest cannot be read
+# A ZIP the state lists, found missing or damaged on BACKUP_ROOT by `mirror` as it read it
+# to copy it: the mirror keeps the copy it has.
+MIRROR_SOURCE_BAD = "MIRROR_SOURCE_BAD"
 
 
 class Outcome:
@@ -286,6 +291,13 @@ CYCLE_DISK_FULL = "disk_full"
 CYCLE_HOROS_UNREADABLE = "horos_unreadable"
 CYCLE_ERROR = "error"
 CYCLE_SKIPPED_LOCK = "skipped_lock"   # another run holds the lock; not recorded in runs
+
+# How a `mirror --to DIR` run ended (MirrorSummary.outcome, its log's last line).
+MIRROR_COMPLETE = "complete"         # DIR holds every ZIP it could copy
+MIRROR_INCOMPLETE = "incomplete"     # stopped by --max-run-seconds, or a copy failed
+MIRROR_UNPLUGGED = "unplugged"       # DIR's disk is not connected: nothing was done
+MIRROR_SKIPPED_LOCK = "skipped_lock"     # another run holds DIR's lock
+MIRROR_ERROR = "error"               # it could not run (one line on stderr says why)
 
 
 # =====================================================================================
@@ -635,8 +647,9 @@ class AlertConfig:
         "--heartbeat-url", "HEARTBEAT_URL", "requested after every cycle that ends well, "
         "URL/fail after a failed one", CYCLE_ALERTING, metavar="URL"))
     after_hours: float = setting(ALERT_AFTER_HOURS, Flag(
-        "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded for "
-        "this long; 0: at the first failed cycle", CYCLE_ALERTING,
+        "--alert-after-hours", "ALERT_AFTER_HOURS", "alert when no cycle has succeeded (mirror: "
+        "the mirror has not been complete) for this long; 0: at the first failed cycle",
+        CYCLE_ALERTING,
         type=non_negative_float))
     smtp_password: str = dataclasses.field(default="", repr=False)
 
@@ -698,11 +711,11 @@ class Config:
         "--verify-per-run", "VERIFY_PER_RUN", "old ZIPs each cycle reads back", (CYCLE,),
         type=non_negative_int))
     max_mbps: float = setting(MAX_MBPS, Flag(
-        "--max-mbps", "MAX_MBPS", "cap on MB/s read while exporting and verifying; 0: no "
-        "cap", (CYCLE, VERIFY), type=non_negative_float))
+        "--max-mbps", "MAX_MBPS", "cap on MB/s read while exporting, verifying and "
+        "mirroring; 0: no cap", (CYCLE, VERIFY, MIRROR), type=non_negative_float))
     max_run_seconds: float = setting(MAX_RUN_SECONDS, Flag(
-        "--max-run-seconds", "MAX_RUN_SECONDS", "start no new study after this long; 0: "
-        "no limit", (CYCLE, STATUS), type=non_negative_float))
+        "--max-run-seconds", "MAX_RUN_SECONDS", "start no new study (mirror: no new ZIP) "
+        "after this long; 0: no limit", (CYCLE, STATUS, MIRROR), type=non_negative_float))
     verbose: bool = setting(False, Flag(
         "--verbose", "", "debug logging", EVERY_COMMAND, switch=True))
     horos_prefs_file: str = setting(HOROS_PREFS, Flag(
@@ -2668,7 +2681,7 @@ def write_verified_zip(final_path: str, plan: StudyPlan, files: Sequence[SourceF
 # rollback-journal mode so the file alone is always the whole state. Times are UTC,
 # ISO 8601 with a Z (`datetime(exported_at, 'localtime')` shows local time in sqlite3).
 
-STATE_SCHEMA_VERSION = 7
+STATE_SCHEMA_VERSION = 8
 RUNS_KEPT = 5000             # newest rows kept in `runs` (about five weeks of cycles)
 
 # The statements that bring a state database from version n-1 to n, run in order in one
@@ -2817,6 +2830,27 @@ STATE_MIGRATIONS = {
         """,
         "CREATE INDEX left_horos_left_at ON left_horos (left_at)",
     ),
+    8: (
+        # Each folder `mirror --to DIR` has fed, and what it held after its last run: the
+        # mirror's disk may be in a drawer, and status still says how far behind it is.
+        """
+        CREATE TABLE mirrors (
+            target            TEXT PRIMARY KEY,
+            last_run_at       TEXT NOT NULL,
+            last_complete_at  TEXT
+        )
+        """,
+        """
+        CREATE TABLE mirrored_studies (
+            target       TEXT NOT NULL,
+            study_uid    TEXT NOT NULL,
+            zip_path     TEXT NOT NULL,
+            zip_bytes    INTEGER NOT NULL,
+            exported_at  TEXT NOT NULL,
+            PRIMARY KEY (target, study_uid)
+        )
+        """,
+    ),
 }
 
 EXPORTED_FINGERPRINTS_SQL = """
@@ -2829,6 +2863,8 @@ SELECT study_uid, zip_path, zip_bytes, file_count, missing_count, fingerprint,
 FROM exported_studies
 WHERE study_uid = ?
 """
+
+LISTED_ZIPS_SQL = "SELECT study_uid, zip_path, zip_bytes, exported_at FROM exported_studies"
 
 UPSERT_EXPORTED_SQL = """
 INSERT INTO exported_studies (study_uid, zip_path, zip_bytes, file_count, missing_count,
@@ -3061,6 +3097,46 @@ JOIN exported_studies AS e ON e.study_uid = l.study_uid
 
 ALL_LEFT_HOROS_SQL = "SELECT study_uid, left_at, batch_size FROM left_horos"
 
+RECORD_MIRROR_RUN_SQL = """
+INSERT INTO mirrors (target, last_run_at, last_complete_at)
+VALUES (:target, :now, CASE WHEN :complete THEN :now END)
+ON CONFLICT (target) DO UPDATE SET
+    last_run_at = excluded.last_run_at,
+    last_complete_at = COALESCE(excluded.last_complete_at, mirrors.last_complete_at)
+"""
+
+MIRRORED_STUDIES_SQL = """
+SELECT study_uid, zip_path, zip_bytes, exported_at
+FROM mirrored_studies
+WHERE target = ?
+"""
+
+RECORD_MIRRORED_SQL = """
+INSERT OR REPLACE INTO mirrored_studies (target, study_uid, zip_path, zip_bytes, exported_at)
+VALUES (:target, :study_uid, :zip_path, :zip_bytes, :exported_at)
+"""
+
+FORGET_MIRRORED_SQL = "DELETE FROM mirrored_studies WHERE target = ? AND study_uid = ?"
+
+# Behind: studies whose ZIP, as this state lists it now, the mirror did not hold after
+# its last run (one primary-key lookup per study).
+MIRRORS_SQL = """
+SELECT m.target, m.last_run_at, m.last_complete_at,
+       (SELECT COUNT(*) FROM mirrored_studies AS c WHERE c.target = m.target) AS studies,
+       (SELECT COUNT(*) FROM exported_studies AS e
+        WHERE NOT EXISTS (
+            SELECT 1 FROM mirrored_studies AS c
+            WHERE c.target = m.target AND c.study_uid = e.study_uid
+              AND c.zip_path = e.zip_path AND c.zip_bytes = e.zip_bytes
+              AND c.exported_at = e.exported_at)) AS behind
+FROM mirrors AS m
+ORDER BY m.target
+"""
+
+# meta keys of a mirror's own state (README: State).
+META_MIRROR_OF = "mirror_of"                   # the BACKUP_ROOT it copies
+META_MIRROR_COMPLETE_AT = "mirror_complete_at"
+
 
 @dataclass(frozen=True)
 class ExportedRow:
@@ -3100,6 +3176,28 @@ class StateTotals:
     exported: int
     zip_bytes: int
     partial: int             # exported without some missing files
+
+
+@dataclass
+class ListedZip:
+    """A study's ZIP as a state lists it: what `mirror` compares (a re-export, in place or
+    under a new name, changes the export time). Made once per study of a backup each
+    mirror run: slots keep that cheap, as for HorosStudy. Nothing changes one once made."""
+    __slots__ = ("study_uid", "zip_path", "zip_bytes", "exported_at")
+    study_uid: str
+    zip_path: str
+    zip_bytes: int
+    exported_at: str
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    """One folder `mirror --to DIR` has fed (README: mirrors), as this state knows it."""
+    target: str
+    last_run_at: str
+    last_complete_at: Optional[str]
+    studies: int             # ZIPs it held after its last run
+    behind: int              # studies it does not hold as this state lists them now
 
 
 @dataclass(frozen=True)
@@ -3280,6 +3378,17 @@ class ExportState:
         row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
         return ExportedRow(**dict(row)) if row else None
 
+    def listed_zips(self) -> Dict[str, ListedZip]:
+        """Every exported study's ZIP, read in one statement (a consistent view)."""
+        return {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
+                                            row["zip_bytes"], row["exported_at"])
+                for row in self.conn.execute(LISTED_ZIPS_SQL)}
+
+    def listed_zip(self, study_uid: str) -> Optional[ListedZip]:
+        row = self.exported_row(study_uid)
+        return ListedZip(row.study_uid, row.zip_path, row.zip_bytes, row.exported_at) \
+            if row else None
+
     def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
             conn.execute(DELETE_EXPORTED_SQL, (study_uid,))
@@ -3436,8 +3545,15 @@ class ExportState:
             fingerprint=row["fingerprint"]) for row in self.conn.execute(CHANGED_STUDIES_SQL)}
 
     def image_high_water(self) -> Optional[int]:
-        row = self.conn.execute(GET_META_SQL, (META_IMAGE_HIGH_WATER,)).fetchone()
-        return as_int(row["value"]) if row else None
+        return as_int(self.meta(META_IMAGE_HIGH_WATER))
+
+    def meta(self, key: str) -> Optional[str]:
+        row = self.conn.execute(GET_META_SQL, (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(SET_META_SQL, list(values.items()))
 
     def note_horos_changes(self, marks: Mapping[str, ChangeMark], high_water: int,
                            now: float, plain: Iterable[str] = ()) -> None:
@@ -3484,6 +3600,31 @@ class ExportState:
                               left=row["left_count"], last_run_at=row["last_run_at"],
                               restored=row["restored"])
                 for row in self.conn.execute(RESTORE_TARGETS_SQL)]
+
+    # -- mirrors this backup feeds ------------------------------------------------------
+
+    def record_mirror_run(self, target: str, now: float, complete: bool,
+                          held: Mapping[str, ListedZip]) -> None:
+        """After a mirror run: its times, and the ZIPs `target` holds now (only the rows
+        that changed are written, so an idle run costs one small transaction)."""
+        known = {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
+                                             row["zip_bytes"], row["exported_at"])
+                 for row in self.conn.execute(MIRRORED_STUDIES_SQL, (target,))}
+        changed = [{"target": target, "study_uid": uid, "zip_path": row.zip_path,
+                    "zip_bytes": row.zip_bytes, "exported_at": row.exported_at}
+                   for uid, row in held.items() if known.get(uid) != row]
+        gone = [(target, uid) for uid in known if uid not in held]
+        with self.transaction() as conn:
+            conn.execute(RECORD_MIRROR_RUN_SQL, {"target": target, "now": utc_iso(now),
+                                                 "complete": complete})
+            conn.executemany(RECORD_MIRRORED_SQL, changed)
+            conn.executemany(FORGET_MIRRORED_SQL, gone)
+
+    def mirrors(self) -> List[MirrorStatus]:
+        return [MirrorStatus(target=row["target"], last_run_at=row["last_run_at"],
+                             last_complete_at=row["last_complete_at"],
+                             studies=row["studies"], behind=row["behind"])
+                for row in self.conn.execute(MIRRORS_SQL)]
 
     def copy_restores_from(self, old: "ExportState") -> None:
         """reindex: the restore progress and the departures of the state it replaces."""
@@ -3950,6 +4091,9 @@ STUDY_FAILING_DAYS = 7               # "failing for a week" digest
 STUDY_RETRIED_WITHIN_DAYS = 2        # ...of studies still retried (still in Horos)
 ALERT_BOOK_DIR = os.path.join("~", "Library", "Application Support", "horos_backup_export")
 ALERT_BOOK_FILE = "alerts.json"
+# A mirror job keeps its own file beside it (+ its folder, made safe, and a digest of it):
+# two jobs never write one file, so neither can lose the other's bookkeeping.
+MIRROR_BOOK_PREFIX = "alerts-mirror-"
 ALERT_BOOK_VERSION = 1
 ALERT_LINE_WIDTH = 76
 
@@ -3958,8 +4102,11 @@ NO_SUCCESSFUL_CYCLE = "NO_SUCCESSFUL_CYCLE"
 LIBRARY_SHRANK = "LIBRARY_SHRANK"   # many exported studies gone from Horos in one cycle
 STUDIES_FAILING = "STUDIES_FAILING"
 AT_ONCE_KINDS = (DISK_LOW, DISK_FULL, VERIFY_FAILED, ZIP_BAD)   # issues.csv kinds
-PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE, LIBRARY_SHRANK) + AT_ONCE_KINDS + (STUDIES_FAILING,)
-
+# A mirror job's: its clock (not complete for --alert-after-hours), then what it met.
+MIRROR_BEHIND = "MIRROR_BEHIND"
+MIRROR_AT_ONCE_KINDS = (MIRROR_SOURCE_BAD, ZIP_BAD, DISK_LOW, DISK_FULL)
+PROBLEM_ORDER = (NO_SUCCESSFUL_CYCLE, MIRROR_BEHIND, LIBRARY_SHRANK) + AT_ONCE_KINDS + (
+    MIRROR_SOURCE_BAD, STUDIES_FAILING)
 # A notice, not a problem: studies left Horos (auto-cleaning, a user's delete). At most
 # once a day, only when some left since the last one; there is nothing to resolve.
 STUDIES_LEFT_HOROS = "STUDIES_LEFT_HOROS"
@@ -3975,8 +4122,10 @@ SHRINK_MAX_STUDIES = 500
 LEFT_RECENT_DAYS = 7          # departures a notice may count; status's "last 7 days"
 NOTICE_MONTHS_LISTED = 12     # study months a notice names (the rest are counted)
 
-# What a run was, as alerting sees it.
+# What a run was, as alerting sees it. RUN_INCOMPLETE: a mirror run that left ZIPs to
+# copy (out of time, the disk not connected): no failure, but no success either.
 RUN_OK, RUN_SKIPPED, RUN_FAILED, RUN_COMMAND = "ok", "skipped", "failed", "command"
+RUN_INCOMPLETE = "incomplete"
 
 PROBLEM_TITLES = {
     NO_SUCCESSFUL_CYCLE: "no successful backup cycle",
@@ -3986,6 +4135,14 @@ PROBLEM_TITLES = {
     VERIFY_FAILED: "damaged or missing ZIPs",
     ZIP_BAD: "ZIPs failing verification as they are written",
     STUDIES_FAILING: "studies failing for a week",
+}
+# A mirror job's titles; "{mirror}" is its folder.
+MIRROR_TITLES = {
+    MIRROR_BEHIND: "mirror {mirror} not up to date",
+    MIRROR_SOURCE_BAD: "ZIPs missing or damaged on BACKUP_ROOT",
+    ZIP_BAD: "ZIPs failing verification as they are copied to the mirror",
+    DISK_LOW: "mirror disk low on space",
+    DISK_FULL: "mirror disk full",
 }
 
 
@@ -4001,10 +4158,11 @@ class RunReport:
     kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)  # issues.csv rows
     zip_bad_waiting: Optional[int] = None         # studies whose last failure is ZIP_BAD
     failing_week: Optional[Mapping[str, int]] = None   # studies failing 7+ days, by kind
-    free_bytes: Optional[int] = None              # on the backup volume
+    free_bytes: Optional[int] = None              # on the backup volume (mirror: its disk)
     departures: Optional[Departures] = None       # None: Horos was not read in full
     horos_cleaning: str = ""                      # Horos's auto-cleaning, its volume's space
     acknowledged: Tuple[str, ...] = ()            # problems the operator closed
+    mirror: str = ""                              # a mirror job's folder (DIR)
 
 
 # -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
@@ -4187,6 +4345,80 @@ def save_alert_book(path: str, book: AlertBook) -> None:
 
 # -- the decision: pure -----------------------------------------------------------------
 
+def observe_clock(book: AlertBook, report: RunReport, now: float, after_seconds: float,
+                  problem: str, first: str, never: str) -> Optional[str]:
+    """The clock of a job's successes (a cycle that succeeds, a mirror run that ends
+    complete), kept in `book`: "" after a success, the `since …` text once `problem` is
+    overdue, None when that cannot be told yet.
+
+    A skipped run neither succeeds nor fails, but does not hide a success that is long
+    overdue; RUN_INCOMPLETE counts as not a success.
+    """
+    if report.status == RUN_OK:
+        book.last_success, book.first_failure, book.failed_cycles = utc_iso(now), None, 0
+        return ""
+    if report.status not in (RUN_FAILED, RUN_SKIPPED, RUN_INCOMPLETE):
+        return None
+    if report.status != RUN_SKIPPED:
+        book.failed_cycles += 1
+        if not book.first_failure:
+            book.first_failure = utc_iso(now)
+    reference = book.last_success or book.first_failure
+    overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
+    if report.status == RUN_SKIPPED:
+        overdue = problem in book.problems or (overdue and after_seconds > 0)
+    if not overdue:
+        return None
+    if book.last_success:
+        return "since %s (%s ago)" % (local_time_text(book.last_success),
+                                      hours_text(now - parse_utc_iso(reference)))
+    return "since %s at %s (%s since alerting began)" % (
+        first, local_time_text(book.first_failure), never)
+
+
+def observe_mirror(book: AlertBook, report: RunReport, now: float,
+                   after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
+    """observe_run for a `mirror --to DIR` job, whose success is a complete run
+    (report.mirror is DIR)."""
+    seen: Dict[str, Optional[Tuple[int, str]]] = {}
+    since = observe_clock(book, report, now, after_seconds, MIRROR_BEHIND,
+                          "the first incomplete run", "none was complete")
+    if since is not None:
+        seen[MIRROR_BEHIND] = (0, "") if not since else (
+            1, "The mirror %s has not been brought up to date %s. Last run: %s. Runs "
+            "since: %d." % (report.mirror, since, report.reason or report.status,
+                            book.failed_cycles))
+    free = (" Free space on the mirror's disk now: %s." % format_bytes(report.free_bytes)
+            if report.free_bytes is not None else "")
+    texts = {
+        MIRROR_SOURCE_BAD: lambda count: "%s listed in BACKUP_ROOT's state %s missing or "
+                                         "damaged on BACKUP_ROOT when the mirror read %s to "
+                                         "copy %s; the mirror kept the copies it had. "
+                                         "`verify` on BACKUP_ROOT exports them again while "
+                                         "Horos still has them." % (
+                                             plural(count, "ZIP"),
+                                             "was" if count == 1 else "were",
+                                             "it" if count == 1 else "them",
+                                             "it" if count == 1 else "them"),
+        ZIP_BAD: lambda count: "%s failed verification %d times as %s copied to the "
+                               "mirror, while BACKUP_ROOT's %s (a failing mirror "
+                               "disk?)." % (plural(count, "ZIP"), VERIFY_ATTEMPTS,
+                                            "it was" if count == 1 else "they were",
+                                            "verifies" if count == 1 else "verify"),
+        DISK_LOW: lambda count: "The mirror's disk has less free space than the next ZIP "
+                                "needs: the mirror stops before copying it." + free,
+        DISK_FULL: lambda count: "The mirror's disk filled up while a ZIP was copied: the "
+                                 "run stopped and removed the partial file." + free,
+    }
+    for kind in MIRROR_AT_ONCE_KINDS:
+        count = report.kinds.get(kind, 0)
+        if count:
+            seen[kind] = (count, texts[kind](count))
+        elif report.status == RUN_OK:
+            seen[kind] = (0, "")
+    return seen
+
+
 def observe_run(book: AlertBook, report: RunReport, now: float,
                 after_seconds: float) -> Dict[str, Optional[Tuple[int, str]]]:
     """{problem: (count, text) if it is on, (0, "") if it is off, None if unknown}.
@@ -4195,30 +4427,12 @@ def observe_run(book: AlertBook, report: RunReport, now: float,
     neither succeeds nor fails, but does not hide a success that is long overdue.
     """
     seen: Dict[str, Optional[Tuple[int, str]]] = {}
-    if report.status == RUN_OK:
-        book.last_success, book.first_failure, book.failed_cycles = utc_iso(now), None, 0
-        seen[NO_SUCCESSFUL_CYCLE] = (0, "")
-    elif report.status in (RUN_FAILED, RUN_SKIPPED):
-        if report.status == RUN_FAILED:
-            book.failed_cycles += 1
-            if not book.first_failure:
-                book.first_failure = utc_iso(now)
-        reference = book.last_success or book.first_failure
-        overdue = reference is not None and now - parse_utc_iso(reference) >= after_seconds
-        if report.status == RUN_SKIPPED:
-            overdue = (NO_SUCCESSFUL_CYCLE in book.problems
-                       or (overdue and after_seconds > 0))
-        if overdue:
-            if book.last_success:
-                since = "since %s (%s ago)" % (local_time_text(book.last_success),
-                                               hours_text(now - parse_utc_iso(reference)))
-            else:
-                since = ("since the first failed cycle at %s (none has succeeded since "
-                         "alerting began)" % local_time_text(book.first_failure))
-            seen[NO_SUCCESSFUL_CYCLE] = (1, "No backup cycle has succeeded %s. Last cycle: "
-                                         "%s. Failed cycles since: %d." % (
-                                             since, report.reason or report.status,
-                                             book.failed_cycles))
+    since = observe_clock(book, report, now, after_seconds, NO_SUCCESSFUL_CYCLE,
+                          "the first failed cycle", "none has succeeded")
+    if since is not None:
+        seen[NO_SUCCESSFUL_CYCLE] = (0, "") if not since else (
+            1, "No backup cycle has succeeded %s. Last cycle: %s. Failed cycles since: %d."
+            % (since, report.reason or report.status, book.failed_cycles))
     free = (" Free space on the backup volume now: %s." % format_bytes(report.free_bytes)
             if report.free_bytes is not None else "")
     texts = {
@@ -4360,9 +4574,9 @@ def observe_departures(book: AlertBook, report: RunReport, now: float
 
 
 def decide_alerts(book: AlertBook, report: RunReport, now: float,
-                  after_seconds: float) -> AlertPlan:
+                  after_seconds: float, observe=observe_run) -> AlertPlan:
     """Which problems to alert about now, which to announce as resolved, and the notice
-    of studies that left Horos (observe_departures).
+    of studies that left Horos (observe_departures). `observe`: the job's observe_run.
 
     A problem alerts when its incident starts, then at most once every
     ALERT_REPEAT_SECONDS while it lasts (and again each run until a delivery works);
@@ -4372,7 +4586,7 @@ def decide_alerts(book: AlertBook, report: RunReport, now: float,
     """
     book = copy.deepcopy(book)           # values in, values out
     problems, unsent = book.problems, book.unsent_resolved
-    observed = observe_run(book, report, now, after_seconds)
+    observed = observe(book, report, now, after_seconds)
     notice = None
     if report.departures is not None:
         observed[LIBRARY_SHRANK], notice = observe_departures(book, report, now)
@@ -4420,17 +4634,48 @@ def record_delivery(plan: AlertPlan, now: float, subject: str,
 UNBROKEN_SPACE = re.compile(r"(?<=\d) (?=[KMGT]?B\b|\(\d+\))")
 
 
-def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
+@dataclass(frozen=True)
+class AlertJob:
+    """Whose alerts: the cycle job's (alerts.json, also `verify`'s) or one mirror job's
+    (its own file), each with its own clock problem, titles and footer."""
+    book_path: str
+    observe: Callable[[AlertBook, RunReport, float, float],
+                      Dict[str, Optional[Tuple[int, str]]]]
+    clock_problem: str                   # NO_SUCCESSFUL_CYCLE or MIRROR_BEHIND
+    titles: Mapping[str, str]
+    mirror: str = ""                     # a mirror job's folder
+
+
+def cycle_alert_job() -> AlertJob:
+    return AlertJob(alert_book_path(), observe_run, NO_SUCCESSFUL_CYCLE, PROBLEM_TITLES)
+
+
+def mirror_book_path(mirror: str) -> str:
+    """The bookkeeping of the mirror job of `mirror`, next to alerts.json."""
+    digest = hashlib.sha1(mirror.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return os.path.join(os.path.dirname(alert_book_path()), "%s%s-%s.json" % (
+        MIRROR_BOOK_PREFIX, sanitize_part(mirror)[:60], digest))
+
+
+def mirror_alert_job(mirror: str) -> AlertJob:
+    return AlertJob(mirror_book_path(mirror), observe_mirror, MIRROR_BEHIND,
+                    {name: title.format(mirror=mirror)
+                     for name, title in MIRROR_TITLES.items()}, mirror)
+
+
+def compose_alert(cfg: Config, plan: AlertPlan, host: str,
+                  job: Optional[AlertJob] = None) -> Tuple[str, str]:
     """(subject, body). Only kinds, counts, times, the host and our own paths: never a
     patient name, ID, birth date, study UID or ZIP name (those are in issues.csv)."""
     problems, unsent = plan.book.problems, plan.book.unsent_resolved
+    job = job or cycle_alert_job()
 
     def title(name: str) -> str:
-        if name == NO_SUCCESSFUL_CYCLE and plan.book.last_success:
-            return "no successful backup cycle since %s" % local_time_text(
-                plan.book.last_success)
-        return PROBLEM_TITLES[name] if name in (NO_SUCCESSFUL_CYCLE, STUDIES_FAILING) \
-            else "%s (%s)" % (name, PROBLEM_TITLES[name])
+        if name == job.clock_problem and plan.book.last_success:
+            return "%s since %s" % (job.titles[name],
+                                    local_time_text(plan.book.last_success))
+        return job.titles[name] if name in (job.clock_problem, STUDIES_FAILING) \
+            else "%s (%s)" % (name, job.titles[name])
 
     def paragraph(text: str) -> List[str]:
         # The first line is prose, wrapped, never between a number and its unit or
@@ -4476,13 +4721,15 @@ def compose_alert(cfg: Config, plan: AlertPlan, host: str) -> Tuple[str, str]:
         lines += [textwrap.fill("A notice comes at most once a day, only when more studies "
                                 "left Horos; it has nothing to resolve.", ALERT_LINE_WIDTH),
                   ""]
-    lines += alert_footer(cfg, host)
+    lines += alert_footer(cfg, host, job.mirror)
     return subject, "\n".join(lines) + "\n"
 
 
-def alert_footer(cfg: Config, host: str) -> List[str]:
+def alert_footer(cfg: Config, host: str, mirror: str = "") -> List[str]:
+    where = ["Mirror:       %s" % mirror,
+             "Mirror log:   %s" % os.path.join(mirror, LOG_DIR, LOG_FILE)] if mirror else []
     return ["Host:         %s" % host,
-            "BACKUP_ROOT:  %s" % cfg.backup_root,
+            "BACKUP_ROOT:  %s" % cfg.backup_root] + where + [
             "Details:      %s" % cfg.issues_path,
             "Log:          %s" % cfg.log_path,
             "Status:       python3 %s status" % os.path.abspath(__file__),
@@ -4735,18 +4982,21 @@ def deliver(alerts: AlertConfig, subject: str, body: str, deadline: Deadline,
     return sent, failed
 
 
-def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool) -> None:
+def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool,
+                    job: Optional[AlertJob] = None) -> None:
     """Decide, send, record; then ping the heartbeat. Never raises for a channel."""
     alerts = cfg.alerts
+    job = job or cycle_alert_job()
     deadline = Deadline(ALERT_BUDGET_SECONDS)
     ping = heartbeat and bool(alerts.heartbeat_url)
     if alerts.channels:
         now = time.time()
-        path = alert_book_path()
-        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600)
+        path = job.book_path
+        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600,
+                             job.observe)
         book = plan.book
         if plan.due or plan.resolved or plan.notice:
-            subject, body = compose_alert(cfg, plan, socket.gethostname())
+            subject, body = compose_alert(cfg, plan, socket.gethostname(), job)
             sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
             if sent:
                 book = record_delivery(plan, now, subject, sent)
@@ -4817,6 +5067,10 @@ def print_alert_status(status: Mapping) -> None:
 # and, through cycle_with_alerts, the alerts.
 
 ZIP_ENTRY_OVERHEAD = 256       # bytes a member adds to a stored ZIP, headers and all
+# What the cycle writes after a study passed the free-space check besides its ZIP: the
+# state's rows and rollback journal, the log, issues.csv. Counted so that the reserve is
+# left alone by all of it, not only by the ZIPs.
+RECORD_ALLOWANCE_BYTES = 1024 * 1024
 
 # Manifests of rows an older version wrote are read for at most this long per cycle
 # (50,000 on a USB disk take minutes); the next cycles continue, `reindex` does all.
@@ -5208,7 +5462,8 @@ def check_free_space(cfg: Config, folder: str, study_bytes: int, file_count: int
     reserve, free, _total = backup_space(cfg, folder)
     if reserve.bytes <= 0:
         return
-    needed = study_bytes + file_count * ZIP_ENTRY_OVERHEAD + reserve.bytes
+    needed = (study_bytes + file_count * ZIP_ENTRY_OVERHEAD + RECORD_ALLOWANCE_BYTES
+              + reserve.bytes)
     if free < needed:
         raise DiskSpaceProblem(DISK_LOW, "backup volume low: %s free, the next study needs "
                                "%s plus the %s reserve (%s)"
@@ -5616,6 +5871,440 @@ def cycle_with_alerts(cfg: Config) -> int:
 
 
 # =====================================================================================
+# Mirror: a second backup root, kept identical and verified
+# =====================================================================================
+#
+# `mirror --to DIR` brings DIR up to date from BACKUP_ROOT: every ZIP BACKUP_ROOT's state
+# lists that DIR's own state does not list alike is copied with the archive writer's
+# discipline (`.part`, fsync, read back with every member checked against the manifest,
+# rename, folder fsync), then recorded in DIR's state, so find, verify, restore and
+# reindex work on DIR as on BACKUP_ROOT. It reads BACKUP_ROOT only (no PACS volume, no
+# Horos), and never re-reads what DIR holds (that is verify's job on each side).
+#
+# It never copies a loss: a ZIP missing or damaged on BACKUP_ROOT leaves DIR's copy as
+# it is, a ZIP is replaced on DIR only by a newer one verified there, and nothing else
+# is ever removed from DIR. A killed run is finished by the next one, as a cycle is
+# (recover_interrupted_writes on DIR's own writes_in_progress).
+
+# Left free on the mirror's disk besides the next ZIP: its state, journal and log must
+# still be written, and APFS misbehaves on a full disk.
+MIRROR_SPARE_BYTES = 1 * GB
+# A ZIP path as the cycle writes it; anything else in a state (edited by hand) could
+# name a file outside DIR.
+MIRROR_ZIP_NAME = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9._-]*\.zip$")
+
+
+class SourceZipBad(Exception):
+    """The ZIP on BACKUP_ROOT is missing, unreadable or fails verification."""
+
+
+class MirrorCopyBad(Exception):
+    """A copy failed verification VERIFY_ATTEMPTS times while its source verifies."""
+
+
+@dataclass
+class MirrorSummary:
+    """What one mirror run did: its log's last line, BACKUP_ROOT's `mirrors` row, and
+    what alerting reads (like a cycle's CycleSummary)."""
+    outcome: str = MIRROR_ERROR
+    detail: str = ""
+    issue_kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # both issues.csv
+    copied: int = 0
+    replaced: int = 0        # of the copied: a newer ZIP of a study DIR held
+    bytes: int = 0
+    left: int = 0            # ZIPs it could copy but did not (out of time, failed copies)
+    source_bad: int = 0      # ZIPs missing or damaged on BACKUP_ROOT
+    failed: int = 0          # copies that failed verification on DIR
+
+
+def holds_alike(held: Optional[ListedZip], listed: ListedZip) -> bool:
+    """Whether the mirror's row is the source's ZIP: same study, path, size and export
+    time (a re-export, in place or under a new name, changes the time)."""
+    return held == listed
+
+
+def safe_zip_path(relpath: str) -> bool:
+    month, _, name = relpath.partition("/")
+    return bool(MONTH_FOLDER.match(month)) and bool(MIRROR_ZIP_NAME.match(name))
+
+
+def mirror_disk_missing(cfg: Config, target: str) -> str:
+    """Why DIR's disk is not there, in words ("" when it is): BACKUP_ROOT's rule. The
+    parent must exist, and on a disk other than the PACS volume hold .backup_sentinel."""
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        return "%s does not exist: the mirror's disk is not connected" % parent
+    if not same_disk(target, cfg.pacs_root):
+        sentinel = os.path.join(parent, BACKUP_SENTINEL_NAME)
+        if not os.path.isfile(sentinel):
+            return ("%s is missing: the mirror's disk is not connected (on a new disk, "
+                    "create it: touch %s)" % (sentinel, sentinel))
+    return ""
+
+
+def check_mirror_source(cfg: Config, target: str) -> None:
+    if not os.path.isdir(cfg.backup_root):
+        raise CannotRun("no backup at %s: is the backup disk mounted? (check --backup-root; "
+                        "nothing was done)" % cfg.backup_root)
+    if not os.path.isfile(cfg.state_path):
+        raise CannotRun("%s has no %s: nothing to mirror (reindex rebuilds it from the ZIPs)"
+                        % (cfg.backup_root, STATE_FILE))
+    source, mirror = os.path.realpath(cfg.backup_root), os.path.realpath(target)
+    if mirror == source or mirror.startswith(source + os.sep) \
+            or source.startswith(mirror + os.sep):
+        raise CannotRun("--to %s and BACKUP_ROOT %s overlap: the mirror must be another "
+                        "folder, on another disk (nothing was done)" % (target, cfg.backup_root))
+
+
+def copy_file_synced(source: str, part: str, throttle: Throttle, on_bytes) -> None:
+    """source -> part, its mtime kept, flushed to the disk; SourceZipBad when the
+    source cannot be read (an OSError writing part is the mirror's disk)."""
+    try:
+        src = open_source(source)
+    except FileNotFoundError:
+        raise SourceZipBad("the ZIP is missing") from None
+    except OSError as error:
+        raise SourceZipBad("cannot open it: %s" % error) from None
+    buffer = memoryview(bytearray(COPY_CHUNK_BYTES))
+    with src, open(part, "wb") as dst:
+        st = os.fstat(src.fileno())
+        while True:
+            try:
+                count = src.readinto(buffer)
+            except OSError as error:
+                raise SourceZipBad("cannot read it: %s" % error) from None
+            if not count:
+                break
+            dst.write(buffer[:count])
+            throttle(count)
+            on_bytes(count)
+        dst.flush()
+        # The copy keeps the original's time, so rsync or rclone see the two as alike.
+        os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+        durable_sync(dst.fileno())
+
+
+def manifest_problem(problem: Optional[str], manifest: Optional[dict],
+                     study_uid: str) -> Optional[str]:
+    """verify_zip's problem, or that the ZIP is another study's (or names none)."""
+    if problem is not None or manifest is None:
+        return problem
+    study = manifest.get("study")
+    if not isinstance(study, dict) or as_text(study.get("study_uid")) != study_uid:
+        return "its manifest names another study"
+    return None
+
+
+def copy_verified_zip(source: str, final: str, study_uid: str, throttle: Throttle,
+                      on_bytes) -> dict:
+    """Copy, fsync, read back (every member against the manifest), rename, fsync the
+    folder: the archive writer's discipline. Returns the copy's manifest.
+
+    A copy that fails verification is weighed against its source: a bad source is
+    SourceZipBad at once (copying again cannot help); a good one is copied again, up
+    to VERIFY_ATTEMPTS times, then MirrorCopyBad. Nothing is left under `final` that
+    was not there before, and no `.part`.
+    """
+    folder = os.path.dirname(final)
+    os.makedirs(folder, exist_ok=True)
+    part = final + PART_SUFFIX
+    problem = None
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        try:
+            copy_file_synced(source, part, throttle, on_bytes)
+            problem, manifest = verify_zip(part, throttle)
+            problem = manifest_problem(problem, manifest, study_uid)
+            if problem is None and manifest is not None:
+                os.replace(part, final)
+                sync_directory(folder)
+                return manifest
+        finally:
+            remove_if_present(part)
+        source_problem = manifest_problem(*verify_zip(source, throttle), study_uid)
+        if source_problem is not None:
+            raise SourceZipBad(source_problem)
+        log.warning("mirror: the copy of %s failed verification (attempt %d of %d) while the "
+                    "ZIP on BACKUP_ROOT verifies: %s", source, attempt, VERIFY_ATTEMPTS,
+                    problem)
+    raise MirrorCopyBad("the copy failed verification %d times while the ZIP on "
+                        "BACKUP_ROOT verifies: %s" % (VERIFY_ATTEMPTS, problem))
+
+
+def source_row_moved(cfg: Config, listed: ListedZip) -> bool:
+    """Whether BACKUP_ROOT's state lists the study otherwise now than when the run read
+    it: a cycle replaced or dropped its ZIP meanwhile, which is no loss."""
+    state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+    try:
+        return not holds_alike(state.listed_zip(listed.study_uid), listed)
+    finally:
+        state.close()
+
+
+def check_mirror_space(folder: str, zip_bytes: int) -> None:
+    free = free_bytes_of(folder)
+    if free is not None and free < zip_bytes + MIRROR_SPARE_BYTES:
+        raise DiskSpaceProblem(DISK_LOW, "mirror disk low: %s free, the next ZIP needs %s "
+                               "and %s stay free" % (format_bytes(free),
+                                                     format_bytes(zip_bytes),
+                                                     format_bytes(MIRROR_SPARE_BYTES)))
+
+
+@dataclass
+class MirrorRun:
+    """What every step of one mirror run reads and writes."""
+    cfg: Config              # BACKUP_ROOT's
+    mirror: Config           # the same, with DIR as its backup root
+    state: ExportState       # DIR's
+    source_issues: IssueLog  # BACKUP_ROOT's issues.csv: its ZIPs found bad
+    issues: IssueLog         # DIR's: what went wrong on the mirror's side
+    summary: MirrorSummary
+    progress: Progress
+    held: Dict[str, ListedZip]   # what DIR's state lists, kept as the run records copies
+
+
+def mirror_one(run: MirrorRun, listed: ListedZip, label: str) -> None:
+    """Copy one ZIP to DIR and record it there; a bad source, a copy that never
+    verifies or a disk too full are counted and reported, DIR's own copy kept."""
+    cfg, state, summary = run.cfg, run.state, run.summary
+    uid, relpath = listed.study_uid, listed.zip_path
+    source = os.path.join(cfg.backup_root, relpath)
+    final = os.path.join(run.mirror.backup_root, relpath)
+    old = state.exported_row(uid)
+    replaces = old.zip_path if old is not None and old.zip_path != relpath else None
+    check_mirror_space(nearest_existing(os.path.dirname(final)), listed.zip_bytes)
+    started = time.monotonic()
+    state.begin_write(uid, relpath, replaces, time.time())
+    run.progress.start("%s %s" % (label, relpath), listed.zip_bytes)
+    try:
+        manifest = copy_verified_zip(source, final, uid, Throttle(cfg.max_mbps),
+                                     run.progress.advance)
+    except SourceZipBad as error:
+        state.end_write(relpath)
+        if source_row_moved(cfg, listed):
+            log.info("%s %s was replaced on BACKUP_ROOT while the mirror read it: the next "
+                     "run copies the new one", label, relpath)
+            return
+        summary.source_bad += 1
+        log.error("%s %s on BACKUP_ROOT: %s; the mirror keeps %s", label, relpath, error,
+                  "its copy %s" % old.zip_path if old is not None else "nothing of it")
+        run.source_issues.add(MIRROR_SOURCE_BAD, uid, "%s; the mirror %s kept %s" % (
+            error, run.mirror.backup_root, "its copy" if old is not None else "none"),
+            relpath)
+        return
+    except MirrorCopyBad as error:
+        state.end_write(relpath)
+        summary.failed += 1
+        log.error("%s %s: %s", label, relpath, error)
+        run.issues.add(ZIP_BAD, uid, str(error), relpath)
+        return
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        # The .part is gone already; the next run's recovery ends the write record.
+        raise DiskSpaceProblem(DISK_FULL, "mirror disk full while copying %s: %s"
+                               % (relpath, error)) from None
+    finally:
+        run.progress.clear()
+    zip_bytes = os.path.getsize(final)
+    record = export_record(manifest, relpath, zip_bytes, utc_iso(time.time()))
+    state.record_export(record, watched_sr_files(manifest), keep_write=replaces is not None)
+    run.held[uid] = ListedZip(uid, relpath, zip_bytes, record["exported_at"])
+    if replaces is not None:
+        remove_replaced_zip(run.mirror, replaces, relpath)
+        state.end_write(relpath)
+    summary.copied += 1
+    summary.replaced += 0 if old is None else 1
+    summary.bytes += zip_bytes
+    seconds = time.monotonic() - started
+    log.info("%s mirrored %s (%s, %.1f s, %.1f MB/s)%s", label, relpath,
+             format_bytes(zip_bytes), seconds, zip_bytes / 1e6 / max(seconds, 1e-6),
+             "" if old is None else ", replacing %s" % (
+                 "the older copy" if replaces is None else replaces))
+
+
+def read_listed(cfg: Config) -> Dict[str, ListedZip]:
+    """BACKUP_ROOT's exported studies, read without writing (it may be read-only)."""
+    state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
+    try:
+        return state.listed_zips()
+    except sqlite3.Error as error:
+        raise CannotRun("state database %s cannot be read (%s)" % (cfg.state_path, error)) \
+            from None
+    finally:
+        state.close()
+
+
+def record_in_source(cfg: Config, target: str, now: float, complete: bool,
+                     held: Mapping[str, ListedZip]) -> None:
+    """BACKUP_ROOT's `mirrors` row and what DIR holds, for its status. A read-only or
+    busy BACKUP_ROOT costs a log line: the copies are made all the same."""
+    if not os.access(cfg.backup_root, os.W_OK):
+        log.warning("%s is read-only: its status will not list this mirror run",
+                    cfg.backup_root)
+        return
+    try:
+        state = ExportState(cfg.state_path, cfg.busy_timeout)
+        try:
+            state.record_mirror_run(target, now, complete, held)
+        finally:
+            state.close()
+    except (CannotRun, sqlite3.Error) as error:
+        log.error("cannot record this mirror run in %s: %s", cfg.state_path, error)
+
+
+def mirror_files(run: MirrorRun, listed: Mapping[str, ListedZip], started: float) -> None:
+    """Copy what DIR does not hold alike, oldest export first, until MAX_RUN_SECONDS (at
+    least one ZIP per run, so a slow disk still makes progress)."""
+    held = run.held
+    todo = sorted((row for uid, row in listed.items() if not holds_alike(held.get(uid), row)),
+                  key=lambda row: (row.exported_at, row.study_uid))
+    if todo:
+        log.info("mirror: %s to copy to %s", plural(len(todo), "ZIP"),
+                 run.mirror.backup_root)
+    for index, row in enumerate(todo):
+        if index and over_time(run.cfg, started):
+            log.info("mirror: ran for %.0f s (--max-run-seconds %g): %s wait for the next "
+                     "run", time.monotonic() - started, run.cfg.max_run_seconds,
+                     plural(len(todo) - index, "ZIP"))
+            break
+        if not safe_zip_path(row.zip_path):
+            run.summary.source_bad += 1
+            log.error("mirror: BACKUP_ROOT's state lists %r, not a ZIP path the backup "
+                      "writes; not copied", row.zip_path)
+            run.source_issues.add(MIRROR_SOURCE_BAD, row.study_uid, "not a ZIP path the "
+                                  "backup writes", row.zip_path)
+            continue
+        mirror_one(run, row, "[%d/%d]" % (index + 1, len(todo)))
+
+
+def locked_mirror(cfg: Config, mirror: Config, summary: MirrorSummary) -> int:
+    started, now = time.monotonic(), time.time()
+    issues = IssueLog(mirror.issues_path, summary.issue_kinds)
+    state = ExportState(mirror.state_path, cfg.busy_timeout)
+    run = MirrorRun(cfg=cfg, mirror=mirror, state=state,
+                    source_issues=IssueLog(cfg.issues_path, summary.issue_kinds),
+                    issues=issues, summary=summary, progress=Progress(sys.stdout), held={})
+    complete = held_read = False
+    try:
+        recover_interrupted_writes(mirror, state, issues)
+        clean_tmp_dir(mirror)
+        run.held = state.listed_zips()
+        held_read = True
+        listed = read_listed(cfg)
+        mirror_files(run, listed, started)
+        summary.left = sum(1 for uid, row in listed.items()
+                           if not holds_alike(run.held.get(uid), row)) - summary.source_bad
+        complete = summary.left <= 0
+        summary.outcome = MIRROR_COMPLETE if complete else MIRROR_INCOMPLETE
+        meta = {META_MIRROR_OF: cfg.backup_root}
+        if complete:
+            meta[META_MIRROR_COMPLETE_AT] = utc_iso(now)
+        state.set_meta(meta)
+    except DiskSpaceProblem as problem:
+        summary.outcome, summary.detail = MIRROR_INCOMPLETE, str(problem)
+        log.error("%s: %s; the mirror run stops, the next one continues once there is room",
+                  problem.kind, problem)
+        issues.add(problem.kind, "", str(problem))
+        raise
+    except (OSError, sqlite3.OperationalError) as error:
+        if not is_disk_full(error):
+            summary.detail = str(error)
+            raise
+        problem = DiskSpaceProblem(DISK_FULL, "mirror disk full: %s" % error)
+        summary.outcome, summary.detail = MIRROR_INCOMPLETE, str(problem)
+        issues.add(problem.kind, "", str(problem))
+        raise problem from None
+    finally:
+        state.close()
+        if held_read:
+            record_in_source(cfg, mirror.backup_root, now, complete, run.held)
+    seconds = time.monotonic() - started
+    log.info("mirror done: %s%s%s; %s",
+             "%s copied (%s) in %.1f s (%.1f MB/s)" % (
+                 plural(summary.copied, "ZIP"), format_bytes(summary.bytes), seconds,
+                 summary.bytes / 1e6 / max(seconds, 1e-6))
+             if summary.copied or summary.source_bad or summary.failed or summary.left
+             else "nothing to copy",
+             ", %d replacing older copies" % summary.replaced if summary.replaced else "",
+             "; %s missing or damaged on BACKUP_ROOT (the mirror kept its copies)"
+             % plural(summary.source_bad, "ZIP") if summary.source_bad else "",
+             "complete: %s holds every ZIP it can" % mirror.backup_root if complete
+             else "%s left for the next run" % plural(summary.left, "ZIP"))
+    return EXIT_FAILED if summary.source_bad or summary.failed else EXIT_OK
+
+
+def mirror_command(cfg: Config, target: str, summary: MirrorSummary) -> int:
+    """mirror --to DIR: one run; `summary` says what it did, even when it raises. With
+    DIR's disk not connected: one line, exit 0, nothing created."""
+    target = os.path.abspath(target)
+    check_mirror_source(cfg, target)
+    missing = mirror_disk_missing(cfg, target)
+    if missing:
+        log.info("mirror: %s; nothing was done", missing)
+        summary.outcome, summary.detail = MIRROR_UNPLUGGED, missing
+        return EXIT_OK
+    mirror = dataclasses.replace(cfg, backup_root=target)
+    open_backup_root(mirror)
+    if same_disk(target, cfg.backup_root):
+        log.warning("mirror: %s is on the same disk as %s: a disk failure loses both",
+                    target, cfg.backup_root)
+    with run_lock(mirror.lock_path) as held:
+        if not held:
+            log.info("another run holds %s; skipping this mirror run", mirror.lock_path)
+            summary.outcome = MIRROR_SKIPPED_LOCK
+            return EXIT_OK
+        return locked_mirror(cfg, mirror, summary)
+
+
+def mirror_failure_reason(error: BaseException) -> str:
+    """Why a mirror run failed, in fixed words: error texts may name a ZIP (a patient)."""
+    if isinstance(error, DiskSpaceProblem):
+        return "stopped by %s on the mirror's disk (see its issues.csv)" % error.kind
+    if isinstance(error, CannotRun):
+        return "the mirror could not run (the log and stderr say why)"
+    return "unexpected error %s (the log has the details)" % type(error).__name__
+
+
+def mirror_report(target: str, summary: MirrorSummary,
+                  error: Optional[BaseException]) -> RunReport:
+    """What alerting makes of a mirror run: complete is its success."""
+    kinds = dict(summary.issue_kinds)
+    if error is not None:
+        if isinstance(error, DiskSpaceProblem):
+            kinds[error.kind] = max(1, kinds.get(error.kind, 0))
+        status, reason = RUN_FAILED, mirror_failure_reason(error)
+    elif summary.outcome == MIRROR_COMPLETE:
+        status, reason = RUN_OK, ""
+    elif summary.outcome == MIRROR_SKIPPED_LOCK:
+        status, reason = RUN_SKIPPED, "skipped: another run holds the lock"
+    elif summary.outcome == MIRROR_UNPLUGGED:
+        status, reason = RUN_INCOMPLETE, "the mirror's disk was not connected"
+    else:
+        status, reason = RUN_INCOMPLETE, "%s left to copy" % plural(summary.left, "ZIP")
+    free = free_bytes_of(target) if kinds.get(DISK_LOW) or kinds.get(DISK_FULL) else None
+    return RunReport(status=status, reason=reason, kinds=kinds, free_bytes=free,
+                     mirror=target)
+
+
+def mirror_with_alerts(cfg: Config, target: str) -> int:
+    """One mirror run, then its own alerts (MIRROR_BEHIND ...) and heartbeat."""
+    summary = MirrorSummary()
+    target = os.path.abspath(target)
+    if not alerting(cfg):
+        return mirror_command(cfg, target, summary)
+    job = mirror_alert_job(target)
+    try:
+        code = mirror_command(cfg, target, summary)
+    except Terminated:
+        raise                    # launchd stopping the job: no outcome to report
+    except Exception as error:   # re-raised: main() prints and logs it as before
+        alert_after_run(cfg, mirror_report(target, summary, error), True, job)
+        raise
+    alert_after_run(cfg, mirror_report(target, summary, None), True, job)
+    return code
+
+
+# =====================================================================================
 # Operator commands: dry run, status, verify, reindex, retry, test-alert, acknowledge
 # =====================================================================================
 #
@@ -5727,8 +6416,17 @@ def dry_run(cfg: Config) -> int:
 
 
 def gather_status(cfg: Config, now: float) -> dict:
-    """Everything `status` shows, as plain values (the JSON of `status --json`)."""
-    check_sentinels(cfg)
+    """Everything `status` shows, as plain values (the JSON of `status --json`).
+
+    Without the PACS sentinel (a backup disk alone, a mirror, a restored offsite copy)
+    it shows the backup side: the keys that need Horos are null."""
+    horos_side = os.path.isfile(cfg.sentinel)
+    if horos_side:
+        check_sentinels(cfg)
+    elif not os.path.isdir(cfg.backup_root):
+        raise CannotRun("sentinel %s is missing and %s does not exist: is the PACS volume or "
+                        "the backup disk mounted? (check --backup-root)"
+                        % (cfg.sentinel, cfg.backup_root))
     state = ExportState(cfg.state_path, cfg.busy_timeout, read_only=True)
     try:
         view = state.view()
@@ -5737,8 +6435,16 @@ def gather_status(cfg: Config, now: float) -> dict:
         runs = state.last_runs(50)
         restores = restore_targets_status(state)
         left_recent, left_total = state.left_counts(now - LEFT_RECENT_DAYS * 86400)
+        mirrors = mirrors_status(state)
+        mirror_of = state.meta(META_MIRROR_OF)
+        mirror_complete_at = state.meta(META_MIRROR_COMPLETE_AT)
     finally:
         state.close()
+    if not horos_side:
+        status = backup_status(cfg, now, view, totals, exported_by_month, runs)
+        return dict(status, restores=restores, mirrors=mirrors, mirror_of=mirror_of,
+                    mirror_complete_at=mirror_complete_at,
+                    left_horos=left_horos_status(left_recent, left_total, status["alerts"]))
     times = ReadTimes()
     with open_horos_reader(cfg.database_path, cfg.busy_timeout, cfg.horos_chunk_rows,
                            times) as reader:
@@ -5784,8 +6490,7 @@ def gather_status(cfg: Config, now: float) -> dict:
         "waiting": selection.waiting,
         "partial": totals.partial,
         "only_in_backup": sum(1 for uid in view.exported if uid not in in_horos),
-        "left_horos": {"recent": left_recent, "total": left_total,
-                       "library_shrank": LIBRARY_SHRANK in alerts["open_problems"]},
+        "left_horos": left_horos_status(left_recent, left_total, alerts),
         "bytes": totals.zip_bytes,
         "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
                       "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
@@ -5810,8 +6515,64 @@ def gather_status(cfg: Config, now: float) -> dict:
         "horos_transactions": times.transactions,
         **preferences_status(cfg),
         "restores": restores,
+        "mirrors": mirrors,
+        "mirror_of": mirror_of,
+        "mirror_complete_at": mirror_complete_at,
+        "backup_only": False,
         "alerts": alerts,
     }
+
+
+def left_horos_status(recent: int, total: int, alerts: Mapping) -> dict:
+    """The `left_horos` of `status --json`: counted from the state, so it needs no
+    Horos; whether LIBRARY_SHRANK is open comes from the alert bookkeeping."""
+    return {"recent": recent, "total": total,
+            "library_shrank": LIBRARY_SHRANK in alerts["open_problems"]}
+
+
+def backup_status(cfg: Config, now: float, view: StateView, totals: StateTotals,
+                  exported_by_month: Mapping[str, int], runs: List[Dict[str, object]]
+                  ) -> dict:
+    """status without the Horos side: every key of gather_status, those that need
+    Horos null, `backup_only` true."""
+    held, pid = lock_holder(cfg.lock_path)
+    usage = os.statvfs(nearest_existing(cfg.backup_root))
+    waiting = sorted((f for f in view.failures.values() if f.next_attempt > now),
+                     key=lambda f: (f.next_attempt, f.study_uid))
+    exporting_runs = [r for r in runs if r["outcome"] == "ok" and r["studies"]]
+    busy_seconds = sum(r["seconds"] for r in exporting_runs)
+    return {
+        "generated_at": utc_iso(now), "backup_root": cfg.backup_root, "eligible": None,
+        "exported": totals.exported, "up_to_date": None, "pending": None, "changed": None,
+        "edited": None, "unsettled": None, "failed": len(view.failures), "waiting": len(waiting),
+        "partial": totals.partial, "only_in_backup": None, "bytes": totals.zip_bytes,
+        "failures": [{"study_uid": f.study_uid, "kind": f.kind, "attempts": f.attempts,
+                      "next_attempt_at": utc_iso(f.next_attempt)} for f in waiting],
+        "months": [{"month": month, "eligible": None, "exported": count,
+                    "done": os.path.exists(os.path.join(cfg.backup_root, month,
+                                                        MONTH_DONE_FILE))}
+                   for month, count in sorted(exported_by_month.items())],
+        "last_runs": runs[:10],
+        "throughput": {
+            "studies_per_run": round(sum(r["studies"] for r in exporting_runs)
+                                     / len(exporting_runs), 2) if exporting_runs else None,
+            "bytes_per_second": round(sum(r["source_bytes"] for r in exporting_runs)
+                                      / busy_seconds) if busy_seconds else None},
+        "eta_seconds": None, "clinic": None,
+        "lock": {"held": held, "pid": pid},
+        "sentinel": {"path": cfg.sentinel, "present": False},
+        "backup_free_bytes": usage.f_bavail * usage.f_frsize,
+        "horos_read_seconds": None, "horos_longest_seconds": None,
+        "horos_transactions": None, "horos_preferences": None, "reserve": None,
+        "backup_only": True, "alerts": alert_status(cfg),
+    }
+
+
+def mirrors_status(state: ExportState) -> List[dict]:
+    """The `mirrors` of `status --json`: each folder `mirror --to DIR` fed from here."""
+    return [{"target": m.target, "studies": m.studies, "behind": m.behind,
+             "last_run_at": m.last_run_at, "last_complete_at": m.last_complete_at}
+            for m in state.mirrors()]
 
 
 def preferences_status(cfg: Config) -> dict:
@@ -5876,9 +6637,16 @@ def print_status(status: Mapping) -> None:
     lock = status["lock"]
     line("lock", "held by a running cycle (pid %s)" % lock["pid"] if lock["held"] else "free")
     line("free space", format_bytes(status["backup_free_bytes"]))
-    if "reserve" in status:
+    if status["reserve"]:
         line("reserve", "%s (%s)" % (format_bytes(status["reserve"]["bytes"]),
                                      status["reserve"]["detail"]))
+    if status["mirror_of"]:
+        line("mirror of", "%s (complete at %s)" % (
+            status["mirror_of"], local_time_text(status["mirror_complete_at"])
+            if status["mirror_complete_at"] else "never complete yet"))
+    if status["backup_only"]:
+        print_backup_only_status(status)
+        return
     print("Studies")
     line("eligible", "%d CT/MR studies in Horos" % status["eligible"])
     line("exported", "%d (%s of ZIPs)" % (status["exported"], format_bytes(status["bytes"])))
@@ -5942,6 +6710,11 @@ def print_status(status: Mapping) -> None:
             "  (%d failed)" % run["failed"] if run["failed"] else ""))
     if not status["last_runs"]:
         print("  (no cycle has run yet)")
+    print_status_tail(status)
+
+
+def print_status_tail(status: Mapping) -> None:
+    """The restores, mirrors and alerts that end `status`, with or without Horos."""
     if status["restores"]:
         print("Restores into Horos (restore --into-horos)")
         for feeding in status["restores"]:
@@ -5949,7 +6722,45 @@ def print_status(status: Mapping) -> None:
                 feeding["target"], feeding["restored"],
                 "%d left" % feeding["left"] if feeding["in_progress"] else "done",
                 feeding["selection"], local_time_text(feeding["last_run_at"])))
+    if status["mirrors"]:
+        print("Mirrors (mirror --to DIR)")
+        for mirror in status["mirrors"]:
+            print("  %s: %s, %s behind, last complete %s, last run %s" % (
+                mirror["target"], plural(mirror["studies"], "ZIP"),
+                plural(mirror["behind"], "study", "studies"),
+                local_time_text(mirror["last_complete_at"]) if mirror["last_complete_at"]
+                else "never", local_time_text(mirror["last_run_at"])))
     print_alert_status(status["alerts"])
+
+
+def print_backup_only_status(status: Mapping) -> None:
+    """status of a backup alone: what the state says, no Horos figures."""
+    def line(label, text):
+        print("  %-16s %s" % (label, text))
+
+    line("Horos", "not read: %s is missing (the backup alone)" % status["sentinel"]["path"])
+    print("Studies")
+    line("exported", "%d (%s of ZIPs)" % (status["exported"], format_bytes(status["bytes"])))
+    line("failed", "%d (%d waiting for their next attempt)"
+         % (status["failed"], status["waiting"]))
+    line("partial", "%d (exported without some missing files)" % status["partial"])
+    left = status["left_horos"]
+    line("left Horos", "%d in the last %d days, %d in all, as the last cycle saw Horos "
+         "(find --left-horos lists them)" % (left["recent"], LEFT_RECENT_DAYS,
+                                             left["total"]))
+    print("Months")
+    print("  %-16s %8s" % ("", "exported"))
+    for month in status["months"]:
+        print("  %-16s %8d  %s" % (month["month"], month["exported"],
+                                   "done" if month["done"] else ""))
+    print("Last runs")
+    for run in status["last_runs"]:
+        print("  %s  %-16s %3d studies  %10s  %6.1f s" % (
+            local_time_text(run["started_at"]), run["outcome"], run["studies"],
+            format_bytes(run["zip_bytes"]), run["seconds"]))
+    if not status["last_runs"]:
+        print("  (no cycle has run here)")
+    print_status_tail(status)
 
 
 def status_command(cfg: Config, as_json: bool) -> int:
@@ -5963,8 +6774,9 @@ def status_command(cfg: Config, as_json: bool) -> int:
 
 def verify_command(cfg: Config, verify_all: bool, limit: Optional[int],
                    max_gb: Optional[float]) -> VerifyResult:
-    """Re-read ZIPs oldest-verified first, and say which are bad."""
-    prepare_backup_root(cfg)
+    """Re-read ZIPs oldest-verified first, and say which are bad. Needs no PACS volume:
+    it works on a backup disk alone, a mirror or a restored offsite copy."""
+    prepare_backup_alone(cfg, "verify")
     if not verify_all and limit is None and max_gb is None:
         limit = VERIFY_DEFAULT_LIMIT
     started = time.monotonic()
@@ -7212,6 +8024,10 @@ def since_needs_left_horos(args: argparse.Namespace) -> None:
                     "--left-horos")
 
 
+def run_mirror(cfg: Config, args: argparse.Namespace) -> int:
+    return mirror_with_alerts(cfg, args.to)
+
+
 JSON = Argument(("--json",), dict(action="store_true", help="machine-readable"))
 SINCE = Argument(("--since",), dict(type=day_argument, metavar="YYYY-MM-DD",
                                     help="with --left-horos: first seen gone on this local "
@@ -7270,6 +8086,12 @@ COMMANDS = {command.name: command for command in (
             run_test_alert),
     Command(ACKNOWLEDGE_SHRINK, "the library really shrank: close the LIBRARY_SHRANK alert "
             "(its studies stay in the backup)", run_acknowledge_shrink),
+    Command(MIRROR, "bring a second backup root (another disk) up to date from BACKUP_ROOT: "
+            "every ZIP copied, verified and recorded there; never copies a loss",
+            run_mirror, (
+                Argument(("--to",), dict(required=True, metavar="DIR", help="the second "
+                                         "backup root, e.g. /Volumes/MIRROR/Horos (its "
+                                         "parent holds .backup_sentinel)")),)),
 )}
 
 

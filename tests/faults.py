@@ -20,6 +20,15 @@ is chosen here:
                      rename that moves the study into INCOMING.noindex
   locked-after-chunks=N  Database.sql stays locked past the busy timeout once the scan
                      of the library has read N chunks of ZSTUDY rows (Horos importing)
+  stop-mid-part=N    the process stops itself (SIGSTOP) once N bytes are in a ZIP it writes
+                     (a cycle's `.zip.part` or a mirror's copy), until the test sends
+                     SIGCONT
+  stop-after-rename  ... stops itself right after a ZIP (or a mirror's copy) is renamed
+                     into place and its folder synced, before the state records it
+  stop-after-alert-book-load  ... stops itself right after it read its alert
+                     bookkeeping, before it saves it
+  report-throttle    every Throttle the run makes says on stderr its cap and how many
+                     bytes went through it (the caps work as usual)
 """
 
 import builtins
@@ -76,6 +85,32 @@ class FailingDisk(WrappedFile):
 
     def write(self, data):
         raise OSError(errno.EIO, os.strerror(errno.EIO), self._path)
+
+
+STOPPED = []      # the stop-* faults pause a run once: it then goes on to its end
+
+
+def stop_once():
+    if not STOPPED:
+        STOPPED.append(True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class StoppingFile(WrappedFile):
+    """A file being written whose writer is paused (SIGSTOP) once `after` bytes are in it,
+    as a snapshot tool would find it."""
+
+    def __init__(self, handle, after):
+        super().__init__(handle)
+        self._left = after
+
+    def write(self, data):
+        count = self._handle.write(data)
+        self._left -= len(data)
+        if self._left <= 0:
+            self._handle.flush()
+            stop_once()
+        return count
 
 
 class ShrinkingFile(WrappedFile):
@@ -197,6 +232,35 @@ def inject(fault, arg):
                     raise sqlite3.OperationalError("database is locked")
                 yield chunk
         hbe.HorosReader.candidate_chunks = chunks_then_locked
+    elif fault == "stop-mid-part":
+        def open_stopping(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if str(path).endswith((".zip", ".zip" + hbe.PART_SUFFIX)) and "w" in mode:
+                return StoppingFile(handle, int(arg))
+            return handle
+        hbe.open = open_stopping
+    elif fault == "stop-after-rename":
+        real_sync_directory = hbe.sync_directory
+
+        def sync_then_stop(path):
+            real_sync_directory(path)
+            stop_once()
+        hbe.sync_directory = sync_then_stop
+    elif fault == "report-throttle":
+        class ReportingThrottle(hbe.Throttle):
+            def __call__(self, count):
+                super().__call__(count)
+                sys.stderr.write("throttle %g MB/s: %d bytes\n"
+                                 % (self.bytes_per_second / 1e6, count))
+        hbe.Throttle = ReportingThrottle
+    elif fault == "stop-after-alert-book-load":
+        real_load = hbe.load_alert_book
+
+        def load_then_stop(path):
+            book = real_load(path)
+            stop_once()
+            return book
+        hbe.load_alert_book = load_then_stop
     else:
         raise SystemExit("unknown fault %r" % fault)
 

@@ -161,6 +161,10 @@ def test_find_status_and_restore_list_only_the_flags_they_use():
     restore = flags_in_help("restore")
     assert restore & (cycle_only | alerting | {"--clinic-hours", "--max-mbps"}) == set()
     assert {"--to", "--into-horos", "--incoming-max-files", "--horos-data"} <= restore
+    # mirror reads BACKUP_ROOT alone: no Horos flag, no cycle flag but its two limits
+    mirror = flags_in_help("mirror")
+    assert mirror == {"--help", "--pacs-root", "--backup-root", "--busy-timeout", "--verbose",
+                      "--to", "--max-mbps", "--max-run-seconds"} | alerting
 
 
 def test_the_cycle_help_lists_every_cycle_flag():

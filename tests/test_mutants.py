@@ -14,8 +14,8 @@ import zipfile
 
 import pytest
 
-from conftest import (ROOT, backup_root, issues_rows, manifest_of, run_cycle, state_rows,
-                      zip_payload, zips_on_disk)
+from conftest import (ROOT, backup_root, issues_rows, manifest_of, run_cycle, run_script,
+                      state_rows, zip_payload, zips_on_disk)
 from fake_horos import build_sample_library
 from test_commands import flip_member_byte
 from test_resilience import run_with_fault
@@ -180,12 +180,25 @@ def test_status_json_keys_are_the_readme_list(tmp_path):
     fed = run_cycle(lib, "restore", "--all", "--into-horos", "--horos-data", new_library,
                     "--incoming-max-files", "3")
     assert fed.returncode == 0, fed.stderr
+    os.makedirs(str(tmp_path / "MIRROR"))                  # a mirror it feeds
+    mirrored = run_cycle(lib, "mirror", "--to", tmp_path / "MIRROR" / "Horos")
+    assert mirrored.returncode == 0, mirrored.stderr
     result = run_cycle(lib, "status", "--json")
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["failures"] and status["months"] and status["last_runs"]
     assert status["restores"][0]["in_progress"]
+    assert status["mirrors"][0]["behind"] == 0
     documented = readme_status_keys()
     assert len(documented) > 20
     assert key_paths(status) == documented
+    # The status of a backup alone (here the mirror, no PACS volume) has the same keys,
+    # those that need Horos null.
+    result = run_script("status", "--json", "--backup-root", tmp_path / "MIRROR" / "Horos",
+                        "--pacs-root", tmp_path / "nowhere")
+    assert result.returncode == 0, result.stderr
+    alone = json.loads(result.stdout)
+    assert alone["backup_only"] is True and alone["eligible"] is None
+    assert alone["mirror_of"] == backup_root(lib) and alone["exported"] == status["exported"]
+    assert set(alone) == set(status)
     lib.close()
