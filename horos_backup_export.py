@@ -3630,7 +3630,8 @@ class ExportState:
         """reindex: the restore progress and the departures of the state it replaces."""
         restores = [dict(row) for row in old.conn.execute(ALL_RESTORES_SQL)]
         targets = [dict(row) for row in old.conn.execute(ALL_RESTORE_TARGETS_SQL)]
-        departed = [tuple(row) for row in old.conn.execute(ALL_LEFT_HOROS_SQL)]
+        departed = [(row["study_uid"], row["left_at"], row["batch_size"])
+                    for row in old.conn.execute(ALL_LEFT_HOROS_SQL)]
         since = old.conn.execute(GET_META_SQL, (META_LEFT_HOROS_SINCE,)).fetchone()
         with self.transaction() as conn:
             conn.executemany(RECORD_RESTORE_SQL, restores)
@@ -4095,6 +4096,7 @@ ALERT_BOOK_FILE = "alerts.json"
 # two jobs never write one file, so neither can lose the other's bookkeeping.
 MIRROR_BOOK_PREFIX = "alerts-mirror-"
 ALERT_BOOK_VERSION = 1
+ALERT_BOOK_LOCK_SUFFIX = ".lock"     # alerts.json.lock: see alert_book_lock
 ALERT_LINE_WIDTH = 76
 
 # Problems: each is one incident at a time, alerted at most once a day while it lasts.
@@ -4331,6 +4333,27 @@ def load_alert_book(path: str) -> AlertBook:
         log.error("alert bookkeeping %s is not a version %d bookkeeping (%s); starting it "
                   "afresh", path, ALERT_BOOK_VERSION, error)
         return AlertBook()
+
+
+@contextlib.contextmanager
+def alert_book_lock(path: str):
+    """One run at a time between reading a bookkeeping file and saving it: a cycle,
+    `verify` and `acknowledge-shrink` all update alerts.json, and without the lock the
+    one that saves last would drop what the other recorded. A holder keeps it for at
+    most ALERT_BUDGET_SECONDS (its deliveries). A lock that cannot be taken (HOME not
+    writable) costs one log line: the run goes on without it."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path + ALERT_BOOK_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        log.error("cannot lock alert bookkeeping %s: %s", path, error)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_alert_book(path: str, book: AlertBook) -> None:
@@ -4990,18 +5013,19 @@ def alert_after_run(cfg: Config, report: RunReport, heartbeat: bool,
     deadline = Deadline(ALERT_BUDGET_SECONDS)
     ping = heartbeat and bool(alerts.heartbeat_url)
     if alerts.channels:
-        now = time.time()
         path = job.book_path
-        plan = decide_alerts(load_alert_book(path), report, now, alerts.after_hours * 3600,
-                             job.observe)
-        book = plan.book
-        if plan.due or plan.resolved or plan.notice:
-            subject, body = compose_alert(cfg, plan, socket.gethostname(), job)
-            sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
-            if sent:
-                book = record_delivery(plan, now, subject, sent)
-                log.info("alert sent by %s: %s", " and ".join(sent), subject)
-        save_alert_book(path, book)
+        with alert_book_lock(path):
+            now = time.time()
+            plan = decide_alerts(load_alert_book(path), report, now,
+                                 alerts.after_hours * 3600, job.observe)
+            book = plan.book
+            if plan.due or plan.resolved or plan.notice:
+                subject, body = compose_alert(cfg, plan, socket.gethostname(), job)
+                sent, _failed = deliver(alerts, subject, body, deadline, 1 if ping else 0)
+                if sent:
+                    book = record_delivery(plan, now, subject, sent)
+                    log.info("alert sent by %s: %s", " and ".join(sent), subject)
+            save_alert_book(path, book)
     if ping:
         url = heartbeat_target(alerts.heartbeat_url, report.status == RUN_FAILED)
         timeout = deadline.timeout(HEARTBEAT_TIMEOUT_SECONDS, 0)
@@ -6956,9 +6980,9 @@ def acknowledge_shrink_command(cfg: Config) -> int:
     if cfg.alerts.channels:
         alert_after_run(cfg, report, heartbeat=False)
     else:
-        now = time.time()
-        save_alert_book(path, decide_alerts(book, report, now,
-                                            cfg.alerts.after_hours * 3600).book)
+        with alert_book_lock(path):
+            save_alert_book(path, decide_alerts(load_alert_book(path), report, time.time(),
+                                                cfg.alerts.after_hours * 3600).book)
     print("%s (open since %s, %s still gone) acknowledged: the library really shrank. "
           "The backup keeps every study; find --left-horos lists them."
           % (LIBRARY_SHRANK, local_time_text(incident.since),

@@ -12,6 +12,7 @@ import fcntl
 import http.server
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 import horos_backup_export as hbe
-from conftest import (PINNED_SCHEDULE, TEST_TZ, TESTS, backup_root, issues_rows,
+from conftest import (PINNED_SCHEDULE, SCRIPT, TEST_TZ, TESTS, backup_root, issues_rows,
                       run_script, zips_on_disk)
 from fake_horos import FakeHorosLibrary, build_sample_library
 
@@ -898,3 +899,48 @@ def test_rows_written_across_an_issues_csv_rotation_still_alert(tmp_path, monkey
     assert os.path.exists(path + ".1")
     assert issues.written == {"DISK_LOW": 1, "ZIP_BAD": 1}
     assert [row["kind"] for row in issues_rows(str(tmp_path))] == ["ZIP_BAD"]
+
+
+# -- two runs that alert at once keep both their updates ------------------------------
+
+def test_a_verify_alerting_while_a_cycle_alerts_loses_nothing_of_either(tmp_path, home):
+    """A cycle stopped between reading alerts.json and saving it (a real process, held
+    by a fault) and a `verify` that finds a damaged ZIP meanwhile: the verify waits for
+    the bookkeeping's lock, and alerts.json ends with the cycle's success and verify's
+    open VERIFY_FAILED both."""
+    lib = small_library(str(tmp_path / "PACS"))
+    root = backup_root(lib)
+    out = tmp_path / "alerts.txt"
+    flags = ["--alert-command", 'cat >> "%s"' % out]
+    assert cycle(lib, home, *flags).returncode == 0
+    victim = sorted(zips_on_disk(root))[0]
+    with open(os.path.join(root, victim), "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff\xfe")
+    env = dict(os.environ, TZ=TEST_TZ, HOME=home, PYTHONDONTWRITEBYTECODE="1")
+    stopped = subprocess.Popen(
+        [sys.executable, FAULTS, "stop-after-alert-book-load", "--pacs-root", lib.pacs_root,
+         *PINNED_SCHEDULE, "--verify-per-run", "0", *flags], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with open("/proc/%d/stat" % stopped.pid) as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            assert stopped.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        verify = subprocess.Popen(
+            [sys.executable, SCRIPT, "verify", "--all", "--pacs-root", lib.pacs_root,
+             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(1.5)
+        assert verify.poll() is None            # waiting for the cycle's bookkeeping
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    assert stopped.wait(timeout=60) == 0
+    assert verify.wait(timeout=60) == 1
+    book = json.load(open(book_path(home)))
+    assert list(book["problems"]) == ["VERIFY_FAILED"]
+    assert book["problems"]["VERIFY_FAILED"]["last_alert"]
+    assert book["last_success"]
+    assert out.read_text().count("PROBLEM VERIFY_FAILED") == 1
