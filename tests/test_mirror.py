@@ -494,7 +494,9 @@ def test_a_mirror_not_complete_for_its_alert_after_hours_raises_mirror_behind(tm
     env = {"HOME": str(home)}
     result = mirror(root, target, *flags, env=env)
     assert result.returncode == 0 and not alert.exists()
-    books = os.listdir(str(home / "Library" / "Application Support" / "horos_backup_export"))
+    books = [name for name in os.listdir(str(home / "Library" / "Application Support" /
+                                             "horos_backup_export"))
+             if not name.endswith(hbe.ALERT_BOOK_LOCK_SUFFIX)]
     (book_name,) = books
     assert book_name.startswith("alerts-mirror-") and book_name != "alerts.json"
     book_file = home / "Library" / "Application Support" / "horos_backup_export" / book_name
