@@ -29,13 +29,24 @@ for path in (ROOT, TESTS):
 from fake_horos import FakeHorosLibrary  # noqa: E402
 
 
-def run_script(*args, timeout=180, env=None, cwd=None):
-    """The script as launchd runs it: a separate process; returns CompletedProcess."""
-    full_env = dict(os.environ, TZ=TEST_TZ, PYTHONDONTWRITEBYTECODE="1")
+def script_env(env=None):
+    """The environment of a run of the script: TZ far from UTC, and bytecode allowed,
+    so that the 8,000-line file is compiled once per interpreter rather than on each of
+    the suite's 750 runs (0.11 s each: a third of the suite's time)."""
+    full_env = dict(os.environ, TZ=TEST_TZ, PYTHONPATH=ROOT)
+    full_env.pop("PYTHONDONTWRITEBYTECODE", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args],
-                          capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=cwd)
+    return full_env
+
+
+def run_script(*args, timeout=180, env=None, cwd=None):
+    """The script as launchd runs it: a separate process, the same file (its __file__
+    and sys.argv[0] are the script's path); returns CompletedProcess. `-m` is how Python
+    uses the compiled file it cached: a script named on the command line is compiled
+    anew each time."""
+    return subprocess.run([sys.executable, "-m", "horos_backup_export"]
+                          + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=script_env(env), cwd=cwd)
 
 
 # A cycle exports BATCH_SIZE studies in clinic hours and keeps going outside them. Tests

@@ -24,8 +24,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 import horos_backup_export as hbe
-from conftest import (PINNED_SCHEDULE, SCRIPT, TEST_TZ, TESTS, backup_root, issues_rows,
-                      run_script, zips_on_disk)
+from conftest import (PINNED_SCHEDULE, SCRIPT, TESTS, TEST_TZ, backup_root, issues_rows,
+                      run_script, script_env, zips_on_disk)
 from fake_horos import FakeHorosLibrary, build_sample_library
 
 FAULTS = os.path.join(TESTS, "faults.py")
@@ -917,7 +917,7 @@ def test_a_verify_alerting_while_a_cycle_alerts_loses_nothing_of_either(tmp_path
     with open(os.path.join(root, victim), "r+b") as handle:
         handle.seek(100)
         handle.write(b"\xff\xfe")
-    env = dict(os.environ, TZ=TEST_TZ, HOME=home, PYTHONDONTWRITEBYTECODE="1")
+    env = script_env({"HOME": home})
     stopped = subprocess.Popen(
         [sys.executable, FAULTS, "stop-after-alert-book-load", "--pacs-root", lib.pacs_root,
          *PINNED_SCHEDULE, "--verify-per-run", "0", *flags], stdout=subprocess.PIPE,

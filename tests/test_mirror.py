@@ -18,9 +18,9 @@ import zipfile
 
 import pytest
 
-from conftest import (ROOT, SCRIPT, TEST_TZ, TESTS, backup_root, file_digest, files_named,
+from conftest import (ROOT, SCRIPT, TESTS, TEST_TZ, backup_root, file_digest, files_named,
                       issues_rows, manifest_of, mounted_tmpfs, run_cycle, run_script,
-                      state_rows, zip_payload, zips_on_disk)
+                      script_env, state_rows, zip_payload, zips_on_disk)
 from fake_horos import FakeHorosLibrary, build_sample_library
 from test_commands import flip_member_byte
 
@@ -579,7 +579,7 @@ def test_everything_the_mirror_writes_is_private_whatever_the_umask(tmp_path):
     bad = sorted(zips_on_disk(root))[0]
     flip_member_byte(os.path.join(root, bad))            # so it writes BACKUP_ROOT's issues
     target = mirror_disk(tmp_path)
-    env = dict(os.environ, TZ=TEST_TZ, PYTHONDONTWRITEBYTECODE="1")
+    env = script_env()
     result = subprocess.run([sys.executable, SCRIPT, "--backup-root", root, "--pacs-root",
                              str(tmp_path / "none"), "mirror", "--to", str(target)],
                             capture_output=True, text=True, env=env,

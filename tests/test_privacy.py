@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from conftest import (SCRIPT, TEST_TZ, backup_root, file_digest, issues_rows, state_rows,
-                      zips_on_disk)
+from conftest import (SCRIPT, backup_root, file_digest, issues_rows, script_env,
+                      state_rows, zips_on_disk)
 from fake_horos import build_sample_library
 
 import horos_backup_export as hbe
@@ -26,7 +26,7 @@ ISSUES_LIMIT = 10 * 1024 * 1024          # README: issues.csv rotates at 10 MB
 
 def run_umask_022(*args, timeout=180):
     """The script as a person's shell or launchd would start it: umask 022."""
-    env = dict(os.environ, TZ=TEST_TZ, PYTHONDONTWRITEBYTECODE="1")
+    env = script_env()
     return subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args],
                           capture_output=True, text=True, timeout=timeout, env=env,
                           preexec_fn=lambda: os.umask(0o022))

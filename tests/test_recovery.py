@@ -21,7 +21,7 @@ import zipfile
 import pytest
 
 from conftest import (backup_root, issues_rows, manifest_of, mounted_tmpfs, run_cycle,
-                      run_script, state_rows, tree_snapshot, zip_payload)
+                      run_script, script_env, state_rows, tree_snapshot, zip_payload)
 from fake_horos import FakeHorosLibrary, build_sample_library
 from test_commands import run_on_a_terminal
 
@@ -543,7 +543,7 @@ def restore_with_fault(rec, fault, *args):
     return subprocess.run([sys.executable, FAULTS, fault, "restore", *args, "--backup-root",
                            rec.backup, "--pacs-root", rec.gone_pacs],
                           capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+                          env=script_env())
 
 
 def new_library_for_march(rec):
