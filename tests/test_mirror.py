@@ -314,6 +314,18 @@ def test_zips_deleted_or_damaged_on_backup_root_stay_good_on_the_mirror(tmp_path
     assert status["mirrors"][0]["behind"] == 2
 
 
+def renamed_and_exported_again(lib, root, uid):
+    """(old ZIP, new ZIP) of a study whose patient Horos renamed and a cycle exported
+    again under its new name."""
+    (old,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
+    lib.conn.execute("UPDATE ZSTUDY SET ZNAME = 'JONES^PAT3' WHERE ZSTUDYINSTANCEUID = ?",
+                     (uid,))
+    lib.finish()
+    assert run_cycle(lib).returncode == 0
+    (new,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
+    return old, new
+
+
 # -- Done when: a study re-exported under a new name ends with only its new ZIP ----------
 
 def test_a_study_exported_again_under_a_new_name_ends_with_only_its_new_zip(tmp_path):
@@ -322,12 +334,7 @@ def test_a_study_exported_again_under_a_new_name_ends_with_only_its_new_zip(tmp_
     target = mirror_disk(tmp_path)
     assert mirror(root, target).returncode == 0
     uid = "1.2.3.4.5.6.7.8.10.3"
-    (old,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
-    lib.conn.execute("UPDATE ZSTUDY SET ZNAME = 'JONES^PAT3' WHERE ZSTUDYINSTANCEUID = ?",
-                     (uid,))
-    lib.finish()
-    assert run_cycle(lib).returncode == 0
-    (new,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
+    old, new = renamed_and_exported_again(lib, root, uid)
     assert "JONES_PAT3" in new and old not in zips_on_disk(root)
     result = mirror(root, target)
     assert result.returncode == 0, result.stderr
@@ -359,12 +366,7 @@ def test_a_rename_killed_before_the_record_keeps_the_old_copy_until_the_new_one_
     target = mirror_disk(tmp_path)
     assert mirror(root, target).returncode == 0
     uid = "1.2.3.4.5.6.7.8.10.3"
-    (old,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
-    lib.conn.execute("UPDATE ZSTUDY SET ZNAME = 'JONES^PAT3' WHERE ZSTUDYINSTANCEUID = ?",
-                     (uid,))
-    lib.finish()
-    assert run_cycle(lib).returncode == 0
-    (new,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
+    old, new = renamed_and_exported_again(lib, root, uid)
     proc = run_fault("kill-after-rename", "--backup-root", root, "--pacs-root",
                      tmp_path / "none", "mirror", "--to", target)
     proc.communicate(timeout=120)
