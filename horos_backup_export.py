@@ -838,10 +838,11 @@ class SeriesInfo:
     uid: str
     number: Optional[int]
     modality: str
-    description: str
+    description: str                    # as Horos shows it (series_description)
     horos_sr: str = ""                  # a kind of HOROS_SR_SERIES, or "" (not Horos's own)
     comments: Tuple[Optional[str], ...] = (None, None, None, None)
     status: Optional[int] = None
+    protocol_name: Optional[str] = None   # DICOM ProtocolName: ZSERIESDESCRIPTION
 
 
 @dataclass(frozen=True)
@@ -1140,7 +1141,7 @@ WHERE st.Z_PK = ?
 
 STUDY_SERIES_SQL = """
 SELECT se.Z_PK AS pk, {series_uid} AS uid, se.ZID AS number, se.ZMODALITY AS modality,
-       se.ZSERIESDESCRIPTION AS description, {series_name} AS name,
+       se.ZSERIESDESCRIPTION AS protocol_name, {series_name} AS name,
        {series_sop_class} AS sop_class, {series_comment} AS comment,
        {series_comment2} AS comment2, {series_comment3} AS comment3,
        {series_comment4} AS comment4, {series_status} AS status
@@ -1314,14 +1315,26 @@ def first_set(values: Iterable, unset=("", 0)):
                 values[0] if values else None)
 
 
+def series_description(name, protocol_name) -> str:
+    """The series description as Horos shows it.
+
+    Horos's names are crossed (DicomDatabase.mm): ZSERIES.ZNAME holds the DICOM
+    SeriesDescription ("unnamed" when the file has none), and ZSERIES.ZSERIESDESCRIPTION
+    the ProtocolName. Only a store without ZNAME, or a row with it empty, falls back
+    to the protocol."""
+    description = as_text(name)
+    return description if description.strip() else as_text(protocol_name)
+
+
 def series_info(row: sqlite3.Row) -> SeriesInfo:
     return SeriesInfo(pk=row["pk"], uid=as_text(row["uid"]), number=as_int(row["number"]),
                       modality=as_text(row["modality"]).strip(),
-                      description=as_text(row["description"]),
+                      description=series_description(row["name"], row["protocol_name"]),
                       horos_sr=horos_sr_kind(row["number"], row["name"], row["sop_class"]),
                       comments=tuple(optional_text(row[column]) for column in (
                           "comment", "comment2", "comment3", "comment4")),
-                      status=as_int(row["status"]))
+                      status=as_int(row["status"]),
+                      protocol_name=optional_text(row["protocol_name"]))
 
 
 
@@ -2553,7 +2566,8 @@ def manifest_for(plan: StudyPlan, members: Sequence[WrittenMember],
             "key_images": [m.info.filename for m in members if m.source.key_image],
         },
         "series": [{"series_uid": s.uid, "number": s.number, "modality": s.modality,
-                    "description": s.description, "folder": folders.get(s.uid),
+                    "description": s.description, "protocol_name": s.protocol_name,
+                    "folder": folders.get(s.uid),
                     "file_count": counts.get(s.uid, 0), "horos_sr": s.horos_sr or None,
                     "comment": s.comments[0], "comment2": s.comments[1],
                     "comment3": s.comments[2], "comment4": s.comments[3],

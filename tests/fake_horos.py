@@ -397,12 +397,14 @@ class FakeHorosLibrary:
             "ZINSTITUTIONNAME": "FAKE HOSPITAL", "ZWINDOWSSTATE": None})
 
     def add_series(self, study_pk, modality="CT", description="", number=1, uid=None,
-                   date_added=None, sop_class="1.2.840.10008.5.1.4.1.1.2"):
+                   date_added=None, sop_class="1.2.840.10008.5.1.4.1.1.2", protocol=None):
+        """A series as DicomDatabase.mm stores it: the DICOM SeriesDescription in ZNAME
+        (what Horos shows), the ProtocolName in ZSERIESDESCRIPTION (NULL without one)."""
         uid = uid or "1.2.826.0.1.3680043.2.1125.%d.%d" % (study_pk, number)
         if date_added is None:
             date_added = dt.datetime.now() - dt.timedelta(days=2)
         return self._insert("ZSERIES", "Series", {
-            "ZSTUDY": study_pk, "ZMODALITY": modality, "ZSERIESDESCRIPTION": description,
+            "ZSTUDY": study_pk, "ZMODALITY": modality, "ZSERIESDESCRIPTION": protocol,
             "ZNAME": description, "ZID": number, "ZSERIESDICOMUID": uid,
             # Horos's seriesInstanceUID is derived from the DICOM UID (it may carry more).
             "ZSERIESINSTANCEUID": uid, "ZSERIESSOPCLASSUID": sop_class,
@@ -1287,8 +1289,9 @@ def build_sample_library(pacs_root, folder_size=FOLDER_SIZE):
                        "P-1001", birth=dt.date(1950, 1, 1),
                        study_date=dt.datetime(2019, 3, 1, 5, 30), accession="A1001",
                        description="CT CHEST/ABDOMEN")
-    s1 = lib.add_series(ct, "CT", "Topogram", 1)
-    s2 = lib.add_series(ct, "CT", "Abdomen 3mm", 2)
+    # The scanner's protocol is in ZSERIESDESCRIPTION; what Horos shows is in ZNAME.
+    s1 = lib.add_series(ct, "CT", "Topogram", 1, protocol="AbdomenRoutine")
+    s2 = lib.add_series(ct, "CT", "Abdomen 3mm", 2, protocol="AbdomenRoutine")
     for n in (9998, 9999):
         lib.add_image(s1, path_number=n, size=3000)
     for n in (10000, 10001, 10002):
@@ -1303,11 +1306,12 @@ def build_sample_library(pacs_root, folder_size=FOLDER_SIZE):
                        "JOÃO^SÃO BENTO", "P-1002", birth=dt.date(1988, 7, 14),
                        study_date=dt.datetime(2019, 3, 15, 23, 10), accession="A1002",
                        description="MR BRAIN")
-    t1 = lib.add_series(mr, " mr ", "T1 SAG", 1)  # padding and case, as some scanners send
+    # Padding and case, as some scanners send.
+    t1 = lib.add_series(mr, " mr ", "T1 SAG", 1, protocol="t1_se_sag")
     for _ in range(4):
         lib.add_image(t1, size=2500)
     # Multi-frame enhanced MR: one file, one ZIMAGE row per frame.
-    mf = lib.add_series(mr, "MR", "DWI enhanced", 2)
+    mf = lib.add_series(mr, "MR", "DWI enhanced", 2, protocol="ep2d_diff_3scan")
     lib.add_image(mf, frames=12, size=20000)
     ko = lib.add_series(mr, "KO", "Key images", 3)
     lib.add_image(ko, size=700)

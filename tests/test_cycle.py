@@ -118,6 +118,12 @@ def test_manifest_fields(sample):
         "status": 0, "report_url": None, "key_images": []}
     assert [s["modality"] for s in manifest["series"]] == ["mr", "MR", "KO", "PR"]
     assert [s["file_count"] for s in manifest["series"]] == [4, 1, 1, 1]
+    # The description Horos shows (ZNAME), the scanner's protocol apart.
+    assert [(s["description"], s["protocol_name"]) for s in manifest["series"]] == [
+        ("T1 SAG", "t1_se_sag"), ("DWI enhanced", "ep2d_diff_3scan"),
+        ("Key images", None), ("Horos ROIs", None)]
+    assert [s["folder"] for s in manifest["series"]] == [
+        "0001_mr_T1_SAG", "0002_MR_DWI_enhanced", "0003_KO_Key_images", "0004_PR_Horos_ROIs"]
     # 12 frames, one file: the multi-frame object is in the ZIP once.
     assert sum(1 for f in manifest["files"] if f["name"].startswith("0002_MR_DWI")) == 1
     for entry in manifest["files"]:
@@ -133,6 +139,36 @@ def test_sr_pr_ko_and_pdf_series_are_in_the_zip(sample):
                      "0002_CT_Abdomen_3mm/10000.dcm", "0002_CT_Abdomen_3mm/10001.dcm",
                      "0002_CT_Abdomen_3mm/10002.dcm", "0900_SR_Dose_Report/20005.dcm",
                      "0901_DOC_Report_PDF/20006.pdf"}
+
+
+def test_series_folders_are_named_as_horos_shows_the_series(tmp_path):
+    """Horos keeps the DICOM SeriesDescription in ZNAME and the ProtocolName in
+    ZSERIESDESCRIPTION (DicomDatabase.mm); its own SR series have no protocol."""
+    lib = FakeHorosLibrary(tmp_path)
+    study = lib.add_study("1.2.3.4.77.1", "NAMES^TEST", "P-77",
+                          study_date=dt.datetime(2021, 5, 4, 9, 0), description="MR KNEE")
+    described = lib.add_series(study, "MR", "PD FS COR", 3, protocol="pd_tse_fs_cor")
+    lib.add_image(described, size=1500)
+    # A file without a SeriesDescription: Horos stores "unnamed".
+    unnamed = lib.add_series(study, "MR", "unnamed", 4, protocol="localizer")
+    lib.add_image(unnamed, size=1500)
+    # A store written without the description (empty ZNAME): the protocol is all there is.
+    protocol_only = lib.add_series(study, "MR", "", 5, protocol="t1_vibe_ax")
+    lib.add_image(protocol_only, size=1500)
+    lib.add_horos_sr(study, "roi", size=700, when=dt.datetime.now() - dt.timedelta(days=2))
+    lib.finish()
+    assert run_cycle(lib).returncode == 0
+    (name,) = zips_on_disk(backup_root(lib))
+    path = os.path.join(backup_root(lib), name)
+    folders = {member.split("/")[0] for member in zip_payload(path)}
+    assert folders == {"0003_MR_PD_FS_COR", "0004_MR_unnamed", "0005_MR_t1_vibe_ax",
+                       "5002_SR_OsiriX_ROI_SR"}
+    series = {s["folder"]: (s["description"], s["protocol_name"])
+              for s in manifest_of(path)["series"]}
+    assert series == {"0003_MR_PD_FS_COR": ("PD FS COR", "pd_tse_fs_cor"),
+                      "0004_MR_unnamed": ("unnamed", "localizer"),
+                      "0005_MR_t1_vibe_ax": ("t1_vibe_ax", "t1_vibe_ax"),
+                      "5002_SR_OsiriX_ROI_SR": ("OsiriX ROI SR", None)}
 
 
 def without_run_files(snapshot):
