@@ -39,6 +39,7 @@ import os
 import plistlib
 import re
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -4179,6 +4180,7 @@ class RunReport:
     horos_cleaning: str = ""                      # Horos's auto-cleaning, its volume's space
     acknowledged: Tuple[str, ...] = ()            # problems the operator closed
     mirror: str = ""                              # a mirror job's folder (DIR)
+    location_flags: str = ""                      # for the commands a message names
 
 
 # -- bookkeeping: ~/Library/Application Support/horos_backup_export/alerts.json -------
@@ -4513,9 +4515,33 @@ def shrink_threshold(exported: int) -> int:
     return min(SHRINK_MAX_STUDIES, max(SHRINK_MIN_STUDIES, share))
 
 
-def script_command(arguments: str) -> str:
-    """A command line of this script, as the footer's Status line names it (no flags)."""
-    return "python3 %s %s" % (os.path.abspath(__file__), arguments)
+def location_flags(cfg: Config) -> str:
+    """The flags that take a command run by hand to this run's backup and library: the
+    plist often gives --pacs-root, and a command named in an alert without it would
+    look at /Volumes/PACS. Only what differs from what the command would derive alone,
+    shell-quoted; they go before the command's name, where every command takes them."""
+    flags = []
+    if cfg.pacs_root != os.path.abspath(PACS_ROOT):
+        flags.append(("--pacs-root", cfg.pacs_root))
+        backup_root = os.path.join(cfg.pacs_root, BACKUP_SUBDIR)
+        horos_data = os.path.join(cfg.pacs_root, HOROS_DATA_SUBDIR)
+    else:
+        backup_root = os.path.abspath(BACKUP_ROOT)
+        horos_data = horos_data_folder(cfg.horos_prefs, os.path.expanduser("~")) \
+            if cfg.horos_prefs.found else os.path.abspath(HOROS_DATA_DIR)
+    if cfg.backup_root != backup_root:
+        flags.append(("--backup-root", cfg.backup_root))
+    if cfg.horos_data != horos_data:
+        flags.append(("--horos-data", cfg.horos_data))
+    prefs = os.path.abspath(os.path.expanduser(cfg.horos_prefs_file))
+    if prefs != os.path.abspath(os.path.expanduser(HOROS_PREFS)):
+        flags.append(("--horos-prefs", prefs))
+    return "".join(" %s %s" % (flag, shlex.quote(value)) for flag, value in flags)
+
+
+def script_command(arguments: str, flags: str = "") -> str:
+    """A command line of this script for a person to run; flags: location_flags."""
+    return "python3 %s%s %s" % (shlex.quote(os.path.abspath(__file__)), flags, arguments)
 
 
 def months_text(batches: Sequence[LeftBatch]) -> str:
@@ -4540,13 +4566,14 @@ def seen_gone_text(batches: Sequence[LeftBatch]) -> str:
     return "first seen gone between %s and %s" % (first, last)
 
 
-def departure_commands(since: str, acknowledge: bool = False) -> List[str]:
+def departure_commands(since: str, flags: str, acknowledge: bool = False) -> List[str]:
     """The lines of a departure message that name the commands (README: Alerts)."""
-    lines = ["List them:      " + script_command("find --left-horos --since %s" % since),
+    lines = ["List them:      " + script_command("find --left-horos --since %s" % since,
+                                                 flags),
              "Put them back:  " + script_command("restore --left-horos --since %s "
-                                                 "--into-horos" % since)]
+                                                 "--into-horos" % since, flags)]
     if acknowledge:
-        lines.append("Acknowledge:    " + script_command(ACKNOWLEDGE_SHRINK))
+        lines.append("Acknowledge:    " + script_command(ACKNOWLEDGE_SHRINK, flags))
     return lines
 
 
@@ -4591,7 +4618,8 @@ def observe_departures(book: AlertBook, report: RunReport, now: float
             "acknowledge it." % (gone, facts.exported,
                                  seen_gone_text(members),
                                  format_bytes(sum(b.source_bytes for b in members)))]
-            + departure_commands(local_day(members[0].left_at).isoformat(), True)))
+            + departure_commands(local_day(members[0].left_at).isoformat(),
+                                 report.location_flags, True)))
     else:
         book.shrink_batches = []
     pending = [batch for batch in batches if batch.left_at >= recent_after
@@ -4606,7 +4634,7 @@ def observe_departures(book: AlertBook, report: RunReport, now: float
                     months_text(pending), format_bytes(sum(b.source_bytes for b in pending)),
                     "it" if studies == 1 else "every one of them", report.horos_cleaning)
     text = "\n".join([prose.strip()] + departure_commands(
-        local_day(pending[0].left_at).isoformat()))
+        local_day(pending[0].left_at).isoformat(), report.location_flags))
     return shrink, Notice(studies=studies, text=text, through=pending[-1].left_at)
 
 
@@ -4769,7 +4797,7 @@ def alert_footer(cfg: Config, host: str, mirror: str = "") -> List[str]:
             "BACKUP_ROOT:  %s" % cfg.backup_root] + where + [
             "Details:      %s" % cfg.issues_path,
             "Log:          %s" % cfg.log_path,
-            "Status:       python3 %s status" % os.path.abspath(__file__),
+            "Status:       " + script_command(STATUS, location_flags(cfg)),
             "",
             "This message carries no patient data (no names, IDs, birth dates, study UIDs",
             "or ZIP names): issues.csv and the log on the Mac name the studies."]
@@ -4850,7 +4878,7 @@ def cycle_report(cfg: Config, summary: CycleSummary,
     cleaning = horos_cleaning_text(cfg) if departures and cfg.alerts.channels else ""
     return RunReport(status=status, reason=reason, kinds=kinds, zip_bad_waiting=zip_bad,
                      failing_week=failing, free_bytes=free, departures=departures,
-                     horos_cleaning=cleaning)
+                     horos_cleaning=cleaning, location_flags=location_flags(cfg))
 
 
 def horos_cleaning_text(cfg: Config) -> str:

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 
 import horos_backup_export as hbe
 from conftest import (PINNED_SCHEDULE, ROOT, TESTS, backup_root, file_digest, files_named,
-                      manifest_of, run_script, state_rows, zips_on_disk)
+                      manifest_of, run_script, script_env, state_rows, zips_on_disk)
 from fake_horos import FakeHorosLibrary
 
 FAULTS = os.path.join(TESTS, "faults.py")
@@ -179,9 +180,20 @@ def test_three_auto_cleaned_studies_make_one_notice_and_come_back_byte_for_byte(
     assert ("Horos's auto-cleaning is on, the usual cause: it deletes studies while the "
             "library's volume has less than 1.1 GB free (1024 MB)") in text
     today = dt.date.today().isoformat()
-    assert "List them:      python3 %s find --left-horos --since %s\n" % (
-        os.path.join(ROOT, "horos_backup_export.py"), today) in body
-    assert "restore --left-horos --since %s --into-horos\n" % today in body
+    # The commands carry the plist's --pacs-root: without it they would look at
+    # /Volumes/PACS. Run as the message gives it, "List them" lists exactly those three.
+    prefix = "python3 %s --pacs-root %s " % (os.path.join(ROOT, "horos_backup_export.py"),
+                                             lib.pacs_root)
+    listed = re.search(r"^ *List them: +(.*)$", body, re.M).group(1)
+    assert listed == prefix + "find --left-horos --since %s" % today
+    assert "Put them back:  %srestore --left-horos --since %s --into-horos\n" % (
+        prefix, today) in body
+    assert "Status:       %sstatus\n" % prefix in body
+    argv = shlex.split(listed)
+    listing = subprocess.run([sys.executable] + argv[1:] + ["--json"], capture_output=True,
+                             text=True, timeout=120, env=script_env({"HOME": home}))
+    assert listing.returncode == 0, listing.stderr
+    assert sorted(entry["study_uid"] for entry in json.loads(listing.stdout)) == gone
     assert_no_patient_data(root, [subject, body])
     for _ in range(2):
         cycle(lib, home, mailbox)

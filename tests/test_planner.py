@@ -2,13 +2,14 @@
 
 import datetime as dt
 import os
+import shlex
 import sys
 import time
 
 import pytest
 
 import horos_backup_export as hbe
-from fake_horos import local_to_coredata
+from fake_horos import local_to_coredata, write_horos_preferences
 
 
 def study_info(uid="1.2.3", patient="DOE^JOHN", birth=None, when=None):
@@ -444,6 +445,46 @@ def test_path_constants_apply_unless_pacs_root_is_given(tmp_path, monkeypatch):
     cfg = copy.config_from_args(copy.parse_args(["status", "--pacs-root", "/X",
                                                  "--backup-root", "/B/H"]))
     assert (cfg.horos_data, cfg.backup_root) == ("/X/Database/Horos Data", "/B/H")
+
+
+def locations(cfg):
+    return (cfg.pacs_root, cfg.sentinel, cfg.backup_root, cfg.horos_data,
+            os.path.expanduser(cfg.horos_prefs_file))
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--pacs-root", "/Volumes/RAID 2"],
+    ["--pacs-root", "/Volumes/RAID", "--backup-root", "/Volumes/Backup Disk/Horos"],
+    ["--backup-root", "/Volumes/Backup/Horos"],
+    ["--pacs-root", "/X", "--horos-data", "/Users/rad/Documents/Horos Data"],
+    ["--horos-data", "/Users/rad/Horos Data"],
+    ["--horos-prefs", "{tmp}/it's horos.plist"],
+    ["--pacs-root", "/Volumes/PACS", "--backup-root", "/Volumes/PACS/Backup"],
+])
+@pytest.mark.parametrize("with_preferences", [False, True])
+def test_the_commands_an_alert_names_reach_the_same_backup_and_library(
+        argv, with_preferences, tmp_path, monkeypatch):
+    """location_flags, put before any command's name, gives back every location of the
+    run that named it: what the plist passed, what Horos's preferences chose."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = [word.format(tmp=tmp_path) for word in argv]
+    write_horos_preferences({}, path=str(tmp_path / "it's horos.plist"))
+    if with_preferences:
+        write_horos_preferences({"DATABASELOCATION": 1,
+                                 "DATABASELOCATIONURL": "/Volumes/Other/Library"},
+                                home=str(tmp_path))
+    cfg = hbe.config_from_args(hbe.parse_args(argv))
+    flags = hbe.location_flags(cfg)
+    for command in ("status", "find", "acknowledge-shrink"):
+        again = hbe.config_from_args(hbe.parse_args(shlex.split(flags) + [command]))
+        assert locations(again)[:3] == locations(cfg)[:3], (command, flags)
+        if command == "status":                    # the one of them that reads Horos
+            assert locations(again) == locations(cfg), flags
+    if not argv:                    # a run on the defaults: the commands need no flag
+        assert flags == ""
+    if argv == ["--pacs-root", "/Volumes/RAID 2"]:      # the usual plist: nothing more
+        assert flags == " --pacs-root '/Volumes/RAID 2'"
 
 
 @pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--batch-size", "x"],
