@@ -5708,8 +5708,8 @@ def verify_exported(cfg: Config, state: ExportState, issues: IssueLog, limit: Op
             result.good += 1
             continue
         result.bad.append((item.zip_path, problem))
-        log.error("verify failed: %s: %s; the study will be exported again", item.zip_path,
-                  problem)
+        log.error("verify failed: %s: %s; the study is exported again if Horos still has it",
+                  item.zip_path, problem)
         issues.add(VERIFY_FAILED, item.study_uid, problem, item.zip_path)
         state.forget_export(item.study_uid)
     return result
