@@ -38,8 +38,8 @@ import math
 import os
 import plistlib
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
