@@ -3205,6 +3205,11 @@ class ListedZip:
     exported_at: str
 
 
+def listed_zip_of(row: sqlite3.Row) -> ListedZip:
+    """A ListedZip from a row that holds its four columns (exported or mirrored)."""
+    return ListedZip(row["study_uid"], row["zip_path"], row["zip_bytes"], row["exported_at"])
+
+
 @dataclass(frozen=True)
 class MirrorStatus:
     """One folder `mirror --to DIR` has fed (README: mirrors), as this state knows it."""
@@ -3395,14 +3400,12 @@ class ExportState:
 
     def listed_zips(self) -> Dict[str, ListedZip]:
         """Every exported study's ZIP, read in one statement (a consistent view)."""
-        return {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
-                                            row["zip_bytes"], row["exported_at"])
+        return {row["study_uid"]: listed_zip_of(row)
                 for row in self.conn.execute(LISTED_ZIPS_SQL)}
 
     def listed_zip(self, study_uid: str) -> Optional[ListedZip]:
-        row = self.exported_row(study_uid)
-        return ListedZip(row.study_uid, row.zip_path, row.zip_bytes, row.exported_at) \
-            if row else None
+        row = self.conn.execute(EXPORTED_ROW_SQL, (study_uid,)).fetchone()
+        return listed_zip_of(row) if row else None
 
     def forget_export(self, study_uid: str) -> None:
         with self.transaction() as conn:
@@ -3622,8 +3625,7 @@ class ExportState:
                           held: Mapping[str, ListedZip]) -> None:
         """After a mirror run: its times, and the ZIPs `target` holds now (only the rows
         that changed are written, so an idle run costs one small transaction)."""
-        known = {row["study_uid"]: ListedZip(row["study_uid"], row["zip_path"],
-                                             row["zip_bytes"], row["exported_at"])
+        known = {row["study_uid"]: listed_zip_of(row)
                  for row in self.conn.execute(MIRRORED_STUDIES_SQL, (target,))}
         changed = [{"target": target, "study_uid": uid, "zip_path": row.zip_path,
                     "zip_bytes": row.zip_bytes, "exported_at": row.exported_at}
