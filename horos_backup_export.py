@@ -1746,6 +1746,18 @@ def horos_data_folder(prefs: HorosPreferences, home: str) -> str:
     return os.path.join(home, "Documents", HOROS_DATA_NAME)
 
 
+def default_locations(pacs_root: Optional[str], prefs: HorosPreferences) -> Tuple[str, str]:
+    """(BACKUP_ROOT, the Horos Data folder) when not given on their own: below
+    --pacs-root when it is given (pacs_root), else the constants, Horos Data following
+    Horos's preferences when they were found."""
+    if pacs_root is not None:
+        return (os.path.join(pacs_root, BACKUP_SUBDIR),
+                os.path.join(pacs_root, HOROS_DATA_SUBDIR))
+    horos_data = horos_data_folder(prefs, os.path.expanduser("~")) if prefs.found \
+        else HOROS_DATA_DIR
+    return BACKUP_ROOT, horos_data
+
+
 def auto_cleaning_threshold(size: int, total_bytes: int) -> int:
     """Horos's threshold in bytes: size MB, or -N: N % of the volume's total size."""
     if size > 0:
@@ -4523,17 +4535,13 @@ def location_flags(cfg: Config) -> str:
     look at /Volumes/PACS. Only what differs from what the command would derive alone,
     shell-quoted; they go before the command's name, where every command takes them."""
     flags = []
-    if cfg.pacs_root != os.path.abspath(PACS_ROOT):
-        flags.append(("--pacs-root", cfg.pacs_root))
-        backup_root = os.path.join(cfg.pacs_root, BACKUP_SUBDIR)
-        horos_data = os.path.join(cfg.pacs_root, HOROS_DATA_SUBDIR)
-    else:
-        backup_root = os.path.abspath(BACKUP_ROOT)
-        horos_data = horos_data_folder(cfg.horos_prefs, os.path.expanduser("~")) \
-            if cfg.horos_prefs.found else os.path.abspath(HOROS_DATA_DIR)
-    if cfg.backup_root != backup_root:
+    pacs_root = cfg.pacs_root if cfg.pacs_root != os.path.abspath(PACS_ROOT) else None
+    if pacs_root is not None:
+        flags.append(("--pacs-root", pacs_root))
+    backup_root, horos_data = default_locations(pacs_root, cfg.horos_prefs)
+    if cfg.backup_root != os.path.abspath(backup_root):
         flags.append(("--backup-root", cfg.backup_root))
-    if cfg.horos_data != horos_data:
+    if cfg.horos_data != os.path.abspath(horos_data):
         flags.append(("--horos-data", cfg.horos_data))
     prefs = os.path.abspath(os.path.expanduser(cfg.horos_prefs_file))
     if prefs != os.path.abspath(os.path.expanduser(HOROS_PREFS)):
@@ -8313,14 +8321,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     with it, paths derive from it unless given on their own."""
     command = args.command_name or CYCLE
     values = setting_values(Config, args)
-    sentinel = SENTINEL
+    sentinel, pacs_root = SENTINEL, None
     if hasattr(args, "pacs_root"):
         pacs_root = values["pacs_root"] = os.path.abspath(args.pacs_root)
         sentinel = os.path.join(pacs_root, SENTINEL_NAME)
-        if not hasattr(args, "horos_data"):
-            values["horos_data"] = os.path.join(pacs_root, HOROS_DATA_SUBDIR)
-        if not hasattr(args, "backup_root"):
-            values["backup_root"] = os.path.join(pacs_root, BACKUP_SUBDIR)
     prefs = HorosPreferences(path="")
     if command in READS_HOROS_DATA:
         prefs = load_horos_preferences(
@@ -8329,8 +8333,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             # restore reads the backup (a recovery Mac may hold a Horos whose settings
             # are damaged); doctor reports the problem as a check.
             tolerant=command in (DOCTOR, RESTORE))
-        if not hasattr(args, "pacs_root") and not hasattr(args, "horos_data") and prefs.found:
-            values["horos_data"] = horos_data_folder(prefs, os.path.expanduser("~"))
+    backup_root, horos_data = default_locations(pacs_root, prefs)
+    if not hasattr(args, "backup_root"):
+        values["backup_root"] = backup_root
+    if not hasattr(args, "horos_data"):
+        values["horos_data"] = horos_data
     values["horos_data"] = os.path.abspath(values["horos_data"])
     values["backup_root"] = os.path.abspath(values["backup_root"])
     alerts = AlertConfig(**setting_values(AlertConfig, args))
