@@ -314,27 +314,32 @@ def test_zips_deleted_or_damaged_on_backup_root_stay_good_on_the_mirror(tmp_path
     assert status["mirrors"][0]["behind"] == 2
 
 
-def renamed_and_exported_again(lib, root, uid):
-    """(old ZIP, new ZIP) of a study whose patient Horos renamed and a cycle exported
-    again under its new name."""
+RENAMED = "1.2.3.4.5.6.7.8.10.3"
+
+
+def mirrored_then_renamed(tmp_path):
+    """(library, BACKUP_ROOT, mirror, old ZIP, new ZIP): a backup mirrored once, then the
+    patient of study RENAMED renamed in Horos and the study exported again under its new
+    name (not mirrored yet)."""
+    lib = sample_backup(tmp_path)
+    root = backup_root(lib)
+    target = mirror_disk(tmp_path)
+    assert mirror(root, target).returncode == 0
+    uid = RENAMED
     (old,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
     lib.conn.execute("UPDATE ZSTUDY SET ZNAME = 'JONES^PAT3' WHERE ZSTUDYINSTANCEUID = ?",
                      (uid,))
     lib.finish()
     assert run_cycle(lib).returncode == 0
     (new,) = [r["zip_path"] for r in state_rows(root) if r["study_uid"] == uid]
-    return old, new
+    return lib, root, target, old, new
 
 
 # -- Done when: a study re-exported under a new name ends with only its new ZIP ----------
 
 def test_a_study_exported_again_under_a_new_name_ends_with_only_its_new_zip(tmp_path):
-    lib = sample_backup(tmp_path)
-    root = backup_root(lib)
-    target = mirror_disk(tmp_path)
-    assert mirror(root, target).returncode == 0
-    uid = "1.2.3.4.5.6.7.8.10.3"
-    old, new = renamed_and_exported_again(lib, root, uid)
+    lib, root, target, old, new = mirrored_then_renamed(tmp_path)
+    uid = RENAMED
     assert "JONES_PAT3" in new and old not in zips_on_disk(root)
     result = mirror(root, target)
     assert result.returncode == 0, result.stderr
@@ -361,12 +366,8 @@ def test_a_study_exported_again_under_a_new_name_ends_with_only_its_new_zip(tmp_
 
 def test_a_rename_killed_before_the_record_keeps_the_old_copy_until_the_new_one_counts(
         tmp_path):
-    lib = sample_backup(tmp_path)
-    root = backup_root(lib)
-    target = mirror_disk(tmp_path)
-    assert mirror(root, target).returncode == 0
-    uid = "1.2.3.4.5.6.7.8.10.3"
-    old, new = renamed_and_exported_again(lib, root, uid)
+    _lib, root, target, old, new = mirrored_then_renamed(tmp_path)
+    uid = RENAMED
     proc = run_fault("kill-after-rename", "--backup-root", root, "--pacs-root",
                      tmp_path / "none", "mirror", "--to", target)
     proc.communicate(timeout=120)
