@@ -5091,6 +5091,24 @@ def alerting(cfg: Config) -> bool:
     return bool(cfg.alerts.channels or cfg.alerts.heartbeat_url)
 
 
+def run_with_alerts(cfg: Config, run: Callable[[], int],
+                    report: Callable[[Optional[BaseException]], RunReport],
+                    job: Optional[AlertJob] = None) -> int:
+    """A job's run (a cycle, a mirror run), then its alerts and heartbeat, whatever its
+    outcome; report(error) says what the run was (error None: it returned)."""
+    if not alerting(cfg):
+        return run()
+    try:
+        code = run()
+    except Terminated:
+        raise                    # launchd stopping the job: no outcome to report
+    except Exception as error:   # re-raised: main() prints and logs it as before
+        alert_after_run(cfg, report(error), True, job)
+        raise
+    alert_after_run(cfg, report(None), True, job)
+    return code
+
+
 def alert_status(cfg: Config) -> dict:
     """The `alerts` object of `status --json` (never the password)."""
     alerts = cfg.alerts
@@ -5933,17 +5951,8 @@ def stop_for_disk_space(cycle: Cycle, problem: DiskSpaceProblem) -> None:
 def cycle_with_alerts(cfg: Config) -> int:
     """One cycle, then alerts and the heartbeat, whatever its outcome."""
     summary = CycleSummary()
-    if not alerting(cfg):
-        return run_cycle(cfg, summary)
-    try:
-        code = run_cycle(cfg, summary)
-    except Terminated:
-        raise                    # launchd stopping the job: no outcome to report
-    except Exception as error:   # re-raised: main() prints and logs it as before
-        alert_after_run(cfg, cycle_report(cfg, summary, error), heartbeat=True)
-        raise
-    alert_after_run(cfg, cycle_report(cfg, summary, None), heartbeat=True)
-    return code
+    return run_with_alerts(cfg, lambda: run_cycle(cfg, summary),
+                           lambda error: cycle_report(cfg, summary, error))
 
 
 # =====================================================================================
@@ -6366,18 +6375,9 @@ def mirror_with_alerts(cfg: Config, target: str) -> int:
     """One mirror run, then its own alerts (MIRROR_BEHIND ...) and heartbeat."""
     summary = MirrorSummary()
     target = os.path.abspath(target)
-    if not alerting(cfg):
-        return mirror_command(cfg, target, summary)
-    job = mirror_alert_job(target)
-    try:
-        code = mirror_command(cfg, target, summary)
-    except Terminated:
-        raise                    # launchd stopping the job: no outcome to report
-    except Exception as error:   # re-raised: main() prints and logs it as before
-        alert_after_run(cfg, mirror_report(target, summary, error), True, job)
-        raise
-    alert_after_run(cfg, mirror_report(target, summary, None), True, job)
-    return code
+    return run_with_alerts(cfg, lambda: mirror_command(cfg, target, summary),
+                           lambda error: mirror_report(target, summary, error),
+                           mirror_alert_job(target))
 
 
 # =====================================================================================
